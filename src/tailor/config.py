@@ -1,0 +1,186 @@
+"""The one config schema (`tailor.yaml`) for every stage, plus dotted command-line overrides.
+
+Every field has a type, a default and a help text; unknown keys are rejected with the list of allowed ones, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tailor.errors import TailorError
+
+CONFIG_NAME = "tailor.yaml"
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the city's service assistant. Answer residents' questions in one short, factual sentence."
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(Section):
+    chunk_chars: int = Field(1500, gt=100, description="Target characters per corpus chunk.")
+    chunk_overlap: int = Field(200, ge=0, description="Characters shared by consecutive chunks of a document.")
+    min_chars: int = Field(20, ge=0, description="Chunks shorter than this are dropped.")
+
+
+class DataConfig(Section):
+    qa_files: list[str] = Field(default_factory=list,
+                                description="Question/answer files (CSV or JSONL with question, answer).")
+    eval_files: list[str] = Field(default_factory=list,
+                                  description="Held-out question/answer files; when empty, eval_fraction is split off.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records held out when no eval_files.")
+    max_tokens: int = Field(512, gt=8, description="Records longer than this many tokens are reported and dropped.")
+    seed: int = Field(0, description="Seed of the deterministic train/eval split.")
+
+
+class TrainConfig(Section):
+    method: str = Field("lora", description="Customization method (see `tailor methods`).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps; 0 means derive from epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Compute precision; auto picks bf16 where the hardware runs it fast (CUDA, modern CPUs).")
+    seed: int = Field(42, description="Seed for initialization, shuffling and dropout.")
+    save_every: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
+    log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
+    eval_every: int = Field(0, ge=0, description="Compute eval loss every N steps (0: only at the end).")
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(48, gt=0, description="Tokens generated per answer (greedy).")
+    batch_size: int = Field(16, gt=0, description="Questions decoded together.")
+    limit: int = Field(0, ge=0, description="Evaluate only the first N questions (0: all).")
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, gt=0, lt=65536, description="TCP port.")
+    max_new_tokens: int = Field(256, gt=0, description="Default cap on generated tokens per request.")
+
+
+class TailorConfig(Section):
+    project: str = Field("tailor-project", description="Name of the project, used in run folders.")
+    base_model: str = Field(DEFAULT_BASE_MODEL, description=(
+        "The bundled default (smollm2-135m-instruct), a local Hugging Face model folder, or a hub id "
+        "(downloaded only because you named it)."))
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message of every chat record.")
+    sources: list[str] = Field(default_factory=list, description="Document files or folders for `tailor ingest`.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingest and chunking.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset building.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training core.")
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-method options, keyed by method name (see `tailor methods`).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> TailorConfig:
+        from tailor.methods import registry  # late: methods import config
+
+        registry.get(self.train.method, key="train.method")
+        for name, options in self.methods.items():
+            registry.get(name, key=f"methods.{name}").options.model_validate(options)
+        return self
+
+    def method_options(self, name: str | None = None):
+        """The typed options of a method, from `methods.<name>` with defaults filled in."""
+        from tailor.methods import registry
+
+        name = name or self.train.method
+        return registry.get(name).options.model_validate(self.methods.get(name, {}))
+
+
+def _format_error(error: dict, source: str) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent_model = _model_at(error["loc"][:-1])
+        allowed = ", ".join(parent_model.model_fields) if parent_model else "see `tailor config`"
+        return f"{source}: unknown key '{key}' (allowed here: {allowed})"
+    found = error.get("input")
+    found_text = "" if isinstance(found, dict) else f" (found {found!r})"
+    return f"{source}: {key}: {error['msg']}{found_text}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = TailorConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def validate_config(data: dict, source: str = CONFIG_NAME) -> TailorConfig:
+    try:
+        return TailorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise TailorError(_format_error(exc.errors()[0], source)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML so numbers, booleans and lists keep their type."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}  # deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TailorError(f"override '{item}': expected KEY=VALUE, e.g. train.learning_rate=1e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise TailorError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_raw(path: Path) -> dict:
+    if not path.is_file():
+        raise TailorError(f"{path}: no tailor.yaml here; run `tailor init` first or pass --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TailorError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise TailorError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] = ()) -> tuple[TailorConfig, Path]:
+    """Load and validate tailor.yaml (or defaults when `path` is None); returns the config and its folder."""
+    if path is None:
+        data, root, source = {}, Path.cwd(), "defaults"
+    else:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        data, root, source = load_raw(path), path.parent, str(path)
+    data = apply_overrides(data, list(overrides))
+    return validate_config(data, source if not overrides else f"{source} (with overrides)"), root
+
+
+def dump_config(config: TailorConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

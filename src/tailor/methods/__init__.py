@@ -1,0 +1,1 @@
+"""Customization methods, one module each, found only through `registry`."""
