@@ -58,6 +58,8 @@ class TrainConfig(Section):
     save_every: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
     eval_every: int = Field(0, ge=0, description="Compute eval loss every N steps (0: only at the end).")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many evals (eval_every) without a new best eval loss (0: never).")
 
 
 class EvalConfig(Section):

@@ -46,8 +46,6 @@ DOCUMENTS = [
             ("p", "Property tax bills are mailed in July each year. Property tax is paid in two installments, "
                   "due September 30 and March 31. You may pay the full year with the first installment. If a "
                   "due date falls on a weekend or holiday, payment is accepted on the next business day."),
-            ("p", "If your mortgage company pays your taxes from an escrow account, the bill is sent to the "
-                  "mortgage company and you receive a copy marked 'For your records'."),
             ("h", "Late payments"),
             ("p", "Late property tax payments are charged a penalty of 1.5 percent per month. The penalty is "
                   "added on the first day of each month after the due date until the installment is paid. "
@@ -66,8 +64,6 @@ DOCUMENTS = [
                    "an additional $15,000 exemption."),
             ("li", "Veterans with a service-connected disability rating of 50 percent or more may receive a "
                    "full or partial exemption."),
-            ("li", "Senior tax deferral: eligible seniors may defer payment of property taxes until the home "
-                   "is sold. Interest of 3 percent per year is charged on deferred amounts."),
             ("h", "Appealing your assessment"),
             ("p", "Assessment notices are mailed in February. If you believe your assessed value is too high, "
                   "first call the Assessor's Office for an informal review. You can appeal your property "

@@ -12,7 +12,8 @@ from tailor.methods.registry import Method, MethodOptions, register
 class LoraOptions(MethodOptions):
     r: int = Field(16, gt=0, description="Rank of the update matrices.")
     alpha: int = Field(32, gt=0, description="Scale; the update is multiplied by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    # default 0: on CPU the dropout masks (bernoulli) cost ~25% of a LoRA step, measured on SmolLM2-135M
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                description="Module names to adapt.")
 

@@ -1,0 +1,47 @@
+"""The `tailor` command: assembles the command modules and turns user errors into one clear line."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from tailor.cli import demo, init, serving, stages
+from tailor.cli.common import err_console
+from tailor.errors import TailorError
+
+app = typer.Typer(help="Customize a pretrained language model for a domain: documents in, a served chatbot out.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command()(init.init)
+app.command()(stages.ingest)
+app.add_typer(stages.data_app, name="data")
+app.command()(stages.train)
+app.command("eval")(stages.evaluate)
+app.command()(stages.methods)
+app.command()(serving.chat)
+app.command()(serving.serve)
+app.command()(demo.demo)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TailorError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

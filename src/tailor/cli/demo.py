@@ -1,0 +1,88 @@
+"""`tailor demo`: the whole path on the bundled city example: ingest → data → train → eval → serve."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from tailor.cli.common import console
+from tailor.config import CONFIG_NAME, load_config
+from tailor.errors import TailorError
+
+EXAMPLE = "city-services"
+# --quick: fewer steps and questions, for tests and a first look
+QUICK_OVERRIDES = ["train.epochs=2", "eval.limit=40"]
+
+
+def find_example(name: str = EXAMPLE) -> Path:
+    candidates = [Path.cwd() / "examples" / name, Path(__file__).resolve().parents[3] / "examples" / name]
+    for folder in candidates:
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    raise TailorError(f"demo: the example '{name}' was not found (looked in {', '.join(map(str, candidates))}); "
+                      f"run the demo from the repository root")
+
+
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder to create."),
+         no_serve: bool = typer.Option(False, "--no-serve", help="Stop after evaluation."),
+         quick: bool = typer.Option(False, "--quick", help="A shorter run (for tests)."),
+         port: int = typer.Option(8000, "--port", "-p", help="Port for the chat page."),
+         overrides: list[str] = typer.Argument(None, help="Dotted overrides applied to the example's config."),
+         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")) -> None:
+    """Run the city-services example end to end on the default model, then serve the chat page."""
+    from tailor.cli.serving import build_engine
+    from tailor.data.build import build_chat_data
+    from tailor.data.ingest import ingest
+    from tailor.evaluate.harness import report_table, run_eval
+    from tailor.train.run import run_training
+    from tailor.workspace import update_manifest, write_json
+
+    example = find_example()
+    config, root = load_config(example, (QUICK_OVERRIDES if quick else []) + list(overrides or []))
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        console.rule(f"[bold]{name}")
+        timings[name] = time.perf_counter()
+
+    def done(name: str):
+        timings[name] = round(time.perf_counter() - timings[name], 1)
+
+    stage("ingest")
+    summary = ingest([str(root / s) for s in config.sources], out / "corpus.jsonl",
+                     chunk_chars=config.ingest.chunk_chars, chunk_overlap=config.ingest.chunk_overlap,
+                     min_chars=config.ingest.min_chars, progress=not no_progress)
+    write_json(out / "corpus.report.json", summary.to_dict())
+    update_manifest(out, "ingest", inputs=[], outputs=[out / "corpus.jsonl"],
+                    metrics={"records": summary.records, "files_read": summary.files_read,
+                             "duplicates": len(summary.duplicates)})
+    console.print(f"{summary.files_read} files → {summary.records} chunks, {len(summary.duplicates)} duplicates "
+                  f"removed, {len(summary.skipped)} skipped")
+    done("ingest")
+
+    stage("data")
+    built = build_chat_data(config, root, out)
+    console.print(f"{built.train} training and {built.eval} evaluation records")
+    done("data")
+
+    stage(f"train ({config.train.method})")
+    result = run_training(config, root, out, show_progress=not no_progress)
+    console.print(f"{result.steps} steps, train loss {result.train_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s")
+    done(f"train ({config.train.method})")
+
+    stage("eval")
+    report = run_eval(config, root, out, show_progress=not no_progress)
+    done("eval")
+    console.print(report_table(report))
+    timings["total"] = round(sum(timings.values()), 1)
+    update_manifest(out, "demo", extra={"timings_s": timings, "quick": quick})
+    console.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    console.print(f"run folder: {out}")
+
+    if not no_serve:
+        from tailor.serve.app import serve
+
+        serve(build_engine(config, root, out), "127.0.0.1", port)

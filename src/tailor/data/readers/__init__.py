@@ -1,0 +1,14 @@
+"""Readers turn one file into text `Document`s: one module per source kind, found by extension in `registry`."""
+
+from tailor.data.readers.registry import (
+    Document,
+    Reader,
+    ReaderWarning,
+    read_document,
+    reader_for,
+    register_reader,
+    supported_extensions,
+)
+
+__all__ = ["Document", "Reader", "ReaderWarning", "read_document", "reader_for", "register_reader",
+           "supported_extensions"]

@@ -1,0 +1,80 @@
+"""One registry of document readers, keyed by file extension. A reader module calls `register_reader(...)` once at
+import.
+
+A reader is a generator `read(path) -> Iterator[Document]`: one Document per file, or one per page for paged formats
+(PDF). A problem that loses the whole file raises `TailorError("PATH: why")`; a problem that loses part of it (a PDF
+page without a text layer) is reported with `warnings.warn(message, ReaderWarning)`, which `ingest` collects into its
+summary, so nothing goes missing silently and a reader needs no extra plumbing to report it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tailor.errors import TailorError
+
+# Modules imported on first use; each registers the extensions it reads.
+READER_MODULES = ("text", "markdown", "html", "pdf")
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # the path the reader was given
+    page: int | None = None  # 1-based page number for paged formats, None otherwise
+    title: str | None = None
+
+
+class ReaderWarning(UserWarning):
+    """Part of a file could not be read (an empty PDF page, a damaged file read in recovery mode)."""
+
+
+Reader = Callable[[Path], Iterator[Document]]
+
+_READERS: dict[str, Reader] = {}
+_loaded = False
+
+
+def register_reader(extensions: Iterable[str], read_fn: Reader) -> Reader:
+    extensions = list(extensions)
+    if not extensions:
+        raise ValueError("register_reader needs at least one extension")
+    for extension in extensions:
+        if not extension.startswith(".") or len(extension) < 2 or extension != extension.lower():
+            raise ValueError(f"reader extension must be lower case and start with a dot (found {extension!r})")
+        if extension in _READERS:
+            raise ValueError(f"a reader for '{extension}' is already registered")
+    for extension in extensions:
+        _READERS[extension] = read_fn
+    return read_fn
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in READER_MODULES:
+            importlib.import_module(f"tailor.data.readers.{module}")
+
+
+def supported_extensions() -> list[str]:
+    _load_all()
+    return sorted(_READERS)
+
+
+def reader_for(path: Path | str) -> Reader:
+    """The reader for `path`'s extension (case-insensitive); an unsupported extension raises."""
+    _load_all()
+    extension = Path(path).suffix.lower()
+    if extension not in _READERS:
+        found = f"'{extension}'" if extension else "no extension"
+        raise TailorError(f"{path}: unsupported file type ({found}; supported: {', '.join(sorted(_READERS))})")
+    return _READERS[extension]
+
+
+def read_document(path: Path | str) -> Iterator[Document]:
+    """Read one file with the reader registered for its extension."""
+    return reader_for(path)(Path(path))

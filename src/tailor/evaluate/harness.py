@@ -1,0 +1,118 @@
+"""Evaluate the base model and the run's customized model on the same held-out chat records, side by side.
+
+Writes `eval/report.json` ({"models": {name: metrics}}) and `eval/predictions.jsonl` (one row per model and
+question, so a bad row can be traced to its source line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tailor.config import TailorConfig
+from tailor.errors import TailorError
+from tailor.evaluate.metrics import exact_match, token_f1
+from tailor.evaluate.generate import greedy_answers
+from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train.loop import evaluate_loss
+from tailor.train.run import ADAPTER_DIR, load_chat_examples
+from tailor.workspace import now_iso, read_jsonl, update_manifest, write_json, write_jsonl
+
+METRIC_ORDER = ("token_f1", "exact_match", "eval_loss", "perplexity")
+
+
+def _eval_records(path: Path, limit: int) -> list[tuple[str, list[dict], str]]:
+    records = []
+    for line_no, record in read_jsonl(path):
+        messages = record.get("messages")
+        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise TailorError(f"{path}:{line_no}: expected \"messages\" ending with an assistant answer")
+        records.append((record.get("source", f"{path}:{line_no}"), messages[:-1], messages[-1]["content"]))
+    if not records:
+        raise TailorError(f"{path}: no evaluation records")
+    return records[:limit] if limit else records
+
+
+def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    eval_path = run_dir / "data" / "eval.jsonl"
+    records = _eval_records(eval_path, config.eval.limit)
+    base_ref = resolve_base_model(config.base_model, root=root)
+    tokenizer = load_tokenizer(base_ref)
+    compute_dtype = pick_dtype(config.train.dtype)
+    model = load_model(base_ref, dtype=compute_dtype)
+
+    adapter = run_dir / ADAPTER_DIR
+    candidates: list[tuple[str, Path | None]] = [("base", None)]
+    if adapter.is_dir():
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter))
+        candidates.append((config.train.method, adapter))
+
+    examples = load_chat_examples(eval_path, tokenizer)
+    if config.eval.limit:
+        examples = examples[: config.eval.limit]
+    report = {"created_at": now_iso(), "eval_file": str(eval_path), "n_questions": len(records), "models": {}}
+    predictions = []
+    console = Console(file=sys.stderr)
+    with Progress(TextColumn("[bold]evaluating {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, disable=not show_progress, transient=True) as progress:
+        for name, adapter_path in candidates:
+            task = progress.add_task("eval", total=len(records), model=name)
+            started = time.perf_counter()
+            context = model.disable_adapter() if adapter_path is None and hasattr(model, "disable_adapter") \
+                else contextlib.nullcontext()
+            with context:
+                answers = greedy_answers(model, tokenizer, [conv for _, conv, _ in records],
+                                         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                                         compute_dtype=compute_dtype,
+                                         on_batch=lambda n, task=task: progress.advance(task, n))
+                loss = evaluate_loss(model, examples, batch_size=config.eval.batch_size,
+                                     pad_id=tokenizer.pad_token_id, compute_dtype=compute_dtype)
+            rows = []
+            for (source, conv, reference), answer in zip(records, answers, strict=True):
+                rows.append({"model": name, "source": source, "question": conv[-1]["content"],
+                             "reference": reference, "prediction": answer,
+                             "token_f1": round(token_f1(answer, reference), 4),
+                             "exact_match": exact_match(answer, reference)})
+            predictions += rows
+            report["models"][name] = {
+                "token_f1": round(sum(r["token_f1"] for r in rows) / len(rows), 4),
+                "exact_match": round(sum(r["exact_match"] for r in rows) / len(rows), 4),
+                "eval_loss": round(loss, 4),
+                "perplexity": round(math.exp(loss), 3) if loss < 50 else float("inf"),
+                "n": len(rows),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+    if len(report["models"]) > 1:
+        tuned = report["models"][config.train.method]
+        report["token_f1_gain"] = round(tuned["token_f1"] - report["models"]["base"]["token_f1"], 4)
+    eval_dir = run_dir / "eval"
+    write_jsonl(eval_dir / "predictions.jsonl", predictions)
+    write_json(eval_dir / "report.json", report)
+    update_manifest(run_dir, "eval", inputs=[eval_path], outputs=[eval_dir / "report.json"],
+                    metrics={f"{m}.{k}": v for m, vals in report["models"].items() for k, v in vals.items()
+                             if k in METRIC_ORDER})
+    return report
+
+
+def report_table(report: dict) -> Table:
+    table = Table(title=f"Held-out evaluation ({report['n_questions']} questions)")
+    table.add_column("metric")
+    names = list(report["models"])
+    for name in names:
+        table.add_column(name, justify="right")
+    for metric in METRIC_ORDER:
+        table.add_row(metric, *[f"{report['models'][n][metric]:.4f}" if isinstance(report["models"][n][metric], float)
+                                else str(report["models"][n][metric]) for n in names])
+    if "token_f1_gain" in report:
+        table.caption = f"token F1 gain over base: {report['token_f1_gain']:+.4f}"
+    return table
