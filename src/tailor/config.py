@@ -29,6 +29,15 @@ class IngestConfig(Section):
     chunk_chars: int = Field(1500, gt=100, description="Target characters per corpus chunk.")
     chunk_overlap: int = Field(200, ge=0, description="Characters shared by consecutive chunks of a document.")
     min_chars: int = Field(20, ge=0, description="Chunks shorter than this are dropped.")
+    pii: Literal["redact", "mask", "pseudonymize"] | None = Field(None, description=(
+        "Personal data (emails, phones, cards, IBANs, IPs, SSNs, URL tokens, names, addresses) in documents: "
+        "redact (<EMAIL>), mask (j***@****.com), pseudonymize (consistent fakes); null leaves text as written."))
+    pii_keep: list[str] = Field(default_factory=list, description=(
+        "Regular expressions; a finding that matches one is kept as written, e.g. public contact data: "
+        "'@maplewood\\.gov$', '^\\(555\\) 201-\\d{4}$'."))
+    near_dup_threshold: float | None = Field(0.85, ge=0.0, le=1.0, description=(
+        "Drop documents at least this similar (Jaccard over word 5-grams, MinHash) to an earlier one; "
+        "null or 0 drops exact duplicates only."))
 
 
 class DataConfig(Section):
@@ -95,7 +104,12 @@ class TailorConfig(Section):
 
         registry.get(self.train.method, key="train.method")
         for name, options in self.methods.items():
-            registry.get(name, key=f"methods.{name}").options.model_validate(options)
+            schema = registry.get(name, key=f"methods.{name}").options
+            try:
+                schema.model_validate(options)
+            except ValidationError as exc:
+                # raised as TailorError (not ValueError) so pydantic passes it through with our wording
+                raise TailorError(_format_error(exc.errors()[0], "", root=schema, prefix=("methods", name))) from None
         return self
 
     def method_options(self, name: str | None = None):
@@ -106,19 +120,20 @@ class TailorConfig(Section):
         return registry.get(name).options.model_validate(self.methods.get(name, {}))
 
 
-def _format_error(error: dict, source: str) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _format_error(error: dict, source: str, root: type[BaseModel] | None = None, prefix: tuple = ()) -> str:
+    """One line naming the key; `root` is the model the error's location starts at, `prefix` its key path."""
+    key = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
+    where = f"{source}: " if source else ""
     if error["type"] == "extra_forbidden":
-        parent_model = _model_at(error["loc"][:-1])
+        parent_model = _model_at(error["loc"][:-1], root or TailorConfig)
         allowed = ", ".join(parent_model.model_fields) if parent_model else "see `tailor config`"
-        return f"{source}: unknown key '{key}' (allowed here: {allowed})"
+        return f"{where}unknown key '{key}' (allowed here: {allowed})"
     found = error.get("input")
     found_text = "" if isinstance(found, dict) else f" (found {found!r})"
-    return f"{source}: {key}: {error['msg']}{found_text}"
+    return f"{where}{key}: {error['msg']}{found_text}"
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = TailorConfig
+def _model_at(loc: tuple, model: type[BaseModel]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
@@ -133,6 +148,8 @@ def validate_config(data: dict, source: str = CONFIG_NAME) -> TailorConfig:
         return TailorConfig.model_validate(data)
     except ValidationError as exc:
         raise TailorError(_format_error(exc.errors()[0], source)) from None
+    except TailorError as exc:  # from the method checks above, which do not know the source
+        raise TailorError(f"{source}: {exc}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

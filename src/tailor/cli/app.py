@@ -23,24 +23,29 @@ app.command()(serving.serve)
 app.command()(demo.demo)
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, deprecation notices) drowns our own progress; keep errors only."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
+    _quiet_libraries()
+    # click handles usage errors itself (exit 2); user errors from the stages arrive here as TailorError
     try:
-        app(standalone_mode=False)
+        app()
     except TailorError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
 
     adapters = run_adapters(config, run_dir) if run_dir is not None else {}
     return Engine(resolve_base_model(config.base_model, root=root), adapters=adapters,
-                  dtype=config.train.dtype, max_new_tokens=config.serve.max_new_tokens)
+                  dtype=config.train.dtype, max_new_tokens=config.serve.max_new_tokens,
+                  system_prompt=config.system_prompt)
 
 
 def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,
@@ -52,7 +53,7 @@ def chat(run: Path = RunOption, workspace: Path = WorkspaceOption,
 
         raise TailorError(f"--model: unknown model '{name}' (available: {', '.join(engine.model_names())})")
     console.print(f"chatting with [bold]{name}[/] (models: {', '.join(engine.model_names())}); empty line quits")
-    messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+    messages: list[dict] = []  # the engine adds the workspace's system prompt
     while True:
         try:
             question = console.input("[bold cyan]you>[/] ").strip()

@@ -8,34 +8,51 @@ import typer
 from rich.table import Table
 
 from tailor.cli.common import OverridesArgument, RunOption, WorkspaceOption, console, open_workspace, run_folder
+from tailor.errors import TailorError
 from tailor.workspace import update_manifest, write_json
 
-data_app = typer.Typer(help="Build datasets from question/answer files.", no_args_is_help=True)
+data_app = typer.Typer(help="Build and validate datasets.", no_args_is_help=True)
 
 
 def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (default: `sources` in tailor.yaml)."),
            output: Path = typer.Option(None, "--output", "-o", help="Output JSONL (default: RUN/corpus.jsonl)."),
            workspace: Path = WorkspaceOption, run: Path = RunOption,
+           pii: str = typer.Option(None, "--pii", help="Personal data: redact, mask or pseudonymize "
+                                                       "(default: ingest.pii in tailor.yaml, off)."),
+           pii_keep: list[str] = typer.Option(None, "--pii-keep", help="Regex of findings to keep as written, e.g. "
+                                              "'@maplewood\\.gov$' (repeatable; adds to ingest.pii_keep)."),
            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
-    """Read documents (txt, md, html, pdf) into normalized, deduplicated chunks in corpus.jsonl."""
+    """Read documents (txt, md, html, pdf) into normalized, deduplicated chunks in corpus.jsonl; --pii replaces
+    personal data."""
     from tailor.data.ingest import ingest as run_ingest
 
-    config, root = open_workspace(workspace, [], required=not sources)
+    config, root = open_workspace(workspace, [f"ingest.pii={pii}"] if pii else [], required=not sources)
     run_dir = run_folder(root, run)
     names = [str(s) for s in sources] if sources else [str(root / s) for s in config.sources]
     output = output or run_dir / "corpus.jsonl"
     summary = run_ingest(names, output, chunk_chars=config.ingest.chunk_chars,
                          chunk_overlap=config.ingest.chunk_overlap, min_chars=config.ingest.min_chars,
-                         progress=not no_progress)
+                         pii=config.ingest.pii, pii_keep=config.ingest.pii_keep + list(pii_keep or []),
+                         near_dup_threshold=config.ingest.near_dup_threshold, progress=not no_progress)
     write_json(output.with_name(output.stem + ".report.json"), summary.to_dict())
     if output.parent == run_dir:
         update_manifest(run_dir, "ingest", outputs=[output],
                         metrics={"records": summary.records, "files_read": summary.files_read,
-                                 "duplicates": len(summary.duplicates), "skipped": len(summary.skipped)})
+                                 "duplicates": len(summary.duplicates),
+                                 "near_duplicates": sum(len(c.removed) for c in summary.near_duplicates),
+                                 "pii_replaced": sum(summary.pii_counts.values()), "skipped": len(summary.skipped)})
     console.print(f"[green]ingested[/] {summary.files_read} files, {summary.documents} documents → "
                   f"{summary.records} records in {output}")
     for removed, kept in summary.duplicates:
         console.print(f"  duplicate removed: {removed} (kept {kept})")
+    for cluster in summary.near_duplicates:
+        for removed, similarity in cluster.removed:
+            console.print(f"  near duplicate removed: {removed} ({similarity:.0%} similar; kept {cluster.kept})")
+    if summary.pii_mode:
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.pii_counts.items())) or "none found"
+        kept = sum(summary.pii_kept.values())
+        console.print(f"  personal data ({summary.pii_mode}): {counts}"
+                      + (f"; {kept} kept by ingest.pii_keep" if kept else ""))
     for path, reason in summary.skipped:
         console.print(f"  [yellow]skipped[/] {path}: {reason}")
     for warning in summary.warnings:
@@ -57,6 +74,75 @@ def data_build(overrides: list[str] = OverridesArgument, workspace: Path = Works
         console.print(f"  [yellow]dropped[/] {problem}")
 
 
+@data_app.command("validate")
+def data_validate(files: list[Path] = typer.Argument(..., help="Chat JSONL or question/answer CSV/TSV/JSONL files."),
+                  skip_invalid: bool = typer.Option(False, "--skip-invalid",
+                                                    help="Write the valid records to --output and exit 0."),
+                  output: Path = typer.Option(None, "--output", "-o", help="Where --skip-invalid writes (JSONL, "
+                                              "or CSV/TSV for question/answer records)."),
+                  max_tokens: int = typer.Option(None, "--max-tokens", min=1,
+                                                 help="Report records longer than this (loads a tokenizer)."),
+                  tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer folder for the token count "
+                                                 "(default: the configured base model's)."),
+                  workspace: Path = WorkspaceOption,
+                  show: int = typer.Option(50, "--show", min=0, help="Print at most this many problems.")) -> None:
+    """Check every record: JSON, keys, roles and their order, content, assistant turn, tokens, duplicates."""
+    from tailor.data.validate import OPENAI_CHECKS, validate_files, write_valid
+
+    if skip_invalid and output is None:
+        raise TailorError("--skip-invalid needs --output FILE for the valid records")
+    if output is not None and not skip_invalid:
+        raise TailorError("--output is only written with --skip-invalid")
+    if tokenizer is not None and not (Path(tokenizer) / "tokenizer_config.json").is_file():
+        raise TailorError(f"--tokenizer: {tokenizer} is not a tokenizer folder (no tokenizer_config.json)")
+    count_tokens = None
+    if max_tokens is not None or tokenizer is not None:
+        config, root = open_workspace(workspace, [], required=False)
+        max_tokens = max_tokens or config.data.max_tokens
+        count_tokens = _token_counter(tokenizer, config, root)
+    report = validate_files(files, count_tokens=count_tokens, max_tokens=max_tokens)
+    for problem in report.problems[:show]:
+        console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
+    if len(report.problems) > show:
+        console.print(f"… and {len(report.problems) - show} more (--show N)")
+    by_kind = ", ".join(f"{kind} {count}" for kind, count in report.counts_by_kind().items())
+    openai = ", ".join(f"{check} {count}" for check, count in report.openai_counts().items())
+    console.print(f"{report.records} records in {len(report.files)} file(s): {len(report.valid)} valid, "
+                  f"{report.invalid} invalid" + (f"; problems by kind: {by_kind}" if by_kind else ""), highlight=False)
+    console.print(f"OpenAI format checks ({len(OPENAI_CHECKS)}): {openai}", highlight=False)
+    if skip_invalid:
+        if not report.valid:
+            raise TailorError(f"no valid records to write to {output}")
+        written = write_valid(report, output)
+        console.print(f"[green]wrote[/] {written} valid records to {output}; dropped {report.invalid} invalid",
+                      highlight=False)
+    elif report.problems:
+        raise typer.Exit(1)
+
+
+def _token_counter(tokenizer: Path | None, config, root: Path):
+    from tailor.models.base import load_tokenizer, resolve_base_model
+    from tailor.train.examples import count_chat_tokens
+
+    loaded = load_tokenizer(str(tokenizer) if tokenizer else resolve_base_model(config.base_model, root=root))
+    return lambda messages: count_chat_tokens(loaded, messages)
+
+
+def check_training_data(train_file: Path, shown: int = 3) -> None:
+    """Refuse to train on data the validator rejects: a format error found after the model loaded costs minutes."""
+    from tailor.data.validate import validate_files
+
+    if not train_file.is_file():
+        return  # the training core names the missing file and how to build it
+    report = validate_files([train_file])
+    if report.problems:
+        listed = "\n  ".join(str(problem) for problem in report.problems[:shown])
+        more = f"\n  … and {len(report.problems) - shown} more" if len(report.problems) > shown else ""
+        raise TailorError(f"{train_file}: {len(report.problems)} problem(s) in the training data; nothing was "
+                          f"trained. Fix them, or keep the valid records with `tailor data validate {train_file} "
+                          f"--skip-invalid -o FILE`:\n  {listed}{more}")
+
+
 def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption, run: Path = RunOption,
           method: str = typer.Option(None, "--method", "-m", help="Method name (overrides train.method)."),
           resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
@@ -67,6 +153,7 @@ def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceO
     overrides = list(overrides or []) + ([f"train.method={method}"] if method else [])
     config, root = open_workspace(workspace, overrides)
     run_dir = run_folder(root, run)
+    check_training_data(run_dir / "data" / "train.jsonl")
     result = run_training(config, root, run_dir, resume=resume, show_progress=not no_progress)
     eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"[green]trained[/] {config.train.method}: {result.steps} steps in {result.seconds:.0f} s, "
@@ -104,11 +191,17 @@ def methods(workspace: Path = WorkspaceOption,
         model_ref = resolve_base_model(config.base_model, root=root)
     for name in registry.names():
         method = registry.get(name)
-        params = "-"
+        params, summary = "-", method.summary
         if model_ref is not None and method.prepare is not None:
-            from tailor.models.base import load_model
+            import torch
 
-            prepared = method.prepare(load_model(model_ref), config.method_options(name))
-            params = f"{sum(p.numel() for p in prepared.parameters() if p.requires_grad):,}"
-        table.add_row(name, params, method.summary)
+            from tailor.errors import TailorError
+            from tailor.methods.artifacts import load_for_training
+
+            try:  # the same loading and preparation as `tailor train`, with the configured options
+                prepared = load_for_training(config, model_ref, torch.float32, name=name)
+                params = f"{sum(p.numel() for p in prepared.parameters() if p.requires_grad):,}"
+            except TailorError as exc:  # e.g. QLoRA configured on a machine without CUDA: list it, say why
+                summary = f"{summary} [yellow]({exc})[/]"
+        table.add_row(name, params, summary)
     console.print(table)

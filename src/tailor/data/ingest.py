@@ -1,6 +1,10 @@
 """The ingest stage: document files in, `corpus.jsonl` out (one record per chunk, with where it came from).
 
-read (readers/, by extension) -> normalize (clean.py) -> drop exact duplicates -> chunk (chunk.py) -> write.
+read (readers/, by extension) -> normalize (clean.py) -> personal data (pii.py, when asked) -> drop exact and
+near duplicates (dedup.py) -> chunk (chunk.py) -> write.
+
+Personal data is replaced before deduplication, so two copies that differ only in a redacted phone number count
+as the same document, and before chunking, so no chunk can carry half of an email address past the redactor.
 
 One bad file never stops the batch: it is listed in `IngestSummary.skipped` with the reason and the rest goes on.
 The corpus is written atomically, so a run that fails leaves the previous `corpus.jsonl` as it was.
@@ -21,6 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from tailor.data.chunk import chunk_text
 from tailor.data.clean import normalize_text
+from tailor.data.dedup import Cluster, Deduplicator
+from tailor.data.pii import PiiRedactor
 from tailor.data.readers import Document, ReaderWarning, read_document, supported_extensions
 from tailor.errors import TailorError
 from tailor.workspace import write_jsonl
@@ -31,7 +37,11 @@ class IngestSummary:
     files_read: int = 0  # files that gave at least one document
     documents: int = 0  # documents (a file, or a PDF page) that gave records
     records: int = 0
-    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (removed, kept)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # exact: (removed, kept)
+    near_duplicates: list[Cluster] = field(default_factory=list)  # one per kept document that had near copies
+    pii_mode: str | None = None
+    pii_counts: dict[str, int] = field(default_factory=dict)  # findings replaced, by type (in every document read)
+    pii_kept: dict[str, int] = field(default_factory=dict)  # findings left as written by `pii_keep`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     warnings: list[str] = field(default_factory=list)
     output: str | None = None
@@ -43,30 +53,40 @@ class IngestSummary:
             "documents": self.documents,
             "records": self.records,
             "duplicates": [{"removed": removed, "kept": kept} for removed, kept in self.duplicates],
+            "near_duplicates": [cluster.to_dict() for cluster in self.near_duplicates],
+            "pii": {"mode": self.pii_mode, "counts": dict(self.pii_counts), "kept": dict(self.pii_kept)},
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
             "warnings": list(self.warnings),
         }
 
 
 def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: int = 1500, chunk_overlap: int = 200,
-           min_chars: int = 20, progress: bool = True) -> IngestSummary:
+           min_chars: int = 20, pii: str | None = None, pii_keep: Sequence[str] = (),
+           near_dup_threshold: float | None = 0.85, progress: bool = True) -> IngestSummary:
     """Read every supported file under `sources` into chunk records written to `output` (JSON lines).
 
     Folders are searched recursively in sorted order; hidden files and folders (`.git`, `.DS_Store`) are ignored.
-    Each record: id, text, source, page, chunk, char_start, char_end (offsets in the normalized document or page),
-    sha256 (of the chunk text), title.
+    Each record: id, text, source, page, chunk, char_start, char_end (offsets in the normalized document or page,
+    after personal data was replaced), sha256 (of the chunk text), title.
+
+    `pii`: None (off), "redact", "mask" or "pseudonymize"; findings matching a `pii_keep` regex stay as written.
+    `near_dup_threshold`: documents at least this similar (Jaccard over word 5-grams) to an earlier one are
+    dropped; None or 0 keeps near copies and drops exact ones only.
     """
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
         raise TailorError("ingest: no sources given (name document files or folders)")
     chunk_text("", chunk_chars, chunk_overlap)  # rejects bad sizes before any file is read
+    # both reject bad options here, before any file is read
+    redactor = PiiRedactor(pii, keep=pii_keep) if pii else None
+    dedup = Deduplicator(near_dup_threshold)
     output = Path(output)
     files, skipped = _collect_files(sources, exclude=output)
-    summary = IngestSummary(skipped=skipped, output=str(output))
+    summary = IngestSummary(skipped=skipped, output=str(output), pii_mode=pii)
     with _file_progress(len(files), enabled=progress) as advance:
         records = _records(files, summary, sources, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
-                           min_chars=min_chars, advance=advance)
+                           min_chars=min_chars, redactor=redactor, dedup=dedup, advance=advance)
         # _records raises after the last file when nothing came out; write_jsonl then discards its temporary file
         summary.records = write_jsonl(output, records)
     return summary
@@ -108,9 +128,26 @@ def _collect_files(sources: Sequence[str | Path], exclude: Path) -> tuple[list[P
 
 
 def _records(files: list[Path], summary: IngestSummary, sources: Sequence[str | Path], *, chunk_chars: int,
-             chunk_overlap: int, min_chars: int, advance: Callable[[str], None]) -> Iterator[dict]:
-    kept_by_hash: dict[str, str] = {}  # sha256 of normalized text -> label of the copy kept
+             chunk_overlap: int, min_chars: int, redactor: PiiRedactor | None, dedup: Deduplicator,
+             advance: Callable[[str], None]) -> Iterator[dict]:
     written = 0
+    try:
+        for record in _file_records(files, summary, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
+                                    min_chars=min_chars, redactor=redactor, dedup=dedup, advance=advance):
+            written += 1
+            yield record
+    finally:  # the summary is complete even when a failure stops the run early
+        summary.duplicates = list(dedup.exact_duplicates)
+        summary.near_duplicates = dedup.near_clusters()
+        if redactor is not None:
+            summary.pii_counts, summary.pii_kept = dict(redactor.counts), dict(redactor.kept)
+    if written == 0:
+        raise TailorError(_nothing_written(sources, summary))
+
+
+def _file_records(files: list[Path], summary: IngestSummary, *, chunk_chars: int, chunk_overlap: int,
+                  min_chars: int, redactor: PiiRedactor | None, dedup: Deduplicator,
+                  advance: Callable[[str], None]) -> Iterator[dict]:
     for path in files:
         name = _display(path)
         advance(name)
@@ -118,6 +155,8 @@ def _records(files: list[Path], summary: IngestSummary, sources: Sequence[str | 
         if documents is None:
             continue
         texts = [(document, normalize_text(document.text)) for document in documents]
+        if redactor is not None:
+            texts = [(document, redactor.apply(text)[0]) for document, text in texts]
         if not any(text for _, text in texts):
             summary.skipped.append((name, "empty file" if path.stat().st_size == 0 else "no text found"))
             continue
@@ -132,23 +171,18 @@ def _records(files: list[Path], summary: IngestSummary, sources: Sequence[str | 
             if len(text) < min_chars:
                 too_short.append(str(document.page))
                 continue
-            digest = _sha256(text)
-            if digest in kept_by_hash:
-                summary.duplicates.append((label, kept_by_hash[digest]))
+            if dedup.check(label, text) is not None:
                 continue
-            kept_by_hash[digest] = label
             chunks = [chunk for chunk in chunk_text(text, chunk_chars, chunk_overlap) if len(chunk[2]) >= min_chars]
             summary.documents += 1
+            title = redactor.apply(document.title)[0] if redactor is not None and document.title else document.title
             for index, (start, end, chunk) in enumerate(chunks):
-                written += 1
                 yield {"id": _sha256(f"{name}\0{document.page or ''}\0{index}")[:16], "text": chunk,
                        "source": name, "page": document.page, "chunk": index, "char_start": start,
-                       "char_end": end, "sha256": _sha256(chunk), "title": document.title}
+                       "char_end": end, "sha256": _sha256(chunk), "title": title}
         if too_short:
             summary.warnings.append(f"{name}: page{'s' if len(too_short) > 1 else ''} {', '.join(too_short)} "
                                     f"shorter than min_chars={min_chars}; dropped")
-    if written == 0:
-        raise TailorError(_nothing_written(sources, summary))
 
 
 def _read_file(name: str, summary: IngestSummary) -> list[Document] | None:

@@ -24,7 +24,7 @@ def greedy_answers(model, tokenizer, conversations: list[list[dict]], *, max_new
         for r, i in enumerate(rows):
             input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attention_mask[r, width - len(prompts[i]):] = 1
-        with autocast(compute_dtype, device):
+        with autocast(model, compute_dtype):
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -6,7 +6,6 @@ question, so a bad row can be traced to its source line).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -20,9 +19,10 @@ from tailor.config import TailorConfig
 from tailor.errors import TailorError
 from tailor.evaluate.metrics import exact_match, token_f1
 from tailor.evaluate.generate import greedy_answers
-from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
+from tailor.methods.artifacts import load_for_inference
+from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.loop import evaluate_loss
-from tailor.train.run import ADAPTER_DIR, load_chat_examples
+from tailor.train.run import load_chat_examples
 from tailor.workspace import now_iso, read_jsonl, update_manifest, write_json, write_jsonl
 
 METRIC_ORDER = ("token_f1", "exact_match", "eval_loss", "perplexity")
@@ -47,15 +47,7 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
     base_ref = resolve_base_model(config.base_model, root=root)
     tokenizer = load_tokenizer(base_ref)
     compute_dtype = pick_dtype(config.train.dtype)
-    model = load_model(base_ref, dtype=compute_dtype)
-
-    adapter = run_dir / ADAPTER_DIR
-    candidates: list[tuple[str, Path | None]] = [("base", None)]
-    if adapter.is_dir():
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, str(adapter))
-        candidates.append((config.train.method, adapter))
+    models = load_for_inference(config, run_dir, base_ref, compute_dtype)
 
     examples = load_chat_examples(eval_path, tokenizer)
     if config.eval.limit:
@@ -65,12 +57,10 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
     console = Console(file=sys.stderr)
     with Progress(TextColumn("[bold]evaluating {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, disable=not show_progress, transient=True) as progress:
-        for name, adapter_path in candidates:
+        for name in models.names:
             task = progress.add_task("eval", total=len(records), model=name)
             started = time.perf_counter()
-            context = model.disable_adapter() if adapter_path is None and hasattr(model, "disable_adapter") \
-                else contextlib.nullcontext()
-            with context:
+            with models.use(name) as model:
                 answers = greedy_answers(model, tokenizer, [conv for _, conv, _ in records],
                                          max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                          compute_dtype=compute_dtype,
@@ -93,7 +83,7 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
                 "seconds": round(time.perf_counter() - started, 1),
             }
     if len(report["models"]) > 1:
-        tuned = report["models"][config.train.method]
+        tuned = report["models"][models.method]
         report["token_f1_gain"] = round(tuned["token_f1"] - report["models"]["base"]["token_f1"], 4)
     eval_dir = run_dir / "eval"
     write_jsonl(eval_dir / "predictions.jsonl", predictions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from tailor.errors import TailorError
 
 # Modules imported on first use, in cheapest-to-costliest order (the order `tailor methods` lists them in).
-METHOD_MODULES = ("lora",)
+METHOD_MODULES = ("prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full")
 
 
 class MethodOptions(BaseModel):
@@ -33,7 +34,14 @@ class Method:
     # prepare(model, options) -> model whose trainable parameters are the ones this method trains
     prepare: Callable[[Any, Any], Any] | None = None
     trains: bool = True
-    artifact: str = "adapter"  # what `save` writes: a PEFT adapter folder, a prompt profile, full weights
+    # "adapter": a standard PEFT folder RUN/adapter/ loaded on top of the base; "model": a complete model RUN/model/
+    artifact: str = "adapter"
+    # load_options(options) -> extra `from_pretrained` keyword arguments for the base (e.g. 4-bit quantization).
+    # It runs before any weight is read, so incompatible options stop here with one clear message.
+    load_options: Callable[[Any], dict] | None = None
+    # save(model, folder, run_dir, options) writes the artifact into `folder` (a temporary folder, renamed into
+    # place afterwards); None means `model.save_pretrained(folder)`
+    save: Callable[[Any, Path, Path, Any], None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -65,3 +73,20 @@ def get(name: str, key: str = "method") -> Method:
     if name not in _METHODS:
         raise TailorError(f"{key}: unknown method '{name}' (available: {', '.join(_METHODS)})")
     return _METHODS[name]
+
+
+def require_modules(model, names: list[str], key: str) -> None:
+    """Stop with one clear message when a method targets module names the model does not have."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} - {""}
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise TailorError(f"{key}: the model has no module named {', '.join(missing)} "
+                          f"(it has e.g. {', '.join(sorted(n for n in present if not n.isdigit())[:8])})")
+
+
+def require_context_room(model, virtual_tokens: int, key: str) -> None:
+    """Virtual tokens take positions in the context window; a prompt that fills it leaves no room for the input."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and virtual_tokens >= context:
+        raise TailorError(f"{key}: {virtual_tokens} virtual tokens do not fit the model's context of {context} "
+                          f"tokens with room for the input")

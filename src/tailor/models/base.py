@@ -118,11 +118,13 @@ def load_tokenizer(model_ref: str):
     return tokenizer
 
 
-def load_model(model_ref: str, dtype: torch.dtype = torch.float32):
+def load_model(model_ref: str, dtype: torch.dtype = torch.float32, **load_options):
+    """Load a causal LM onto the device; `load_options` are extra `from_pretrained` arguments a method asks for."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype, **load_options)
     except OSError as exc:
         raise TailorError(f"base_model: cannot load '{model_ref}' ({str(exc).splitlines()[0]})") from None
-    return model.to(device())
+    # a device_map has placed the weights already (quantized weights cannot be moved with .to)
+    return model if "device_map" in load_options else model.to(device())

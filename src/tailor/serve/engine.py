@@ -54,7 +54,7 @@ class Generation(Iterator[str]):
 
 class Engine:
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, base_name: str = "base",
-                 dtype: torch.dtype | str | None = None, max_new_tokens: int = 256):
+                 dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = ""):
         adapters = adapters or {}
         if base_name in adapters:
             raise TailorError(f"serve: the adapter name '{base_name}' is taken by the base model; rename it")
@@ -86,6 +86,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.base_name = base_name
         self.max_new_tokens = max_new_tokens
+        # the workspace's system prompt is what the customized model was trained with; a client that sends
+        # none gets it, one that sends its own keeps it
+        self.system_prompt = system_prompt
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.end_of_turn_ids = self._end_of_turn_ids()
         self._lock = threading.Lock()
@@ -98,6 +101,8 @@ class Engine:
         """Start a chat reply. Unknown models and over-long prompts raise here, before any token is generated."""
         if model not in self.model_names():
             raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         budget = max_tokens or self.max_new_tokens

@@ -39,10 +39,16 @@ class TrainResult:
         return asdict(self)
 
 
-def autocast(dtype: torch.dtype, device: torch.device):
-    if dtype == torch.float32:
+def autocast(model, dtype: torch.dtype):
+    """Autocast only when weights are stored wider than the compute dtype (e.g. fp32 weights of a full fine-tune).
+
+    When the frozen base is already stored in bf16, autocast only adds per-op casts: measured on this CPU it made
+    greedy decoding 1.7x slower than plain bf16 weights.
+    """
+    stored = model.get_input_embeddings().weight.dtype
+    if dtype == stored or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
 
 
 def _decoder_and_head(model):
@@ -64,7 +70,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     mask = labels != IGNORE  # [B, T-1]
     decoder, head = _decoder_and_head(model)
     if decoder is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt and p-tuning prepend their virtual tokens to the sequence: keep the input's own positions
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # [B, T, V]
         selected = logits[:, :-1][mask].float()
     else:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -86,7 +94,7 @@ def evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: in
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
-        with autocast(compute_dtype, device):
+        with autocast(model, compute_dtype):
             loss, n = loss_sum(model, batch)
         total += float(loss)
         count += n
@@ -145,7 +153,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], cf
             step_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in collated)
             step_loss = 0.0
             for batch in collated:
-                with autocast(compute_dtype, device):
+                with autocast(model, compute_dtype):
                     loss, _ = loss_sum(model, batch)
                 (loss / max(step_label_tokens, 1)).backward()
                 step_loss += float(loss.detach())

@@ -1,0 +1,129 @@
+"""Where a method's artifact lives in a run folder, and how it is loaded for training and for inference.
+
+Every PEFT method saves a standard adapter folder `RUN/adapter/`, loaded on top of the base model; `full` saves a
+complete model folder `RUN/model/` (safetensors weights + tokenizer). Training, evaluation and `tailor methods` go
+through these helpers only, so a new kind of artifact is taught here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tailor.config import TailorConfig, dump_config
+from tailor.methods import registry
+from tailor.methods.registry import Method
+from tailor.models.base import load_model
+from tailor.workspace import MANIFEST, atomic_write_text, read_json
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+ARTIFACT_DIRS = {"adapter": ADAPTER_DIR, "model": MODEL_DIR}
+
+
+def artifact_dir(run_dir: Path, method: Method) -> Path:
+    return Path(run_dir) / ARTIFACT_DIRS[method.artifact]
+
+
+def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.dtype, name: str | None = None):
+    """The base model prepared by the method: only the weights it trains require grad, and those are fp32."""
+    method = registry.get(name or config.train.method, key="train.method")
+    options = config.method_options(method.name)
+    # before any weight is read, so incompatible options (QLoRA without CUDA) stop here
+    load_options = method.load_options(options) if method.load_options else {}
+    # frozen base weights are stored in the compute dtype (half the memory in bf16); weights that train stay fp32
+    # for the optimizer, and autocast runs the matrix multiplies in the compute dtype
+    dtype = compute_dtype if method.artifact == "adapter" else torch.float32
+    model = method.prepare(load_model(base_ref, dtype=dtype, **load_options), options)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path:
+    """Write the method's artifact with the resolved config beside it; a crash never leaves half a folder."""
+    method = registry.get(config.train.method, key="train.method")
+    target = artifact_dir(run_dir, method)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if method.save is not None:
+            method.save(model, tmp, Path(run_dir), config.method_options(method.name))
+        else:
+            model.save_pretrained(tmp)
+        if method.artifact == "model":
+            tokenizer.save_pretrained(tmp)  # a model folder must load on its own
+        atomic_write_text(tmp / "tailor.yaml", dump_config(config))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass
+class InferenceModels:
+    """The base model and the run's customized one, as evaluation compares them."""
+
+    method: str
+    model: Any  # the customized model; the bare base when the run has no artifact yet
+    separate_base: Any = None  # `full`: the base loaded on its own; adapters switch theirs off instead
+    has_artifact: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return ["base", self.method] if self.has_artifact else ["base"]
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[Any]:
+        """The model to run as `name` ("base" or the method), for the duration of the block."""
+        if name not in self.names:
+            raise KeyError(name)
+        if name == "base" and self.separate_base is not None:
+            yield self.separate_base
+        elif name == "base" and self.has_artifact:
+            with self.model.disable_adapter():  # the same base weights, adapter off: no second copy in memory
+                yield self.model
+        else:
+            yield self.model
+
+
+def trained_method(config: TailorConfig, run_dir: Path) -> str:
+    """The method the run was last trained with (its manifest), else the configured one.
+
+    `tailor train --method p_tuning` followed by a plain `tailor eval` must evaluate p_tuning, not the method
+    tailor.yaml names: every PEFT method writes the same adapter folder.
+    """
+    manifest = Path(run_dir) / MANIFEST
+    trained = read_json(manifest).get("stages", {}).get("train", {}) if manifest.is_file() else {}
+    return trained.get("method") or config.train.method
+
+
+def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype: torch.dtype) -> InferenceModels:
+    """Load the run's artifact (see `trained_method`) and the base it is compared with, in eval mode."""
+    method = registry.get(trained_method(config, run_dir), key="train.method")
+    options = config.method_options(method.name)
+    folder = artifact_dir(run_dir, method)
+    load_options = method.load_options(options) if method.load_options else {}
+    if method.artifact == "model":
+        base = load_model(base_ref, dtype=dtype).eval()
+        if not (folder / "config.json").is_file():
+            return InferenceModels(method.name, base, has_artifact=False)
+        return InferenceModels(method.name, load_model(str(folder), dtype=dtype).eval(), separate_base=base)
+    base = load_model(base_ref, dtype=dtype, **load_options)
+    if not (folder / "adapter_config.json").is_file():
+        return InferenceModels(method.name, base.eval(), has_artifact=False)
+    import peft
+
+    return InferenceModels(method.name, peft.PeftModel.from_pretrained(base, str(folder)).eval())

@@ -1,0 +1,77 @@
+"""The `tailor` program as a user runs it: bad input ends in one line and a non-zero exit, never a traceback."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TAILOR = [sys.executable, "-m", "tailor.cli.app"]
+
+
+def tailor(*args, cwd):
+    return subprocess.run([*TAILOR, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_init_then_unknown_key(tmp_path):
+    assert tailor("init", tmp_path / "ws", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "ws" / "tailor.yaml").is_file()
+    again = tailor("init", tmp_path / "ws", cwd=tmp_path)
+    assert_clean_error(again, "already exists")
+    bad = tailor("data", "build", "-w", tmp_path / "ws", "train.learnig_rate=1", cwd=tmp_path)
+    assert_clean_error(bad, "unknown key 'train.learnig_rate'")
+
+
+def test_missing_workspace_config(tmp_path):
+    assert_clean_error(tailor("train", cwd=tmp_path), "no tailor.yaml here")
+
+
+def test_malformed_qa_file_names_file_and_line(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "Q?", "answer": "A."}\n{"question": \n')
+    (tmp_path / "tailor.yaml").write_text("data:\n  qa_files: [qa.jsonl]\n")
+    result = tailor("data", "build", cwd=tmp_path)
+    assert_clean_error(result, "qa.jsonl:2: invalid JSON")
+    assert not (tmp_path / "run" / "data" / "train.jsonl").exists()
+
+
+def test_ingest_missing_and_empty(tmp_path):
+    assert_clean_error(tailor("ingest", tmp_path / "nope", "-o", tmp_path / "c.jsonl", cwd=tmp_path), "not found")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(tailor("ingest", tmp_path / "empty", "-o", tmp_path / "c.jsonl", cwd=tmp_path))
+
+
+def test_ingest_writes_corpus_with_provenance(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The pool opens at 6 am on weekdays and 8 am on weekends.\n")
+    (docs / "b.md").write_text("# Fees\n\nA dog license costs **$20** per year.\n")
+    result = tailor("ingest", docs, "-o", tmp_path / "corpus.jsonl", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert {Path(r["source"]).name for r in records} == {"a.txt", "b.md"}
+    assert all({"text", "source", "chunk", "char_start", "char_end"} <= set(r) for r in records)
+
+
+def test_serve_port_in_use(tmp_path, tiny_model_dir):
+    (tmp_path / "tailor.yaml").write_text(f"base_model: {tiny_model_dir}\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = tailor("serve", "--port", port, cwd=tmp_path)
+    assert_clean_error(result, f"port {port}", "already in use")
+
+
+@pytest.mark.parametrize("args", [["train", "--bogus"], ["nosuchcommand"]])
+def test_usage_errors_exit_nonzero(tmp_path, args):
+    result = tailor(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr

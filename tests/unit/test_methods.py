@@ -1,0 +1,235 @@
+"""Every registered method, on the tiny model: it trains, its artifact reloads to the same outputs, and an
+interrupted run resumes to the same weights. Method-specific checks follow the common test."""
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tailor.config import validate_config
+from tailor.errors import TailorError
+from tailor.methods import p_tuning, registry
+from tailor.methods.artifacts import load_for_inference, load_for_training, save_artifact
+from tailor.models.base import load_tokenizer
+from tailor.train.examples import collate, tokenize_chat
+from tailor.train.loop import train
+from tailor.train.run import run_training, seed_everything
+from tailor.workspace import write_jsonl
+
+FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
+         ("How much is a parking permit?", "A parking permit costs $45 per year."),
+         ("What is city hall's phone number?", "Call (555) 201-4400.")]
+# small settings so each method trains in about a second on the tiny model; every other option at its default
+SMALL_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
+                 "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, "lora": {"r": 4, "alpha": 8}}
+# high, for a visible drop in 8 steps on a random model; full moves every weight, so a smaller step
+LEARNING_RATES = {"full": 2e-3, "lora": 1e-2, "ia3": 1e-1}
+
+
+def chat(question, answer):
+    # a short system message: without one the chat template inserts its long default
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matrices gain nothing from a second thread, and on a busy shared machine threads that wait on each
+    # other made these tests up to 10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config_for(model_dir, method, options=None, **train_options):
+    train_options = {"method": method, "max_steps": 8, "batch_size": 3, "scheduler": "constant", "warmup_ratio": 0.0,
+                     "learning_rate": LEARNING_RATES.get(method, 3e-2), "save_every": 0, "dtype": "fp32"} | train_options
+    options = SMALL_OPTIONS.get(method, {}) if options is None else options
+    return validate_config({"base_model": model_dir, "train": train_options, "methods": {method: options}})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    # one record repeated: every batch is the same, so the loss curve shows learning rather than batch mix
+    return [tokenize_chat(tokenizer, chat(*FACTS[0])["messages"]) for _ in range(12)]
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -batch["input_ids"].shape[1]:]  # prompt-learning models prepend virtual positions
+
+
+def trainable(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_fresh(config, examples, out_dir, tokenizer, **kwargs):
+    seed_everything(config.train.seed)
+    model = load_for_training(config, config.base_model, torch.float32)
+    result = train(model, examples, [], config.train, out_dir, pad_id=tokenizer.pad_token_id, show_progress=False,
+                   **kwargs)
+    return model, result
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_method_trains_reloads_and_resumes(name, tiny_model_dir, tokenizer, examples, tmp_path):
+    config = config_for(tiny_model_dir, name)
+    model, result = train_fresh(config, examples, tmp_path / "straight", tokenizer)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 0.02, losses
+    assert result.trainable_params > 0
+
+    # save -> load through the helper `tailor eval` uses: the same logits as the model still in memory
+    save_artifact(model, tokenizer, tmp_path, config)
+    loaded = load_for_inference(config, tmp_path, tiny_model_dir, torch.float32)
+    assert loaded.names == ["base", name]
+    batch = collate(examples[:3], tokenizer.pad_token_id, torch.device("cpu"))
+    model.eval()
+    trained_logits = logits_of(model, batch)
+    with loaded.use(name) as tuned:
+        torch.testing.assert_close(logits_of(tuned, batch), trained_logits, atol=1e-5, rtol=1e-5)
+    # ... and "base" in the same comparison is the untouched base model
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with loaded.use("base") as base:
+        torch.testing.assert_close(logits_of(base, batch), logits_of(plain, batch), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(trained_logits, logits_of(plain, batch), atol=1e-3)
+
+    # interrupted after 4 steps (a checkpoint of the trainable weights), resumed to 8: the same weights
+    train_fresh(config, examples, tmp_path / "resumed", tokenizer, should_stop=lambda step: step == 4)
+    resumed, result = train_fresh(config, examples, tmp_path / "resumed", tokenizer, resume=True)
+    assert result.steps == 8
+    straight_weights, resumed_weights = trainable(model), trainable(resumed)
+    assert straight_weights.keys() == resumed_weights.keys()
+    for key, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_merged_into_the_base_gives_the_same_logits(use_dora, tiny_model_dir, tokenizer, examples):
+    config = config_for(tiny_model_dir, "lora", {"r": 4, "alpha": 8, "use_dora": use_dora})
+    torch.manual_seed(0)
+    model = load_for_training(config, tiny_model_dir, torch.float32)
+    with torch.no_grad():  # B starts at zero, which would make merging trivially exact
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.eval()
+    batch = collate(examples[:3], tokenizer.pad_token_id, torch.device("cpu"))
+    with_adapter = logits_of(model, batch)
+    merged = model.merge_and_unload()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits_of(merged, batch), with_adapter, atol=1e-4, rtol=1e-4)
+
+
+def test_p_tuning_keeps_one_prompt_table_row_per_task(tiny_model_dir, tokenizer, examples, tmp_path):
+    options = {"num_virtual_tokens": 4, "encoder_type": "LSTM", "encoder_hidden_size": 16, "task_name": "hours"}
+    config = config_for(tiny_model_dir, "p_tuning", options, max_steps=3)
+    model, _ = train_fresh(config, examples, tmp_path / "hours", tokenizer)
+    save_artifact(model, tokenizer, tmp_path, config)
+
+    # the adapter is a plain prompt-tuning adapter: the computed embeddings, no encoder
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "PROMPT_TUNING"
+    assert list(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == ["prompt_embeddings"]
+    batch = collate(examples[:3], tokenizer.pad_token_id, torch.device("cpu"))
+    model.eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from_table = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(logits_of(from_table, batch), logits_of(model, batch), atol=1e-5, rtol=1e-5)
+
+    rows, index = p_tuning.read_prompt_table(tmp_path)
+    first_row = rows["hours"].clone()
+    assert first_row.shape == (4, 64) and index["hours"]["num_virtual_tokens"] == 4
+    assert index["hours"]["base_model"] == tiny_model_dir
+
+    # a second task adds a row; the first is untouched, and the adapter now holds the second task
+    config = config_for(tiny_model_dir, "p_tuning", options | {"task_name": "permits"}, max_steps=3, seed=7)
+    model, _ = train_fresh(config, examples, tmp_path / "permits", tokenizer)
+    save_artifact(model, tokenizer, tmp_path, config)
+    rows, index = p_tuning.read_prompt_table(tmp_path)
+    assert set(rows) == set(index) == {"hours", "permits"}
+    assert torch.equal(rows["hours"], first_row)
+    assert not torch.allclose(rows["permits"], first_row)
+    assert torch.equal(load_file(tmp_path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"],
+                       rows["permits"])
+
+
+def test_full_freezes_embeddings_and_first_layers(tiny_model_dir):
+    model = load_for_training(config_for(tiny_model_dir, "full", {"freeze_layers": 1}), tiny_model_dir, torch.float32)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert "model.embed_tokens.weight" in frozen
+    assert all(name.startswith(("model.embed_tokens", "model.layers.0.")) for name in frozen)
+    assert any(name.startswith("model.layers.1.") and p.requires_grad for name, p in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    write_jsonl(tmp_path / "data" / "train.jsonl", [chat(*FACTS[i % 3]) for i in range(6)])
+    return tmp_path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="QLoRA is available here")
+def test_qlora_without_cuda_stops_with_one_clear_message(tiny_model_dir, run_dir):
+    config = config_for(tiny_model_dir, "lora", {"quantize_4bit": True})
+    with pytest.raises(TailorError, match=r"methods\.lora\.quantize_4bit: QLoRA needs a CUDA GPU and the "
+                                          r"bitsandbytes package; here no CUDA GPU is visible"):
+        run_training(config, run_dir, run_dir, show_progress=False)
+    assert not (run_dir / "metrics.jsonl").exists()  # stopped before any training step
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("lora", {"targets": ["q_proj", "qkv"]}, r"methods\.lora\.targets: the model has no module named qkv \(it has"),
+    ("ia3", {"targets": ["k_proj"], "feedforward": ["down_proj"]},
+     r"methods\.ia3\.feedforward: down_proj must also be listed in methods\.ia3\.targets"),
+    ("prompt_tuning", {"num_virtual_tokens": 1024},
+     r"methods\.prompt_tuning\.num_virtual_tokens: 1024 virtual tokens do not fit the model's context of 1024"),
+    ("full", {"freeze_layers": 3}, r"methods\.full\.freeze_layers: the model has 2 decoder layers \(found 3\)"),
+])
+def test_incompatible_options_stop_before_training(method, options, message, tiny_model_dir, run_dir):
+    with pytest.raises(TailorError, match=message):
+        run_training(config_for(tiny_model_dir, method, options), run_dir, run_dir, show_progress=False)
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("lora", {"r": 0}, r"methods\.lora\.r: Input should be greater than 0 \(found 0\)"),
+    ("p_tuning", {"encoder_type": "GRU"}, r"methods\.p_tuning\.encoder_type: Input should be 'MLP' or 'LSTM'"),
+    ("prefix_tuning", {"prefix": 3}, r"unknown key 'methods\.prefix_tuning\.prefix' \(allowed here: num_virtual"),
+])
+def test_invalid_options_are_named_in_the_config(method, options, message):
+    with pytest.raises(TailorError, match=message):
+        validate_config({"methods": {method: options}})
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_tailor_eval_compares_every_method_with_its_base(name, tiny_model_dir, run_dir):
+    from tailor.evaluate.harness import run_eval
+
+    write_jsonl(run_dir / "data" / "eval.jsonl", [chat(*fact) for fact in FACTS[:2]])
+    config = validate_config({"base_model": tiny_model_dir, "methods": {name: SMALL_OPTIONS.get(name, {})},
+                              "train": {"method": name, "max_steps": 2, "batch_size": 3, "dtype": "fp32",
+                                        "learning_rate": LEARNING_RATES.get(name, 3e-2), "save_every": 0},
+                              "eval": {"max_new_tokens": 3, "batch_size": 2}})
+    run_training(config, run_dir, run_dir, show_progress=False)
+    # like `tailor train --method NAME` then a plain `tailor eval`: tailor.yaml still names the default method
+    eval_config = validate_config({"base_model": tiny_model_dir, "eval": {"max_new_tokens": 3, "batch_size": 2},
+                                   "train": {"dtype": "fp32"}})
+    report = run_eval(eval_config, run_dir, run_dir, show_progress=False)
+    assert list(report["models"]) == ["base", name]
+    assert report["models"]["base"]["eval_loss"] != report["models"][name]["eval_loss"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["method"] == name
+    assert any(path.endswith(("adapter", "model")) for path in manifest["stages"]["train"]["outputs"])

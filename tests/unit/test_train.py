@@ -1,0 +1,105 @@
+import json
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tailor.config import validate_config
+from tailor.models.base import load_tokenizer
+from tailor.train.examples import IGNORE, tokenize_chat
+from tailor.train.run import ADAPTER_DIR, run_training
+from tailor.workspace import write_jsonl
+
+FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
+         ("How much is a parking permit?", "A parking permit costs $45 per year."),
+         ("What is city hall's phone number?", "Call (555) 201-4400.")]
+
+
+def chat(question, answer):
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    write_jsonl(tmp_path / "data" / "train.jsonl", [chat(*FACTS[i % 3]) for i in range(24)])
+    write_jsonl(tmp_path / "data" / "eval.jsonl", [chat(*fact) for fact in FACTS])
+    return tmp_path
+
+
+def config_for(model_dir, **train):
+    options = {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "save_every": 3, "dtype": "fp32",
+               "warmup_ratio": 0.0} | train
+    return validate_config({"base_model": model_dir, "train": options, "methods": {"lora": {"r": 4, "alpha": 8}}})
+
+
+def adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / ADAPTER_DIR / "adapter_model.safetensors")
+
+
+def test_loss_mask_covers_only_the_answer(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    example = tokenize_chat(tokenizer, chat("Q?", "The answer.")["messages"])
+    learned = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    assert learned.startswith("The answer.")
+    assert "Q?" not in learned and "Be brief" not in learned
+
+
+def test_training_lowers_loss_and_writes_a_peft_adapter(tiny_model_dir, run_dir):
+    result = run_training(config_for(tiny_model_dir, max_steps=10), run_dir, run_dir, show_progress=False)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 11))
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert all(line["tokens_per_s"] > 0 for line in lines)
+    assert result.eval_loss is not None and result.trainable_params > 0
+    # plain peft loads the adapter
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = peft.PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert "train" in manifest["stages"] and "torch" in manifest["packages"]
+    assert manifest["stages"]["train"]["inputs"]  # input files are hashed
+
+
+def test_same_seed_same_weights(tiny_model_dir, run_dir, tmp_path_factory):
+    other = tmp_path_factory.mktemp("again")
+    write_jsonl(other / "data" / "train.jsonl", [json.loads(x) for x in (run_dir / "data" / "train.jsonl").open()])
+    run_training(config_for(tiny_model_dir), run_dir, run_dir, show_progress=False)
+    run_training(config_for(tiny_model_dir), other, other, show_progress=False)
+    first, second = adapter_weights(run_dir), adapter_weights(other)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resume_ends_with_the_same_weights(tiny_model_dir, run_dir, tmp_path_factory):
+    config = config_for(tiny_model_dir, max_steps=6, save_every=3)
+    straight = tmp_path_factory.mktemp("straight")
+    write_jsonl(straight / "data" / "train.jsonl", [json.loads(x) for x in (run_dir / "data" / "train.jsonl").open()])
+    run_training(config, straight, straight, show_progress=False)
+
+    interrupted = run_training(config, run_dir, run_dir, show_progress=False, should_stop=lambda step: step == 4)
+    assert interrupted.steps == 4 and not (run_dir / ADAPTER_DIR).exists()
+    resumed = run_training(config, run_dir, run_dir, resume=True, show_progress=False)
+    assert resumed.steps == 6
+    first, second = adapter_weights(straight), adapter_weights(run_dir)
+    assert all(torch.allclose(first[k], second[k], atol=1e-7) for k in first)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path):
+    from tailor.errors import TailorError
+
+    with pytest.raises(TailorError, match=r"train\.jsonl: not found; run `tailor data build` first"):
+        run_training(config_for(tiny_model_dir), tmp_path, tmp_path, show_progress=False)
+
+
+def test_unknown_lora_target_is_rejected_before_training(tiny_model_dir, run_dir):
+    from tailor.errors import TailorError
+
+    config = validate_config({"base_model": tiny_model_dir, "methods": {"lora": {"targets": ["qkv"]}}})
+    with pytest.raises(TailorError, match="methods.lora.targets: the model has no module named qkv"):
+        run_training(config, run_dir, run_dir, show_progress=False)
