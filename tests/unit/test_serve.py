@@ -180,3 +180,16 @@ def test_streamed_chat_with_the_default_model(default_model_dir):
         assert text.strip()
     finally:
         server.should_exit = True
+
+
+def test_workspace_system_prompt_is_added_only_when_the_client_sends_none(tiny_model_dir):
+    with_prompt = Engine(tiny_model_dir, system_prompt="Answer about Maplewood in one sentence.")
+    plain = Engine(tiny_model_dir)
+    question = [{"role": "user", "content": "Library hours?"}]
+    own = [{"role": "system", "content": "Be terse."}, *question]
+    explicit = [{"role": "system", "content": "Answer about Maplewood in one sentence."}, *question]
+    added = with_prompt.stream("base", question, max_tokens=1)
+    assert added.prompt_tokens == plain.stream("base", explicit, max_tokens=1).prompt_tokens
+    assert added.prompt_tokens != plain.stream("base", question, max_tokens=1).prompt_tokens
+    assert with_prompt.stream("base", own, max_tokens=1).prompt_tokens == plain.stream("base", own,
+                                                                                        max_tokens=1).prompt_tokens

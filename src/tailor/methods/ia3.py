@@ -6,7 +6,6 @@ how much the model can change.
 
 from __future__ import annotations
 
-import peft
 from pydantic import Field
 
 from tailor.errors import TailorError
@@ -22,6 +21,7 @@ class Ia3Options(MethodOptions):
 
 def prepare(model, options: Ia3Options):
     """Wrap the base model so that only the scaling vectors train."""
+    import peft  # imported here: it costs seconds, and loading a config must stay fast
     require_modules(model, options.targets, "methods.ia3.targets")
     outside = [name for name in options.feedforward if name not in options.targets]
     if outside:

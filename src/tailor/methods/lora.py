@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import peft
 import torch
 from pydantic import Field
 
@@ -51,6 +50,7 @@ def load_options(options: LoraOptions) -> dict:
 
 def prepare(model, options: LoraOptions):
     """Wrap the base model so that only the low-rank updates train."""
+    import peft  # imported here: it costs seconds, and loading a config must stay fast
     require_modules(model, options.targets, "methods.lora.targets")
     if options.quantize_4bit:
         # casts norms to fp32 and enables input gradients; gradient checkpointing stays the training core's choice

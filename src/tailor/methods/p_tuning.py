@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import peft
 import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
@@ -36,6 +35,7 @@ class PTuningOptions(MethodOptions):
 
 def prepare(model, options: PTuningOptions):
     """Wrap the base model so that only the prompt encoder (and its input embeddings) train."""
+    import peft  # imported here: it costs seconds, and loading a config must stay fast
     require_context_room(model, options.num_virtual_tokens, "methods.p_tuning.num_virtual_tokens")
     config = peft.PromptEncoderConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM",
                                       encoder_reparameterization_type=options.encoder_type,
@@ -80,8 +80,9 @@ def add_to_prompt_table(run_dir: Path, task: str, embeddings: torch.Tensor, base
     write_json(run_dir / PROMPT_INDEX, index)
 
 
-def write_prompt_tuning_adapter(folder: Path, embeddings: torch.Tensor, trained: peft.PromptEncoderConfig) -> None:
+def write_prompt_tuning_adapter(folder: Path, embeddings: torch.Tensor, trained) -> None:
     """A standard PEFT prompt-tuning adapter whose prompt embeddings are `embeddings` (no encoder inside)."""
+    import peft  # imported here: it costs seconds, and loading a config must stay fast
     config = peft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=trained.num_virtual_tokens, token_dim=trained.token_dim,
         num_transformer_submodules=trained.num_transformer_submodules, num_attention_heads=trained.num_attention_heads,

@@ -4,7 +4,6 @@ prefix, so the artifact never contains the MLP."""
 
 from __future__ import annotations
 
-import peft
 from pydantic import Field
 
 from tailor.methods.registry import Method, MethodOptions, register, require_context_room
@@ -19,6 +18,7 @@ class PrefixTuningOptions(MethodOptions):
 
 def prepare(model, options: PrefixTuningOptions):
     """Wrap the base model so that only the per-layer prefixes (and their MLP, if any) train."""
+    import peft  # imported here: it costs seconds, and loading a config must stay fast
     require_context_room(model, options.num_virtual_tokens, "methods.prefix_tuning.num_virtual_tokens")
     config = peft.PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM",
                                      prefix_projection=options.projection,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import peft
 from pydantic import Field
 
 from tailor.methods.registry import Method, MethodOptions, register, require_context_room
@@ -21,6 +20,7 @@ class PromptTuningOptions(MethodOptions):
 
 def prepare(model, options: PromptTuningOptions):
     """Wrap the base model so that only the virtual-token embeddings train."""
+    import peft  # imported here: it costs seconds, and loading a config must stay fast
     require_context_room(model, options.num_virtual_tokens, "methods.prompt_tuning.num_virtual_tokens")
     if options.init == "text":
         config = peft.PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM",

@@ -112,7 +112,11 @@ def device() -> torch.device:
 def load_tokenizer(model_ref: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    except (OSError, ValueError) as exc:
+        raise TailorError(f"base_model: cannot load a tokenizer from '{model_ref}' ({str(exc).splitlines()[0]})") \
+            from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
