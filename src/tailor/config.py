@@ -6,11 +6,13 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from tailor.errors import TailorError
 
@@ -71,16 +73,72 @@ class TrainConfig(Section):
         0, ge=0, description="Stop after this many evals (eval_every) without a new best eval loss (0: never).")
 
 
+class RuleConfig(Section):
+    """One guideline every answer should follow; `tailor eval` reports the share of answers that do."""
+
+    name: str = Field(..., min_length=1, description="Name shown in the report and in predictions.jsonl.")
+    kind: Literal["must_contain", "must_not_contain", "regex", "max_words", "cites_source"] = Field(..., description=(
+        "must_contain / must_not_contain: text (or a list: all / none of them), case-insensitive; regex: a Python "
+        "regular expression found in the answer; max_words: at most this many words; cites_source: names one of "
+        "the listed sources, or without a value any citation (a URL, 'source:', [1], a document file name)."))
+    value: str | int | list[str] | None = Field(None, description="The text, pattern, word count or sources.")
+
+    @model_validator(mode="after")
+    def _value_fits_kind(self) -> RuleConfig:
+        # PydanticCustomError keeps the message as written (no "Value error, " prefix); the location names the rule
+        def bad(message: str) -> PydanticCustomError:
+            return PydanticCustomError("rule", "rule '{name}': {message}", {"name": self.name, "message": message})
+
+        value = self.value
+        if self.kind in ("must_contain", "must_not_contain"):
+            texts = [value] if isinstance(value, str) else value
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+                raise bad(f"{self.kind} needs a non-empty text or list of texts as value")
+        elif self.kind == "regex":
+            if not isinstance(value, str) or not value:
+                raise bad("regex needs a regular expression as value")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise bad(f"invalid regular expression {value!r} ({exc})") from None
+        elif self.kind == "max_words":
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(f"max_words needs a positive whole number as value (found {value!r})")
+        elif self.kind == "cites_source" and value is not None:
+            sources = [value] if isinstance(value, str) else value
+            if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+                raise bad("cites_source takes a source name or a list of them as value (or none)")
+        return self
+
+
 class EvalConfig(Section):
     max_new_tokens: int = Field(48, gt=0, description="Tokens generated per answer (greedy).")
     batch_size: int = Field(16, gt=0, description="Questions decoded together.")
     limit: int = Field(0, ge=0, description="Evaluate only the first N questions (0: all).")
+    rules: list[RuleConfig] = Field(default_factory=list, description=(
+        "Guideline checks on every answer, e.g. {name: short, kind: max_words, value: 30}; the report gives each "
+        "model's adherence (share of answers passing every rule) and each rule's pass rate."))
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> EvalConfig:
+        names = [rule.name for rule in self.rules]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise PydanticCustomError("rule", "rule names must be unique (repeated: {names})",
+                                      {"names": ", ".join(repeated)})
+        return self
 
 
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, gt=0, lt=65536, description="TCP port.")
     max_new_tokens: int = Field(256, gt=0, description="Default cap on generated tokens per request.")
+
+
+class RegistryConfig(Section):
+    url: str | None = Field(None, description=(
+        "SQLAlchemy database URL of the model registry, e.g. postgresql://user@host/tailor; "
+        "null: the SQLite file registry.db in the workspace folder."))
 
 
 class TailorConfig(Section):
@@ -97,6 +155,7 @@ class TailorConfig(Section):
         default_factory=dict, description="Per-method options, keyed by method name (see `tailor methods`).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry (`tailor models`).")
 
     @model_validator(mode="after")
     def _known_methods(self) -> TailorConfig:

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from tailor.cli import demo, init, serving, stages
+from tailor.cli import demo, export, init, models, serving, stages
 from tailor.cli.common import err_console
 from tailor.errors import TailorError
 
@@ -21,6 +21,8 @@ app.command()(stages.methods)
 app.command()(serving.chat)
 app.command()(serving.serve)
 app.command()(demo.demo)
+app.add_typer(models.models_app, name="models")
+app.command("export")(export.export)
 
 
 def _quiet_libraries() -> None:

@@ -162,15 +162,36 @@ def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceO
 
 
 def evaluate(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption, run: Path = RunOption,
+             fail_under: list[str] = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help=(
+                 "Exit 1 when the customized model scores below VALUE (token_f1, exact_match, rouge_l, bleu, "
+                 "adherence; 0-1); MODEL.METRIC=VALUE names the model, e.g. base.token_f1=0.2. Repeatable.")),
              no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
-    """Base and customized model on the held-out questions: token F1, exact match, eval loss, perplexity."""
+    """Base and customized model on the held-out questions: token F1, exact match, ROUGE-L, BLEU, eval loss,
+    perplexity and eval.rules adherence → RUN/eval/report.json and report.html."""
+    from tailor.cli.common import err_console
+    from tailor.evaluate.gates import failed_gates, parse_gates
     from tailor.evaluate.harness import report_table, run_eval
+    from tailor.evaluate.report import REPORT_HTML
+    from tailor.methods.artifacts import trained_method
 
     config, root = open_workspace(workspace, overrides)
     run_dir = run_folder(root, run)
+    customized = trained_method(config, run_dir)
+    # before any model loads: a typo in a CI gate must not cost a full evaluation
+    gates = parse_gates(list(fail_under or []), models=["base", customized], customized=customized,
+                        has_rules=bool(config.eval.rules))
     report = run_eval(config, root, run_dir, show_progress=not no_progress)
     console.print(report_table(report))
-    console.print(f"report: {run_dir / 'eval' / 'report.json'}")
+    # soft_wrap: a path cut across lines cannot be copied
+    console.print(f"report: {run_dir / 'eval' / 'report.json'}", soft_wrap=True, highlight=False)
+    console.print(f"html report: {run_dir / 'eval' / REPORT_HTML}", soft_wrap=True, highlight=False)
+    failures = failed_gates(report, gates)
+    for line in failures:
+        err_console.print(f"[bold red]--fail-under:[/] {line}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+    if gates:
+        console.print(f"[green]gates passed[/] ({', '.join(str(gate) for gate in gates)})", highlight=False)
 
 
 def methods(workspace: Path = WorkspaceOption,

@@ -1,7 +1,8 @@
 """Evaluate the base model and the run's customized model on the same held-out chat records, side by side.
 
-Writes `eval/report.json` ({"models": {name: metrics}}) and `eval/predictions.jsonl` (one row per model and
-question, so a bad row can be traced to its source line).
+Writes `eval/report.json` ({"models": {name: metrics}}), `eval/predictions.jsonl` (one row per model and
+question with its scores and broken rules, so a bad row can be traced to its source line) and the self-contained
+`eval/report.html`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from rich.table import Table
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.evaluate.metrics import exact_match, token_f1
 from tailor.evaluate.generate import greedy_answers
+from tailor.evaluate.metrics import bleu_signature, corpus_bleu, exact_match, rouge_l, sentence_bleu, token_f1
+from tailor.evaluate.report import REPORT_HTML, write_html_report
+from tailor.evaluate.rules import adherence, broken_rules
 from tailor.methods.artifacts import load_for_inference
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.loop import evaluate_loss
 from tailor.train.run import load_chat_examples
 from tailor.workspace import now_iso, read_jsonl, update_manifest, write_json, write_jsonl
 
-METRIC_ORDER = ("token_f1", "exact_match", "eval_loss", "perplexity")
+METRIC_ORDER = ("token_f1", "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity")
 
 
 def _eval_records(path: Path, limit: int) -> list[tuple[str, list[dict], str]]:
@@ -40,7 +43,10 @@ def _eval_records(path: Path, limit: int) -> list[tuple[str, list[dict], str]]:
     return records[:limit] if limit else records
 
 
-def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True) -> dict:
+def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True,
+             write_html: bool = True) -> dict:
+    """Score every model of the run; `write_html=False` skips the HTML page (plots cost a second or two, which
+    adds up over many hyperparameter-search trials)."""
     run_dir = Path(run_dir)
     eval_path = run_dir / "data" / "eval.jsonl"
     records = _eval_records(eval_path, config.eval.limit)
@@ -52,7 +58,10 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
     examples = load_chat_examples(eval_path, tokenizer)
     if config.eval.limit:
         examples = examples[: config.eval.limit]
-    report = {"created_at": now_iso(), "eval_file": str(eval_path), "n_questions": len(records), "models": {}}
+    rules = config.eval.rules
+    report = {"created_at": now_iso(), "eval_file": str(eval_path), "n_questions": len(records),
+              "method": models.method, "bleu_signature": bleu_signature(),
+              "rules": [rule.model_dump() for rule in rules], "models": {}}
     predictions = []
     console = Console(file=sys.stderr)
     with Progress(TextColumn("[bold]evaluating {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
@@ -72,13 +81,21 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
                 rows.append({"model": name, "source": source, "question": conv[-1]["content"],
                              "reference": reference, "prediction": answer,
                              "token_f1": round(token_f1(answer, reference), 4),
-                             "exact_match": exact_match(answer, reference)})
+                             "exact_match": exact_match(answer, reference),
+                             "rouge_l": round(rouge_l(answer, reference), 4),
+                             "bleu": round(sentence_bleu(answer, reference), 4)})
+                if rules:
+                    rows[-1]["broken_rules"] = broken_rules(rules, answer)
             predictions += rows
             report["models"][name] = {
-                "token_f1": round(sum(r["token_f1"] for r in rows) / len(rows), 4),
-                "exact_match": round(sum(r["exact_match"] for r in rows) / len(rows), 4),
+                "token_f1": _mean(rows, "token_f1"),
+                "exact_match": _mean(rows, "exact_match"),
+                "rouge_l": _mean(rows, "rouge_l"),
+                # corpus BLEU, not the mean of the per-answer scores: n-gram counts are pooled before the mean
+                "bleu": round(corpus_bleu(answers, [reference for _, _, reference in records]), 4),
                 "eval_loss": round(loss, 4),
                 "perplexity": round(math.exp(loss), 3) if loss < 50 else float("inf"),
+                **adherence(rules, [row["broken_rules"] for row in rows] if rules else []),
                 "n": len(rows),
                 "seconds": round(time.perf_counter() - started, 1),
             }
@@ -88,10 +105,19 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
     eval_dir = run_dir / "eval"
     write_jsonl(eval_dir / "predictions.jsonl", predictions)
     write_json(eval_dir / "report.json", report)
-    update_manifest(run_dir, "eval", inputs=[eval_path], outputs=[eval_dir / "report.json"],
+    outputs = [eval_dir / "report.json"]
+    if write_html:
+        outputs.append(write_html_report(report, predictions, run_dir))
+    else:
+        (eval_dir / REPORT_HTML).unlink(missing_ok=True)  # a page from an earlier eval would contradict report.json
+    update_manifest(run_dir, "eval", inputs=[eval_path], outputs=outputs,
                     metrics={f"{m}.{k}": v for m, vals in report["models"].items() for k, v in vals.items()
-                             if k in METRIC_ORDER})
+                             if k in METRIC_ORDER or k == "adherence"})
     return report
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return round(sum(row[key] for row in rows) / len(rows), 4)
 
 
 def report_table(report: dict) -> Table:
@@ -100,9 +126,13 @@ def report_table(report: dict) -> Table:
     names = list(report["models"])
     for name in names:
         table.add_column(name, justify="right")
-    for metric in METRIC_ORDER:
-        table.add_row(metric, *[f"{report['models'][n][metric]:.4f}" if isinstance(report["models"][n][metric], float)
-                                else str(report["models"][n][metric]) for n in names])
+    rows = [(metric, [report["models"][n][metric] for n in names]) for metric in METRIC_ORDER]
+    if report.get("rules"):
+        rows.append(("adherence", [report["models"][n]["adherence"] for n in names]))
+        rows += [(f"  rule {rule['name']}", [report["models"][n]["rules"][rule["name"]] for n in names])
+                 for rule in report["rules"]]
+    for label, values in rows:
+        table.add_row(label, *[f"{v:.4f}" if isinstance(v, float) else str(v) for v in values])
     if "token_f1_gain" in report:
         table.caption = f"token F1 gain over base: {report['token_f1_gain']:+.4f}"
     return table

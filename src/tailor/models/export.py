@@ -1,0 +1,281 @@
+"""Export a trained run to forms other runtimes load, and check that the export answers like the run.
+
+- `merged`: the adapter folded into the base weights (`merge_and_unload`), saved as a plain Hugging Face folder
+  (safetensors + tokenizer + chat template): `AutoModelForCausalLM.from_pretrained(folder)` loads it, no peft needed.
+- `int8`: the merged model with every `nn.Linear` dynamically quantized to int8 (weights int8, activations quantized
+  on the fly), for CPU serving. PyTorch has no `from_pretrained` for it: the folder holds `config.json`, the
+  tokenizer and `model.int8.pt` (the quantized state dict); `load_int8(folder)` rebuilds the model from the config,
+  quantizes the same modules and loads the state dict.
+
+Methods that only prepend learned virtual tokens (prompt_tuning, p_tuning, prefix_tuning) change no weight, so there
+is nothing to merge: they are refused with a clear message. Every export is written to a temporary folder beside
+the target, verified there when asked, and renamed into place, so a failed export or verification leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tailor.config import TailorConfig, validate_config
+from tailor.errors import TailorError
+from tailor.methods import registry
+from tailor.methods.artifacts import artifact_dir
+from tailor.methods.registry import Method
+from tailor.models.base import load_model, load_tokenizer, resolve_base_model
+from tailor.workspace import MANIFEST, file_sha256, now_iso, read_json, write_json
+
+FORMATS = ("merged", "int8", "gguf")
+SUPPORTED_FORMATS = ("merged", "int8")
+EXPORT_INFO = "export.json"
+INT8_WEIGHTS = "model.int8.pt"
+MERGED_TOLERANCE = 1e-3  # fp32 merge: only summation order differs, so logits agree to ~1e-5
+GOLDEN_PROMPTS = (
+    "When is the public library open?",
+    "How do I renew a parking permit?",
+    "Where can I pay a water bill?",
+    "What should I do about a pothole on my street?",
+    "How do I register a new business?",
+)
+
+
+@dataclass
+class TrainedRun:
+    """What export needs to know about a run folder, read from its manifest.json."""
+
+    run_dir: Path
+    method: Method
+    config: TailorConfig
+    base_ref: str
+
+    @property
+    def artifact(self) -> Path:
+        return artifact_dir(self.run_dir, self.method)
+
+
+def read_trained_run(run_dir: Path | str) -> TrainedRun:
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / MANIFEST
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    trained = manifest.get("stages", {}).get("train")
+    if not trained or "config" not in manifest:
+        raise TailorError(f"{run_dir}: no finished training recorded in {MANIFEST}; run `tailor train` first")
+    config = validate_config(manifest["config"], source=str(manifest_path))
+    method = registry.get(trained.get("method") or config.train.method, key="train.method")
+    base_ref = resolve_base_model(trained.get("base_model") or config.base_model, root=run_dir.parent)
+    run = TrainedRun(run_dir, method, config, base_ref)
+    marker = "config.json" if method.artifact == "model" else "adapter_config.json"
+    if not (run.artifact / marker).is_file():
+        raise TailorError(f"{run.artifact}: no trained {method.name} artifact ({marker} missing)")
+    return run
+
+
+def check_mergeable(run: TrainedRun) -> None:
+    """Refuse, before any weight is read, adapters that add virtual tokens instead of changing weights."""
+    if run.method.artifact == "model":
+        return
+    import peft
+
+    adapter_config = peft.PeftConfig.from_pretrained(str(run.artifact))
+    if adapter_config.is_prompt_learning:
+        raise TailorError(f"{run.method.name}: cannot be merged; export the adapter with its prompt table instead "
+                          f"({run.artifact} loads with peft on the base model)")
+
+
+def load_reference(run: TrainedRun):
+    """The run's model as training left it: adapter on base (or the full model), fp32, on the CPU, eval mode."""
+    if run.method.artifact == "model":
+        return load_model(str(run.artifact), dtype=torch.float32).cpu().eval()
+    import peft
+
+    base = load_model(run.base_ref, dtype=torch.float32).cpu()
+    return peft.PeftModel.from_pretrained(base, str(run.artifact)).eval()
+
+
+def merged_model(run: TrainedRun):
+    """Adapter weights folded into the base weights: a plain transformers model."""
+    check_mergeable(run)
+    model = load_reference(run)
+    return model if run.method.artifact == "model" else model.merge_and_unload().eval()
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of every nn.Linear (the lm_head included); embeddings and norms stay fp32."""
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model.cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def save_merged(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)  # with the chat template, so the folder chats on its own
+
+
+def save_int8(model, tokenizer, folder: Path) -> None:
+    torch.save(model.state_dict(), folder / INT8_WEIGHTS)
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def load_int8(folder: Path | str):
+    """Load an int8 export: build the model from config.json, quantize the same modules, load model.int8.pt."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / INT8_WEIGHTS).is_file():
+        raise TailorError(f"{folder}: not an int8 export (no {INT8_WEIGHTS})")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    model = quantize_int8(model)
+    with warnings.catch_warnings():  # packed int8 weights still travel as TypedStorage, which torch warns about
+        warnings.simplefilter("ignore", UserWarning)
+        model.load_state_dict(torch.load(folder / INT8_WEIGHTS, weights_only=True))
+    return model.eval()
+
+
+def load_export(folder: Path | str, fmt: str):
+    from transformers import AutoModelForCausalLM
+
+    if fmt == "int8":
+        return load_int8(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@dataclass
+class VerifyReport:
+    format: str
+    prompts: list[str]
+    reference_answers: list[str]
+    export_answers: list[str]
+    matches: list[bool]
+    logit_diffs: list[float]  # per prompt: max |reference logit - export logit| over positions and vocabulary
+    tolerance: float | None  # None: report only
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exact_match(self) -> float:
+        return sum(self.matches) / len(self.matches)
+
+    @property
+    def max_logit_diff(self) -> float:
+        return max(self.logit_diffs)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"exact_match": self.exact_match, "max_logit_diff": self.max_logit_diff,
+                               "passed": self.passed}
+
+
+@torch.no_grad()
+def verify_export(reference, exported, tokenizer, fmt: str, *, system_prompt: str, tolerance: float | None,
+                  prompts: tuple[str, ...] = GOLDEN_PROMPTS, max_new_tokens: int = 24) -> VerifyReport:
+    """Greedy answers of both models on the golden prompts, and the largest logit difference on prompt + answer.
+
+    Exact match is required whenever a tolerance is (merged exports); int8 with no tolerance is reported only.
+    """
+    from tailor.train.examples import chat_ids
+
+    report = VerifyReport(fmt, list(prompts), [], [], [], [], tolerance)
+    for prompt in prompts:
+        ids = chat_ids(tokenizer, [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}],
+                       add_generation_prompt=True)
+        input_ids = torch.tensor([ids])  # [1, prompt tokens]
+        answers = []
+        for model in (reference, exported):
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers.append(output[0, len(ids):])
+        # both models read the same tokens (prompt + the reference's answer), so logits compare position by position
+        sequence = torch.cat([input_ids[0], answers[0]]).unsqueeze(0)  # [1, tokens]
+        diff = (reference(input_ids=sequence).logits - exported(input_ids=sequence).logits).abs().max().item()
+        report.reference_answers.append(tokenizer.decode(answers[0], skip_special_tokens=True).strip())
+        report.export_answers.append(tokenizer.decode(answers[1], skip_special_tokens=True).strip())
+        report.matches.append(torch.equal(answers[0], answers[1]))
+        report.logit_diffs.append(diff)
+    if tolerance is not None:
+        if report.max_logit_diff > tolerance:
+            report.problems.append(f"largest logit difference {report.max_logit_diff:.3g} exceeds the tolerance "
+                                   f"{tolerance:g}")
+        if fmt == "merged" and report.exact_match < 1.0:
+            report.problems.append(f"greedy answers match on {sum(report.matches)} of {len(prompts)} prompts")
+    return report
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    format: str
+    method: str
+    files: dict[str, str]  # file name → sha256
+    verify: VerifyReport | None = None
+
+
+def default_folder(run_dir: Path, fmt: str) -> Path:
+    return Path(run_dir) / "export" / fmt
+
+
+def export_run(run_dir: Path | str, fmt: str, out: Path | str | None = None, *, verify: bool = False,
+               tolerance: float | None = MERGED_TOLERANCE) -> ExportResult:
+    """Export the run's model as `fmt` into `out` (default RUN/export/FORMAT); with `verify`, compare it with the
+    adapter on the base before it is moved into place. `tolerance` bounds the logit difference (None: report only).
+    """
+    if fmt not in FORMATS:
+        raise TailorError(f"--format: unknown format '{fmt}' (formats: {', '.join(SUPPORTED_FORMATS)})")
+    if fmt == "gguf":
+        raise TailorError("--format gguf: not yet supported; export --format merged and convert that folder with "
+                          "llama.cpp's convert_hf_to_gguf.py")
+    run = read_trained_run(run_dir)
+    target = Path(out) if out is not None else default_folder(run.run_dir, fmt)
+    if target.exists() and not (target / EXPORT_INFO).is_file():
+        raise TailorError(f"--out {target}: exists and is not a tailor export; choose another folder")
+    check_mergeable(run)  # before the base model is read
+
+    tokenizer = load_tokenizer(run.base_ref)
+    model = merged_model(run)
+    if fmt == "int8":
+        model = quantize_int8(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (save_int8 if fmt == "int8" else save_merged)(model, tokenizer, tmp)
+        del model
+        report = None
+        if verify:  # the saved files are what gets checked, loaded the way a user loads them
+            report = verify_export(load_reference(run), load_export(tmp, fmt), tokenizer, fmt,
+                                   system_prompt=run.config.system_prompt, tolerance=tolerance)
+            if not report.passed:
+                raise VerifyFailed(report)
+        files = {path.name: file_sha256(path) for path in sorted(tmp.iterdir()) if path.is_file()}
+        write_json(tmp / EXPORT_INFO, {
+            "format": fmt, "run": str(run.run_dir.resolve()), "method": run.method.name, "base_model": run.base_ref,
+            "created_at": now_iso(), "files": files, "verify": report.to_dict() if report else None,
+            "load": ("tailor.models.export.load_int8(folder)" if fmt == "int8"
+                     else "transformers.AutoModelForCausalLM.from_pretrained(folder)")})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(target, fmt, run.method.name, files, report)
+
+
+class VerifyFailed(TailorError):
+    """The export answers differently from adapter-on-base; it was not written."""
+
+    def __init__(self, report: VerifyReport):
+        self.report = report
+        super().__init__(f"verify failed for the {report.format} export: {'; '.join(report.problems)}; "
+                         "nothing was written")
