@@ -13,7 +13,7 @@ from tailor.errors import TailorError
 
 EXAMPLE = "city-services"
 # --quick: fewer steps and questions, for tests and a first look
-QUICK_OVERRIDES = ["train.epochs=1.5", "eval.limit=40"]
+QUICK_OVERRIDES = ["train.epochs=2", "eval.limit=30"]
 
 
 def find_example(name: str = EXAMPLE) -> Path:

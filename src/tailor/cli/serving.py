@@ -12,10 +12,12 @@ from tailor.config import TailorConfig
 
 def run_adapters(config: TailorConfig, run_dir: Path) -> dict[str, str]:
     """The run's customized model, served under the method's name next to the base model."""
-    from tailor.train.run import ADAPTER_DIR
+    from tailor.methods.artifacts import ADAPTER_DIR, trained_method
 
     adapter = Path(run_dir) / ADAPTER_DIR
-    return {config.train.method: str(adapter)} if (adapter / "adapter_config.json").is_file() else {}
+    if not (adapter / "adapter_config.json").is_file():
+        return {}
+    return {trained_method(config, run_dir): str(adapter)}
 
 
 def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):

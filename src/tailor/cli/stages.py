@@ -148,7 +148,9 @@ def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceO
           resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
           no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
     """Customize the base model on RUN/data with the configured method (LoRA by default)."""
-    from tailor.train.run import ADAPTER_DIR, run_training
+    from tailor.methods import registry
+    from tailor.methods.artifacts import artifact_dir
+    from tailor.train.run import run_training
 
     overrides = list(overrides or []) + ([f"train.method={method}"] if method else [])
     config, root = open_workspace(workspace, overrides)
@@ -158,7 +160,7 @@ def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceO
     eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"[green]trained[/] {config.train.method}: {result.steps} steps in {result.seconds:.0f} s, "
                   f"train loss {result.train_loss:.4f}{eval_text}, {result.tokens_per_s:,.0f} tokens/s → "
-                  f"{run_dir / ADAPTER_DIR}")
+                  f"{artifact_dir(run_dir, registry.get(config.train.method))}")
 
 
 def evaluate(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption, run: Path = RunOption,
