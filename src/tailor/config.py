@@ -141,6 +141,104 @@ class RegistryConfig(Section):
         "null: the SQLite file registry.db in the workspace folder."))
 
 
+TUNE_METRICS = ("token_f1", "exact_match", "rouge_l", "bleu", "adherence", "eval_loss", "perplexity")
+
+
+class SearchDimension(Section):
+    """One searched option of `tune.space`: a numeric range or a list of choices."""
+
+    type: Literal["float", "int", "categorical"] = Field(..., description=(
+        "float: a real range (e.g. learning rate); int: a whole-number range (LoRA r, epochs as whole passes); "
+        "categorical: one of `choices` (targets, scheduler, method)."))
+    low: float | None = Field(None, description="Smallest value of a float or int range (included).")
+    high: float | None = Field(None, description="Largest value of a float or int range (included).")
+    log: bool = Field(False, description="Sample on a log scale (learning rates); needs low > 0.")
+    step: float | None = Field(None, gt=0, description=(
+        "Spacing of the values of a range; the grid sampler tries every step from low to high."))
+    choices: list[Any] | None = Field(None, description=(
+        "categorical: the values to choose from (any YAML value, e.g. lists of module names); float/int: the grid "
+        "sampler's points (default: every `step` of the range)."))
+
+    def problem(self) -> str | None:
+        """What is wrong with this dimension, in the user's words; None when it is usable."""
+        if self.type == "categorical":
+            if not self.choices:
+                return "categorical needs a non-empty `choices` list"
+            if self.low is not None or self.high is not None:
+                return "categorical takes `choices`, not low/high"
+            return None
+        if self.low is None or self.high is None:
+            return f"{self.type} needs `low` and `high`"
+        if self.low >= self.high:
+            return f"empty range: low ({self.low:g}) must be below high ({self.high:g})"
+        if self.log and self.low <= 0:
+            return f"log scale needs low > 0 (found {self.low:g})"
+        if self.log and self.step is not None and not (self.type == "int" and self.step == 1):
+            return "log and step cannot be combined (only step 1 for int)"
+        if self.type == "int":
+            whole = [v for v in (self.low, self.high, self.step) if v is not None]
+            if any(v != int(v) for v in whole):
+                return "int needs whole-number low, high and step"
+        if self.choices is not None:
+            outside = [c for c in self.choices
+                       if isinstance(c, bool) or not isinstance(c, int | float) or not self.low <= c <= self.high]
+            if outside:
+                return f"grid choices must be numbers within [{self.low:g}, {self.high:g}] (found {outside[0]!r})"
+        return None
+
+
+class TuneConfig(Section):
+    space: dict[str, SearchDimension] = Field(default_factory=dict, description=(
+        "Searched options by dotted key (any train.* or methods.<name>.* option), e.g. "
+        "{train.learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}, "
+        "methods.lora.r: {type: int, low: 4, high: 32, step: 4}}."))
+    metric: Literal[TUNE_METRICS] = Field("token_f1", description=(  # type: ignore[valid-type]
+        "Eval metric of the customized model that the search optimizes (see `tailor eval`)."))
+    direction: Literal["maximize", "minimize"] | None = Field(None, description=(
+        "null: minimize eval_loss and perplexity, maximize the others."))
+    trials: int | None = Field(None, gt=0, description=(
+        "Trials the study should hold in total (resumed studies run only the missing ones); "
+        "null: 20, or the whole grid with the grid sampler."))
+    sampler: Literal["grid", "random", "bayesian"] = Field("bayesian", description=(
+        "grid: every combination; random: independent draws; bayesian: TPE, which models good and bad trials."))
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description=(
+        "Stop a trial early when its eval loss trails: median of earlier trials at the same step, or Hyperband "
+        "(successive halving in several brackets)."))
+    report_every: int = Field(0, ge=0, description=(
+        "Steps between the eval losses every trial reports to the pruner; 0: train.eval_every, else a quarter of "
+        "the configured run's steps."))
+    seed: int = Field(0, description=(
+        "Seed of the sampler: the same seed proposes the same trials; give each machine of a shared study its own."))
+    storage: str | None = Field(None, description=(
+        "Optuna database URL (e.g. postgresql://user@host/tailor) so several machines share one study; "
+        "null: the SQLite file RUN/tune/study.db."))
+    study: str | None = Field(None, description="Study name in the storage; null: the project name.")
+    n_jobs: int = Field(1, gt=0, description=(
+        "Trials run at once on this machine, each in its own worker process on the shared study."))
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> TuneConfig:
+        from tailor.methods import registry  # late: methods import config
+
+        for key, dimension in self.space.items():
+            section, _, rest = key.partition(".")
+            if section == "train" and rest in TrainConfig.model_fields:
+                pass
+            elif section == "methods" and "." in rest:
+                method, _, option = rest.partition(".")
+                options = registry.get(method, key=f"tune.space.{key}").options
+                if option not in options.model_fields:
+                    raise TailorError(f"tune.space.{key}: method '{method}' has no option '{option}' "
+                                      f"(it has: {', '.join(options.model_fields)})")
+            else:
+                raise TailorError(f"tune.space.{key}: not a searchable key; use train.<option> "
+                                  f"({', '.join(TrainConfig.model_fields)}) or methods.<method>.<option>")
+            problem = dimension.problem()
+            if problem:
+                raise TailorError(f"tune.space.{key}: {problem}")
+        return self
+
+
 class TailorConfig(Section):
     project: str = Field("tailor-project", description="Name of the project, used in run folders.")
     base_model: str = Field(DEFAULT_BASE_MODEL, description=(
@@ -156,6 +254,7 @@ class TailorConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry (`tailor models`).")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter search (`tailor tune`).")
 
     @model_validator(mode="after")
     def _known_methods(self) -> TailorConfig:

@@ -21,7 +21,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "tailor.cli.app", "demo", "--quick", "--no-serve", "--no-progress",
-                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(f"quick demo took {time.perf_counter() - started:.0f} s")
     return out, result.stdout

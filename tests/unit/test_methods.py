@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods import p_tuning, registry
-from tailor.methods.artifacts import load_for_inference, load_for_training, save_artifact
+from tailor.methods.artifacts import ARTIFACT_DIRS, load_for_inference, load_for_training, save_artifact
 from tailor.models.base import load_tokenizer
 from tailor.train.examples import collate, tokenize_chat
 from tailor.train.loop import train
@@ -82,7 +82,20 @@ def train_fresh(config, examples, out_dir, tokenizer, **kwargs):
     return model, result
 
 
-@pytest.mark.parametrize("name", registry.names())
+TRAINED = [name for name in registry.names() if registry.get(name).trains]
+BUILT = [name for name in registry.names() if not registry.get(name).trains]
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_methods_that_train_nothing_refuse_training_and_build_instead(name, tiny_model_dir):
+    # no loss curve, checkpoint or weights: the model cannot even be prepared for training; the method builds
+    # its artifact from the data instead (checked in test_prompt_method.py and the eval test below)
+    with pytest.raises(TailorError, match=f"{name} trains no weights"):
+        load_for_training(config_for(tiny_model_dir, name), tiny_model_dir, torch.float32)
+    assert registry.get(name).build is not None
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_method_trains_reloads_and_resumes(name, tiny_model_dir, tokenizer, examples, tmp_path):
     config = config_for(tiny_model_dir, name)
     model, result = train_fresh(config, examples, tmp_path / "straight", tokenizer)
@@ -232,4 +245,5 @@ def test_tailor_eval_compares_every_method_with_its_base(name, tiny_model_dir, r
     assert report["models"]["base"]["eval_loss"] != report["models"][name]["eval_loss"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["train"]["method"] == name
-    assert any(path.endswith(("adapter", "model")) for path in manifest["stages"]["train"]["outputs"])
+    artifact = ARTIFACT_DIRS[registry.get(name).artifact]
+    assert any(path.endswith(artifact) for path in manifest["stages"]["train"]["outputs"])

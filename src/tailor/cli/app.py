@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from tailor.cli import demo, export, init, models, serving, stages
+from tailor.cli import demo, export, init, models, serving, stages, tune
 from tailor.cli.common import err_console
 from tailor.errors import TailorError
 
@@ -17,6 +17,7 @@ app.command()(stages.ingest)
 app.add_typer(stages.data_app, name="data")
 app.command()(stages.train)
 app.command("eval")(stages.evaluate)
+app.command()(tune.tune)
 app.command()(stages.methods)
 app.command()(serving.chat)
 app.command()(serving.serve)

@@ -36,7 +36,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
     from tailor.data.build import build_chat_data
     from tailor.data.ingest import ingest
     from tailor.evaluate.harness import report_table, run_eval
-    from tailor.train.run import run_training
+    from tailor.train.run import BuildResult, run_training
     from tailor.workspace import update_manifest, write_json
 
     example = find_example()
@@ -70,7 +70,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
 
     stage(f"train ({config.train.method})")
     result = run_training(config, root, out, show_progress=not no_progress)
-    console.print(f"{result.steps} steps, train loss {result.train_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s")
+    if isinstance(result, BuildResult):
+        console.print(f"built from {result.examples} training examples (nothing trained)")
+    else:
+        console.print(f"{result.steps} steps, train loss {result.train_loss:.4f}, "
+                      f"{result.tokens_per_s:,.0f} tokens/s")
     done(f"train ({config.train.method})")
 
     stage("eval")

@@ -10,14 +10,41 @@ from tailor.cli.common import RunOption, WorkspaceOption, console, open_workspac
 from tailor.config import TailorConfig
 
 
+def _artifact_method(config: TailorConfig, run_dir: Path, folder: Path, artifact: str) -> str:
+    """The method that wrote `folder`: the run's last trained method when it writes this kind of artifact, else the
+    method in the config saved beside the artifact (a run may hold a prompt profile and an adapter)."""
+    import yaml
+
+    from tailor.methods import registry
+    from tailor.methods.artifacts import trained_method
+
+    method = trained_method(config, run_dir)
+    if registry.get(method).artifact == artifact:
+        return method
+    saved = folder / "tailor.yaml"
+    saved_config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    return (saved_config or {}).get("train", {}).get("method") or artifact
+
+
 def run_adapters(config: TailorConfig, run_dir: Path) -> dict[str, str]:
     """The run's customized model, served under the method's name next to the base model."""
-    from tailor.methods.artifacts import ADAPTER_DIR, trained_method
+    from tailor.methods.artifacts import ADAPTER_DIR
 
     adapter = Path(run_dir) / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         return {}
-    return {trained_method(config, run_dir): str(adapter)}
+    return {_artifact_method(config, run_dir, adapter, "adapter"): str(adapter)}
+
+
+def run_profiles(config: TailorConfig, run_dir: Path) -> dict:
+    """The run's prompt profile, served under the method's name: the base model with the profile applied."""
+    from tailor.methods.artifacts import PROMPT_DIR
+    from tailor.methods.prompt import PROFILE_FILE, load_profile
+
+    folder = Path(run_dir) / PROMPT_DIR
+    if not (folder / PROFILE_FILE).is_file():
+        return {}
+    return {_artifact_method(config, run_dir, folder, "prompt"): load_profile(folder)}
 
 
 def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
@@ -25,7 +52,8 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
     from tailor.serve.engine import Engine
 
     adapters = run_adapters(config, run_dir) if run_dir is not None else {}
-    return Engine(resolve_base_model(config.base_model, root=root), adapters=adapters,
+    profiles = run_profiles(config, run_dir) if run_dir is not None else {}
+    return Engine(resolve_base_model(config.base_model, root=root), adapters=adapters, profiles=profiles,
                   dtype=config.train.dtype, max_new_tokens=config.serve.max_new_tokens,
                   system_prompt=config.system_prompt)
 

@@ -150,13 +150,17 @@ def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceO
     """Customize the base model on RUN/data with the configured method (LoRA by default)."""
     from tailor.methods import registry
     from tailor.methods.artifacts import artifact_dir
-    from tailor.train.run import run_training
+    from tailor.train.run import BuildResult, run_training
 
     overrides = list(overrides or []) + ([f"train.method={method}"] if method else [])
     config, root = open_workspace(workspace, overrides)
     run_dir = run_folder(root, run)
     check_training_data(run_dir / "data" / "train.jsonl")
     result = run_training(config, root, run_dir, resume=resume, show_progress=not no_progress)
+    if isinstance(result, BuildResult):
+        console.print(f"[green]built[/] {result.method} from {result.examples} training examples in "
+                      f"{result.seconds:.1f} s (nothing trained) → {result.artifact}")
+        return
     eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"[green]trained[/] {config.train.method}: {result.steps} steps in {result.seconds:.0f} s, "
                   f"train loss {result.train_loss:.4f}{eval_text}, {result.tokens_per_s:,.0f} tokens/s → "
@@ -214,7 +218,7 @@ def methods(workspace: Path = WorkspaceOption,
         model_ref = resolve_base_model(config.base_model, root=root)
     for name in registry.names():
         method = registry.get(name)
-        params, summary = "-", method.summary
+        params, summary = ("-" if method.trains else "0"), method.summary
         if model_ref is not None and method.prepare is not None:
             import torch
 

@@ -24,6 +24,7 @@ from tailor.evaluate.report import REPORT_HTML, write_html_report
 from tailor.evaluate.rules import adherence, broken_rules
 from tailor.methods.artifacts import load_for_inference
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train.examples import tokenize_chat
 from tailor.train.loop import evaluate_loss
 from tailor.train.run import load_chat_examples
 from tailor.workspace import now_iso, read_jsonl, update_manifest, write_json, write_jsonl
@@ -69,12 +70,19 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
         for name in models.names:
             task = progress.add_task("eval", total=len(records), model=name)
             started = time.perf_counter()
+            conversations = [models.messages_for(name, conv) for _, conv, _ in records]
+            loss_examples = examples
+            if name == models.method and models.profile is not None:
+                # the profile added example turns: they are context, the loss is on the real answer only
+                loss_examples = [tokenize_chat(tokenizer, [*conv, {"role": "assistant", "content": reference}],
+                                               where=source, last_turn_only=True)
+                                 for (source, _, reference), conv in zip(records, conversations, strict=True)]
             with models.use(name) as model:
-                answers = greedy_answers(model, tokenizer, [conv for _, conv, _ in records],
+                answers = greedy_answers(model, tokenizer, conversations,
                                          max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                          compute_dtype=compute_dtype,
                                          on_batch=lambda n, task=task: progress.advance(task, n))
-                loss = evaluate_loss(model, examples, batch_size=config.eval.batch_size,
+                loss = evaluate_loss(model, loss_examples, batch_size=config.eval.batch_size,
                                      pad_id=tokenizer.pad_token_id, compute_dtype=compute_dtype)
             rows = []
             for (source, conv, reference), answer in zip(records, answers, strict=True):

@@ -1,8 +1,9 @@
 """Where a method's artifact lives in a run folder, and how it is loaded for training and for inference.
 
 Every PEFT method saves a standard adapter folder `RUN/adapter/`, loaded on top of the base model; `full` saves a
-complete model folder `RUN/model/` (safetensors weights + tokenizer). Training, evaluation and `tailor methods` go
-through these helpers only, so a new kind of artifact is taught here once.
+complete model folder `RUN/model/` (safetensors weights + tokenizer); `prompt` builds a prompt profile `RUN/prompt/`
+that changes the conversations, not the model. Training, evaluation and `tailor methods` go through these helpers
+only, so a new kind of artifact is taught here once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from tailor.config import TailorConfig, dump_config
+from tailor.errors import TailorError
 from tailor.methods import registry
 from tailor.methods.registry import Method
 from tailor.models.base import load_model
@@ -26,7 +28,8 @@ from tailor.workspace import MANIFEST, atomic_write_text, read_json
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
-ARTIFACT_DIRS = {"adapter": ADAPTER_DIR, "model": MODEL_DIR}
+PROMPT_DIR = "prompt"
+ARTIFACT_DIRS = {"adapter": ADAPTER_DIR, "model": MODEL_DIR, "prompt": PROMPT_DIR}
 
 
 def artifact_dir(run_dir: Path, method: Method) -> Path:
@@ -36,6 +39,9 @@ def artifact_dir(run_dir: Path, method: Method) -> Path:
 def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.dtype, name: str | None = None):
     """The base model prepared by the method: only the weights it trains require grad, and those are fp32."""
     method = registry.get(name or config.train.method, key="train.method")
+    if not method.trains:
+        raise TailorError(f"train.method: {method.name} trains no weights; its artifact is built from the training "
+                          f"data (see build_artifact)")
     options = config.method_options(method.name)
     # before any weight is read, so incompatible options (QLoRA without CUDA) stop here
     load_options = method.load_options(options) if method.load_options else {}
@@ -49,19 +55,14 @@ def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.
     return model
 
 
-def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path:
-    """Write the method's artifact with the resolved config beside it; a crash never leaves half a folder."""
-    method = registry.get(config.train.method, key="train.method")
-    target = artifact_dir(run_dir, method)
+@contextlib.contextmanager
+def _artifact_folder(target: Path, config: TailorConfig) -> Iterator[Path]:
+    """A temporary folder beside `target`, renamed into place with the resolved config once the block succeeds:
+    a crash never leaves half a folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        if method.save is not None:
-            method.save(model, tmp, Path(run_dir), config.method_options(method.name))
-        else:
-            model.save_pretrained(tmp)
-        if method.artifact == "model":
-            tokenizer.save_pretrained(tmp)  # a model folder must load on its own
+        yield tmp
         atomic_write_text(tmp / "tailor.yaml", dump_config(config))
         if target.exists():
             shutil.rmtree(target)
@@ -69,7 +70,30 @@ def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path:
+    """Write a trained method's artifact with the resolved config beside it."""
+    method = registry.get(config.train.method, key="train.method")
+    target = artifact_dir(run_dir, method)
+    with _artifact_folder(target, config) as tmp:
+        if method.save is not None:
+            method.save(model, tmp, Path(run_dir), config.method_options(method.name))
+        else:
+            model.save_pretrained(tmp)
+        if method.artifact == "model":
+            tokenizer.save_pretrained(tmp)  # a model folder must load on its own
     return target
+
+
+def build_artifact(conversations: list[list[dict]], run_dir: Path, config: TailorConfig) -> tuple[Path, int]:
+    """Build the artifact of a method that trains nothing from the training chat records; returns its folder and
+    the number of examples it holds."""
+    method = registry.get(config.train.method, key="train.method")
+    target = artifact_dir(run_dir, method)
+    with _artifact_folder(target, config) as tmp:
+        examples = method.build(conversations, tmp, config.method_options(method.name), config.system_prompt)
+    return target, examples
 
 
 @dataclass
@@ -77,9 +101,10 @@ class InferenceModels:
     """The base model and the run's customized one, as evaluation compares them."""
 
     method: str
-    model: Any  # the customized model; the bare base when the run has no artifact yet
+    model: Any  # the customized model; the bare base when the run has no artifact yet (or for `prompt`)
     separate_base: Any = None  # `full`: the base loaded on its own; adapters switch theirs off instead
     has_artifact: bool = True
+    profile: Any = None  # `prompt`: the PromptProfile that `method` applies to every conversation
 
     @property
     def names(self) -> list[str]:
@@ -92,11 +117,19 @@ class InferenceModels:
             raise KeyError(name)
         if name == "base" and self.separate_base is not None:
             yield self.separate_base
-        elif name == "base" and self.has_artifact:
+        elif name == "base" and self.has_artifact and self.profile is None:
             with self.model.disable_adapter():  # the same base weights, adapter off: no second copy in memory
                 yield self.model
         else:
             yield self.model
+
+    def messages_for(self, name: str, messages: list[dict]) -> list[dict]:
+        """The conversation as model `name` sees it: with the prompt profile applied for `prompt`."""
+        if name != self.method or self.profile is None:
+            return messages
+        from tailor.methods.prompt import apply_profile
+
+        return apply_profile(self.profile, messages)
 
 
 def trained_method(config: TailorConfig, run_dir: Path) -> str:
@@ -116,6 +149,14 @@ def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype
     options = config.method_options(method.name)
     folder = artifact_dir(run_dir, method)
     load_options = method.load_options(options) if method.load_options else {}
+    if method.artifact == "prompt":
+        from tailor.methods.prompt import PROFILE_FILE, load_profile
+
+        base = load_model(base_ref, dtype=dtype).eval()
+        if not (folder / PROFILE_FILE).is_file():
+            return InferenceModels(method.name, base, has_artifact=False)
+        # one model in memory: "base" and "prompt" differ only in the conversations they are given
+        return InferenceModels(method.name, base, profile=load_profile(folder))
     if method.artifact == "model":
         base = load_model(base_ref, dtype=dtype).eval()
         if not (folder / "config.json").is_file():

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from tailor.errors import TailorError
 
 # Modules imported on first use, in cheapest-to-costliest order (the order `tailor methods` lists them in).
-METHOD_MODULES = ("prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full")
+METHOD_MODULES = ("prompt", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full")
 
 
 class MethodOptions(BaseModel):
@@ -33,8 +33,10 @@ class Method:
     summary: str
     # prepare(model, options) -> model whose trainable parameters are the ones this method trains
     prepare: Callable[[Any, Any], Any] | None = None
+    # False: no weights change; `build` writes the artifact instead of the training loop (no optimizer, no checkpoints)
     trains: bool = True
-    # "adapter": a standard PEFT folder RUN/adapter/ loaded on top of the base; "model": a complete model RUN/model/
+    # "adapter": a standard PEFT folder RUN/adapter/ loaded on top of the base; "model": a complete model RUN/model/;
+    # "prompt": a prompt profile RUN/prompt/ applied to the conversations of the unchanged base
     artifact: str = "adapter"
     # load_options(options) -> extra `from_pretrained` keyword arguments for the base (e.g. 4-bit quantization).
     # It runs before any weight is read, so incompatible options stop here with one clear message.
@@ -42,6 +44,9 @@ class Method:
     # save(model, folder, run_dir, options) writes the artifact into `folder` (a temporary folder, renamed into
     # place afterwards); None means `model.save_pretrained(folder)`
     save: Callable[[Any, Path, Path, Any], None] | None = None
+    # build(conversations, folder, options, workspace_system_prompt) -> examples used: writes the artifact of a
+    # method that trains nothing from the training chat records, into a temporary folder renamed into place
+    build: Callable[[list[list[dict]], Path, Any, str], int] | None = None
 
 
 _METHODS: dict[str, Method] = {}

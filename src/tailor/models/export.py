@@ -70,6 +70,9 @@ def read_trained_run(run_dir: Path | str) -> TrainedRun:
     method = registry.get(trained.get("method") or config.train.method, key="train.method")
     base_ref = resolve_base_model(trained.get("base_model") or config.base_model, root=run_dir.parent)
     run = TrainedRun(run_dir, method, config, base_ref)
+    if not method.trains:
+        raise TailorError(f"{method.name}: changes no weights, so there is no model to export; serve its profile "
+                          f"{run.artifact} with the base model (`tailor serve`)")
     marker = "config.json" if method.artifact == "model" else "adapter_config.json"
     if not (run.artifact / marker).is_file():
         raise TailorError(f"{run.artifact}: no trained {method.name} artifact ({marker} missing)")

@@ -1,4 +1,5 @@
-"""The serving engine: one base model, any number of LoRA adapters on it, and a token-by-token decode loop.
+"""The serving engine: one base model, any number of LoRA adapters on it, any number of prompt profiles (the
+base model given few-shot conversations, see methods/prompt.py), and a token-by-token decode loop.
 
 The engine knows nothing of HTTP. A caller asks `stream(model, messages, ...)` for a `Generation`, iterates it for
 text deltas, and reads `finish_reason` and the token counts off it once the iteration ends.
@@ -14,11 +15,15 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tailor.errors import TailorError
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
+
+if TYPE_CHECKING:
+    from tailor.methods.prompt import PromptProfile
 
 
 class UnknownModelError(TailorError):
@@ -54,10 +59,16 @@ class Generation(Iterator[str]):
 
 class Engine:
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, base_name: str = "base",
-                 dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = ""):
+                 dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = "",
+                 profiles: dict[str, PromptProfile] | None = None):
         adapters = adapters or {}
+        self.profiles = dict(profiles or {})
         if base_name in adapters:
             raise TailorError(f"serve: the adapter name '{base_name}' is taken by the base model; rename it")
+        for name in self.profiles:
+            if name == base_name or name in adapters:
+                raise TailorError(f"serve: the prompt profile name '{name}' is taken by "
+                                  f"{'the base model' if name == base_name else 'an adapter'}; rename it")
         for name, folder in adapters.items():
             if not (Path(folder) / "adapter_config.json").is_file():
                 raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder "
@@ -94,7 +105,7 @@ class Engine:
         self._lock = threading.Lock()
 
     def model_names(self) -> list[str]:
-        return [self.base_name, *self._adapter_keys]
+        return [self.base_name, *self._adapter_keys, *self.profiles]
 
     def stream(self, model: str, messages: list[dict], *, max_tokens: int | None = None, temperature: float = 1.0,
                top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> Generation:
@@ -103,6 +114,11 @@ class Engine:
             raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if model in self.profiles:
+            from tailor.methods.prompt import apply_profile
+
+            # outside the model lock: retrieving the examples embeds the question on the CPU
+            messages = apply_profile(self.profiles[model], messages)
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         budget = max_tokens or self.max_new_tokens
@@ -159,10 +175,10 @@ class Engine:
                 yield text[len(emitted):]
 
     def _select(self, model: str):
-        """Route the forward pass through one adapter, or through none for the base model."""
+        """Route the forward pass through one adapter, or through none for the base model and prompt profiles."""
         if not self._adapter_keys:
             return contextlib.nullcontext()
-        if model == self.base_name:
+        if model == self.base_name or model in self.profiles:
             return self.model.disable_adapter()
         self.model.set_adapter(self._adapter_keys[model])
         return contextlib.nullcontext()

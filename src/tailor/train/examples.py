@@ -29,12 +29,13 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
     return list(ids)
 
 
-def tokenize_chat(tokenizer, messages: list[dict], where: str = "record") -> Example:
-    """Labels are IGNORE on everything but the assistant turns: the loss must only teach the answers."""
+def tokenize_chat(tokenizer, messages: list[dict], where: str = "record", last_turn_only: bool = False) -> Example:
+    """Labels are IGNORE on everything but the assistant turns: the loss must only teach the answers.
+    `last_turn_only`: only the final assistant turn, when the earlier ones are context (few-shot examples)."""
     input_ids = chat_ids(tokenizer, messages)
     labels = [IGNORE] * len(input_ids)
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (last_turn_only and turn != len(messages) - 1):
             continue
         prefix = chat_ids(tokenizer, messages[:turn], add_generation_prompt=True)
         upto = chat_ids(tokenizer, messages[: turn + 1])

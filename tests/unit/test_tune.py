@@ -1,0 +1,169 @@
+"""`tailor tune` on the tiny model: every trial trains 2-4 steps and evaluates 3 questions with 4-token answers."""
+
+import multiprocessing
+
+import optuna
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from tailor.cli.app import app
+from tailor.config import apply_overrides, load_config, validate_config
+from tailor.errors import TailorError
+from tailor.tune import open_study, run_tune
+from tailor.workspace import write_jsonl
+
+torch.set_num_threads(1)
+
+FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
+         ("How much is a parking permit?", "A parking permit costs $45 per year."),
+         ("What is city hall's phone number?", "Call (555) 201-4400.")]
+
+
+def chat(question, answer):
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir):
+    """A workspace whose tailor.yaml searches learning rate and LoRA rank; RUN/data is already built."""
+    write_jsonl(tmp_path / "run" / "data" / "train.jsonl", [chat(f"{FACTS[i % 3][0]} ({i})", FACTS[i % 3][1])
+                                                         for i in range(8)])
+    write_jsonl(tmp_path / "run" / "data" / "eval.jsonl", [chat(*fact) for fact in FACTS])
+    data = {"base_model": tiny_model_dir, "project": "tiny",
+            "train": {"max_steps": 3, "batch_size": 4, "dtype": "fp32", "warmup_ratio": 0.0},
+            "methods": {"lora": {"r": 4, "alpha": 8}},
+            "eval": {"max_new_tokens": 4},
+            "tune": {"metric": "eval_loss", "sampler": "random", "trials": 4, "report_every": 1,
+                     "space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                               "methods.lora.r": {"type": "int", "low": 2, "high": 8, "step": 2}}}}
+    (tmp_path / "tailor.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path
+
+
+def tune(workspace, *overrides, space=None):
+    """Search as `tailor tune` does; `space` updates tune.space (its dotted keys cannot be overrides)."""
+    data = apply_overrides(yaml.safe_load((workspace / "tailor.yaml").read_text()), list(overrides))
+    data["tune"]["space"].update(space or {})
+    return run_tune(validate_config(data), data, workspace, workspace / "run")
+
+
+def finished(study):
+    return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+def test_random_search_writes_a_usable_best_config_and_report(workspace):
+    result = tune(workspace)
+    assert result.trials_run == 4 and len(finished(result.study)) == 4
+    assert result.direction == "minimize"  # eval_loss defaults to lower is better
+    complete = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert result.best_value == min(t.value for t in complete)
+    best, _ = load_config(result.best_config)
+    assert best.train.learning_rate == pytest.approx(result.best_values["train.learning_rate"])
+    assert best.method_options("lora").r == result.best_values["methods.lora.r"]
+    assert best.base_model == yaml.safe_load((workspace / "tailor.yaml").read_text())["base_model"]
+    best_trial = workspace / "run" / "tune" / f"trial-{result.best_trial}"
+    assert (best_trial / "adapter" / "adapter_config.json").is_file()
+    assert (best_trial / "data" / "train.jsonl").read_text() == (workspace / "run/data/train.jsonl").read_text()
+    page = result.report.read_text()
+    assert "Optimization history" in page and "Parallel coordinates" in page
+    assert page.count("Plotly.newPlot") >= 3 and "<script src=" not in page  # plotly.js inline: opens offline
+    assert (workspace / "run" / "tune" / "study.db").is_file()
+
+
+def test_grid_search_enumerates_the_grid(workspace):
+    result = tune(workspace, "tune.sampler=grid", "tune.trials=null", "train.max_steps=2", space={
+        "train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "choices": [1e-3, 1e-2]},
+        "methods.lora.r": {"type": "categorical", "choices": [2, 4]}})
+    tried = sorted((t.params["train.learning_rate"], t.params["methods.lora.r"]) for t in result.study.trials)
+    assert tried == [(1e-3, 2), (1e-3, 4), (1e-2, 2), (1e-2, 4)]
+
+
+def test_interrupted_study_resumes_without_rerunning_trials(workspace):
+    first = tune(workspace, "tune.trials=2", "train.max_steps=2")
+    assert first.trials_run == 2
+    # resumed through the command line, asking for 4 in total: 2 more run
+    result = CliRunner().invoke(app, ["tune", "-w", str(workspace), "--trials", "4", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert "2 trial(s) run by this process, 4 finished" in result.output and "best.yaml" in result.output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workspace / 'run/tune/study.db'}")
+    assert len(finished(study)) == 4 and [t.number for t in study.trials] == [0, 1, 2, 3]
+    # the resumed sampler is reseeded: it does not propose the first trials again
+    assert study.trials[2].params != first.study.trials[0].params
+
+
+def test_pruned_trials_stop_training_early_and_count_as_finished(workspace, monkeypatch):
+    import tailor.tune.search
+
+    # a pruner that stops every trial at its second report, so the test does not depend on noisy losses
+    monkeypatch.setattr(tailor.tune.search, "_pruner", lambda config, every: optuna.pruners.ThresholdPruner(
+        upper=0.0, n_warmup_steps=2))
+    with pytest.raises(TailorError, match="no trial of study 'tiny' completed"):
+        tune(workspace, "tune.trials=2", "train.max_steps=4")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workspace / 'run/tune/study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    for trial in study.trials:
+        assert sorted(trial.intermediate_values) == [1, 2] and trial.user_attrs["steps"] == 2  # not 4
+        trial_dir = workspace / "run" / "tune" / f"trial-{trial.number}"
+        assert not (trial_dir / "adapter").exists() and not (trial_dir / "checkpoints").exists()
+    # pruned trials count as done: asking again for 2 trials runs none (and still none completed)
+    with pytest.raises(TailorError, match="completed"):
+        tune(workspace, "tune.trials=2")
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{workspace / 'run/tune/study.db'}").trials) == 2
+
+
+def _worker(workspace, finished_by_me):
+    finished_by_me.put(tune(workspace, "train.max_steps=2").trials_run)
+
+
+def test_two_worker_processes_share_one_study(workspace):
+    config, _ = load_config(workspace)
+    open_study(config, workspace / "run")  # the shared database exists before the workers start
+    # forked, so the workers skip the seconds of importing torch again; each opens its own database connection
+    context = multiprocessing.get_context("fork")
+    finished_by = context.Queue()
+    workers = [context.Process(target=_worker, args=(workspace, finished_by)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    counts = [finished_by.get(timeout=5) for _ in workers]
+    assert all(count >= 1 for count in counts), counts  # both workers did some of the work
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workspace / 'run/tune/study.db'}")
+    # together they reach the total; at most one extra trial when both were mid-trial as it was reached
+    assert 4 <= len(finished(study)) == sum(counts) <= 5
+    assert (workspace / "run" / "tune" / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"train.learning_rate": {"type": "float", "low": 1e-2, "high": 1e-4}},
+     r"tune\.space\.train\.learning_rate: empty range: low \(0\.01\) must be below high \(0\.0001\)"),
+    ({"train.learning_rte": {"type": "float", "low": 1e-4, "high": 1e-2}},
+     r"tune\.space\.train\.learning_rte: not a searchable key"),
+    ({"methods.lora.rank": {"type": "int", "low": 2, "high": 8}},
+     r"tune\.space\.methods\.lora\.rank: method 'lora' has no option 'rank' \(it has: r, alpha"),
+    ({"methods.lora.r": {"type": "integer", "low": 2, "high": 8}},
+     r"tune\.space\.methods\.lora\.r\.type: Input should be 'float', 'int' or 'categorical'"),
+    ({"methods.lora.targets": {"type": "categorical"}},
+     r"tune\.space\.methods\.lora\.targets: categorical needs a non-empty `choices` list"),
+])
+def test_bad_space_is_one_clear_line(tiny_model_dir, space, message):
+    with pytest.raises(TailorError, match=message):
+        validate_config({"base_model": tiny_model_dir, "tune": {"space": space}})
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"methods.lora.r": {"type": "int", "low": 2, "high": 8, "step": 2}},  # the float learning rate has no step
+     r"tune\.space\.train\.learning_rate: the grid sampler needs `choices` or `step` for a float range"),
+    ({"methods.lora.dropout": {"type": "float", "low": 0.5, "high": 2.0, "step": 0.5}},
+     r"tune\.space\.methods\.lora\.dropout: the value 2\.0 is not allowed"),
+])
+def test_bad_values_stop_before_any_model_loads(workspace, space, message, monkeypatch):
+    import tailor.train.run
+
+    monkeypatch.setattr(tailor.train.run, "run_training", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(TailorError, match=message):
+        tune(workspace, "tune.sampler=grid", space=space)
