@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -37,6 +38,28 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path | str, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it becomes `target`, on error it is removed.
+
+    With `replace=False` an existing `target` wins (another process finished the same work first).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists() and not replace:
+            shutil.rmtree(tmp)
+            return
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -36,16 +36,6 @@ def chat(question, answer):
                          {"role": "assistant", "content": answer}]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices gain nothing from a second thread, and on a busy shared machine threads that wait on each
-    # other made these tests up to 10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config_for(model_dir, method, options=None, **train_options):
     train_options = {"method": method, "max_steps": 8, "batch_size": 3, "scheduler": "constant", "warmup_ratio": 0.0,
                      "learning_rate": LEARNING_RATES.get(method, 3e-2), "save_every": 0, "dtype": "fp32"} | train_options

@@ -9,9 +9,6 @@ only, so a new kind of artifact is taught here once.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ from tailor.errors import TailorError
 from tailor.methods import registry
 from tailor.methods.registry import Method
 from tailor.models.base import load_model
-from tailor.workspace import MANIFEST, atomic_write_text, read_json
+from tailor.workspace import MANIFEST, atomic_dir, atomic_write_text, read_json
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
@@ -59,17 +56,9 @@ def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.
 def _artifact_folder(target: Path, config: TailorConfig) -> Iterator[Path]:
     """A temporary folder beside `target`, renamed into place with the resolved config once the block succeeds:
     a crash never leaves half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         yield tmp
         atomic_write_text(tmp / "tailor.yaml", dump_config(config))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path:

