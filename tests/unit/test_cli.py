@@ -75,3 +75,12 @@ def test_serve_port_in_use(tmp_path, tiny_model_dir):
 def test_usage_errors_exit_nonzero(tmp_path, args):
     result = tailor(*args, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_terminal_chat_answers_and_quits_on_empty_line(tmp_path, tiny_model_dir):
+    (tmp_path / "tailor.yaml").write_text(f"base_model: {tiny_model_dir}\n")
+    result = subprocess.run([*TAILOR, "chat", "--max-tokens", "5"], cwd=tmp_path, input="Library hours?\n\n",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "chatting with base" in result.stdout
+    assert result.stdout.count("base>") == 1  # one answer, then the empty line ended the session
