@@ -11,14 +11,7 @@ from tailor.train.examples import IGNORE, tokenize_chat
 from tailor.train.run import ADAPTER_DIR, run_training
 from tailor.workspace import write_jsonl
 
-FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
-         ("How much is a parking permit?", "A parking permit costs $45 per year."),
-         ("What is city hall's phone number?", "Call (555) 201-4400.")]
-
-
-def chat(question, answer):
-    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}]}
+from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 
 
 @pytest.fixture

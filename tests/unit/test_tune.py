@@ -4,7 +4,6 @@ import multiprocessing
 
 import optuna
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -14,16 +13,7 @@ from tailor.errors import TailorError
 from tailor.tune import open_study, run_tune
 from tailor.workspace import write_jsonl
 
-torch.set_num_threads(1)
-
-FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
-         ("How much is a parking permit?", "A parking permit costs $45 per year."),
-         ("What is city hall's phone number?", "Call (555) 201-4400.")]
-
-
-def chat(question, answer):
-    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}]}
+from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 
 
 @pytest.fixture
