@@ -165,8 +165,8 @@ def test_registry_rejects_duplicates_and_unknown_extensions(tmp_path):
         register_reader([".txt"], lambda path: iter(()))
     with pytest.raises(ValueError, match="start with a dot"):
         register_reader(["csv"], lambda path: iter(()))
-    with pytest.raises(TailorError, match=r"notes\.docx: unsupported file type \('\.docx'; supported: "):
-        reader_for(tmp_path / "notes.docx")
+    with pytest.raises(TailorError, match=r"notes\.rtf: unsupported file type \('\.rtf'; supported: "):
+        reader_for(tmp_path / "notes.rtf")
     assert reader_for(tmp_path / "REPORT.PDF") is reader_for(tmp_path / "a.pdf")  # case-insensitive
 
 
@@ -215,7 +215,7 @@ def docs(tmp_path) -> Path:
                                              "Dogs on a leash are welcome on all park trails.\n", encoding="utf-8")
     make_pdf(folder / "permits.pdf", ["Building permits are reviewed within ten business days.",
                                       "A fence taller than six feet needs a permit."])
-    (folder / "notes.docx").write_bytes(b"PK\x03\x04 not supported")
+    (folder / "notes.rtf").write_bytes(b"{\\rtf1 not supported}")
     (folder / ".hidden").mkdir()
     (folder / ".hidden" / "secret.txt").write_text("hidden files are not read at all", encoding="utf-8")
     return folder
@@ -228,14 +228,15 @@ def test_ingest_writes_records_from_every_kind(docs, tmp_path, monkeypatch):
     records = read_records(tmp_path / "out" / "corpus.jsonl")
     assert isinstance(summary, IngestSummary)
     assert summary.files_read == 4 and summary.documents == 5 and summary.records == len(records)
-    assert summary.skipped == [("docs/notes.docx", "unsupported file type ('.docx')")]
+    assert summary.skipped == [("docs/notes.rtf", "unsupported file type ('.rtf')")]
     assert {r["source"] for r in records} == {"docs/library.txt", "docs/pool.html", "docs/sub/parks.md",
                                               "docs/permits.pdf"}
     assert sorted(r["page"] for r in records if r["source"] == "docs/permits.pdf") == [1, 2]
     assert not any("hidden files" in r["text"] for r in records)
     for record in records:
-        assert set(record) == {"id", "text", "source", "page", "chunk", "char_start", "char_end", "sha256",
-                               "title"}
+        assert set(record) == {"id", "text", "source", "page", "line", "chunk", "char_start", "char_end", "sha256",
+                               "doc_sha256", "title", "lang"}
+        assert record["lang"] == "en"
         assert record["sha256"] == hashlib.sha256(record["text"].encode()).hexdigest()
         assert record["char_end"] - record["char_start"] == len(record["text"]) >= 20
     assert len({r["id"] for r in records}) == len(records)
@@ -244,7 +245,7 @@ def test_ingest_writes_records_from_every_kind(docs, tmp_path, monkeypatch):
     normalized = normalize_text(GOOD_TEXT)
     assert all(normalized[r["char_start"]:r["char_end"]] == r["text"] for r in library)
     assert {r["title"] for r in records if r["source"] == "docs/pool.html"} == {"Pool Hours | City"}
-    assert json.loads(json.dumps(summary.to_dict()))["skipped"][0]["path"] == "docs/notes.docx"
+    assert json.loads(json.dumps(summary.to_dict()))["skipped"][0]["path"] == "docs/notes.rtf"
 
 
 def test_ingest_removes_exact_duplicates(tmp_path, monkeypatch):
@@ -322,3 +323,41 @@ def test_ingest_reads_a_symlinked_file_once_under_its_own_name(tmp_path, monkeyp
     summary = ingest(["site"], tmp_path / "corpus.jsonl", progress=False)
     assert {r["source"] for r in read_records(tmp_path / "corpus.jsonl")} == {"site/page.html"}
     assert summary.files_read == 1 and summary.duplicates == []
+
+
+# --- cleaning: boilerplate, quality, language ----------------------------------------------------------------------
+
+def test_boilerplate_quality_and_language_filters(tmp_path, monkeypatch):
+    from tailor.data.ingest import Cleaning
+
+    monkeypatch.chdir(tmp_path)
+    docs = Path("docs")
+    docs.mkdir()
+    footer = "Copyright City of Maplewood. All rights reserved."
+    topics = ["The pool opens in June and closes on Labor Day for the season.",
+              "Building permits are reviewed within ten business days of filing.",
+              "Street sweeping happens on the second Tuesday of each month.",
+              "The farmers market runs every Saturday morning in the town square."]
+    for number, topic in enumerate(topics):
+        (docs / f"page{number}.txt").write_text(f"Fees\n\n{topic}\n\n{footer}\n", encoding="utf-8")
+    (docs / "symbols.txt").write_text("{}[]<>|#@$%^&*~ " * 10 + "a b c", encoding="utf-8")
+    (docs / "spam.txt").write_text("buy cheap tickets now " * 40, encoding="utf-8")
+    (docs / "spanish.txt").write_text("La piscina municipal abre en junio y cierra en septiembre para la temporada "
+                                      "de verano.", encoding="utf-8")
+    summary = ingest(["docs"], "corpus.jsonl", progress=False, near_dup_threshold=None,
+                     cleaning=Cleaning(languages=("en",)))
+    records = read_records(Path("corpus.jsonl"))
+    assert sorted(r["source"] for r in records) == [f"docs/page{n}.txt" for n in range(4)]
+    assert all(footer not in r["text"] and r["text"].startswith("Fees\n\n") for r in records)  # headings stay
+    assert summary.boilerplate_lines == 4 and summary.languages == {"en": 4}
+    reasons = dict(summary.filtered)
+    assert reasons["docs/symbols.txt"].endswith("of its characters are symbols (ingest.max_symbol_ratio=0.35)")
+    assert "of its word 3-grams are repeats" in reasons["docs/spam.txt"]
+    assert reasons["docs/spanish.txt"] == "language es (ingest.languages: en)"
+    assert summary.to_dict()["boilerplate_lines_removed"] == 4
+    # all off: everything is kept, boilerplate included
+    ingest(["docs"], "all.jsonl", progress=False, near_dup_threshold=None,
+           cleaning=Cleaning(boilerplate_min_docs=0, max_symbol_ratio=1.0, max_repeated_ngrams=1.0))
+    everything = read_records(Path("all.jsonl"))
+    assert len({r["source"] for r in everything}) == 7 and sum(footer in r["text"] for r in everything) == 4
+    assert {r["lang"] for r in everything if r["source"] == "docs/spanish.txt"} == {"es"}

@@ -57,3 +57,54 @@ def test_split_is_deterministic_and_reports_long_records(tmp_path):
     assert summary.too_long == [f"{path}:201: 303 tokens, over the limit of 100 (data.max_tokens)"]
     assert train[0]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert in_eval_split("Question number 3?", 0.2, 1) == in_eval_split("question number 3?", 0.2, 1)
+
+
+# --- synthetic Q/A from documents --------------------------------------------------------------------------------
+
+PASSAGE = ("The municipal pool opens on June 1 and closes on Labor Day. Lap swimming runs from 6 to 8 am on "
+           "weekdays. Season passes cost 40 dollars for residents.")
+
+
+def test_grounding_filter_on_crafted_pairs():
+    from tailor.data.synth import SynthReport, grounding, judge_pairs
+
+    assert grounding("Season passes cost 40 dollars for residents.", PASSAGE).score == 1.0
+    invented = grounding("Passes cost 55 dollars.", PASSAGE)
+    assert invented.missing_numbers == ["55"] and not invented.passes(0.5)
+    off_topic = grounding("The library lends museum tickets on Fridays.", PASSAGE)
+    assert off_topic.score < 0.2 and not off_topic.passes(0.75)
+    report = SynthReport(threshold=0.75)
+    chunk = {"id": "c1", "text": PASSAGE, "source": "docs/pool.md", "page": None}
+    judge_pairs([("When does the pool open?", "The pool opens on June 1."),
+                 ("How much is a pass?", "A season pass costs 55 dollars."),
+                 ("Is there lap swimming?", "Yes."),
+                 ("Who runs the pool?", "The parks department staff manage it daily.")], chunk, 0.75, report)
+    assert [(r["question"], r["grounding"], r["chunk_id"], r["source"]) for r in report.kept] == [
+        ("When does the pool open?", 1.0, "c1", "docs/pool.md")]
+    assert [r["reason"] for r in report.rejected] == [
+        "numbers not in the passage: 55", "answer has fewer than 2 content words", "grounding 0.00 < 0.75"]
+    assert report.to_dict()["kept_share"] == 0.25
+
+
+def test_pairs_are_parsed_from_model_text():
+    from tailor.data.synth import parse_pairs
+
+    text = ("Here are the pairs:\n1. Q: When does the pool open?\nA: On June 1.\n\n**Q2:** How much is a pass?\n"
+            "**A2:** 40 dollars\nfor residents.\nQ: When does the pool open?\nA: June.\nQuestion: Unanswered?")
+    assert parse_pairs(text) == [("When does the pool open?", "On June 1."),
+                                 ("How much is a pass?", "40 dollars for residents.")]
+
+
+def test_synthesize_runs_a_model_over_the_corpus(tmp_path, tiny_model_dir):
+    from tailor.data.synth import synthesize
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"c{i}", "text": PASSAGE, "source": "pool.md", "page": None})
+                                for i in range(3)) + "\n")
+    seen = []
+    report = synthesize(corpus, tiny_model_dir, per_chunk=2, max_chunks=2, max_new_tokens=16, batch_size=2,
+                        on_chunk=seen.append)
+    assert report.chunks == 2 and seen == [2]  # a random tiny model writes no pairs; the path runs end to end
+    assert report.generated == len(report.kept) + len(report.rejected)
+    with pytest.raises(TailorError, match="--threshold must be above 0"):
+        synthesize(corpus, tiny_model_dir, threshold=0)

@@ -193,3 +193,66 @@ def test_train_refuses_invalid_data_before_loading_a_model(bad_file, tmp_path):
     # the bad data is reported; the (missing) base model was never looked at
     assert isinstance(result.exception, TailorError), result.output
     assert "problem(s) in the training data" in str(result.exception)
+
+
+def test_classification_labels_outside_the_set_and_conflicting_labels(tmp_path):
+    path = tmp_path / "intents.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "My bill is wrong", "label": "billing"}, {"text": "Power is out on Elm", "label": "outage"},
+        {"text": "Where is city hall?", "label": "directions"}, {"text": "my bill is  WRONG", "label": "outage"},
+        {"text": "Power is out on Elm", "label": "outage"}, {"text": "Hi", "label": ""}]) + "\n", encoding="utf-8")
+    report = validate_files([path], labels=["billing", "outage"])
+    by_line = {problem.line: (problem.kind, str(problem)) for problem in report.problems}
+    assert {line: kind for line, (kind, _) in by_line.items()} == {
+        3: "unknown_label", 4: "conflicting_label", 5: "duplicate", 6: "missing_label"}
+    assert by_line[3][1] == (f"{path}:3: label 'directions' is not in the label set (billing, outage) — fix the "
+                             f"label's spelling or add it to data.labels")
+    assert f"same text as {path}:1 but labelled 'outage' there 'billing'" in by_line[4][1]
+    assert [r.record for r in report.valid] == [{"text": "My bill is wrong", "label": "billing"},
+                                                {"text": "Power is out on Elm", "label": "outage"}]
+    csv_file = tmp_path / "intents.csv"
+    csv_file.write_text("text,label\nReport a pothole,roads\nPay my water bill,billing\n", encoding="utf-8")
+    report = validate_files([csv_file], labels=["billing"])
+    assert [(p.line, p.kind) for p in report.problems] == [(2, "unknown_label")] and len(report.valid) == 1
+
+
+def test_leakage_between_train_and_eval_is_reported_on_the_eval_line(tmp_path):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join([chat(("user", "When does the public library open on Saturday mornings?"),
+                                     ("assistant", "At nine in the morning.")),
+                                chat(("user", "How do I pay a parking ticket?"), ("assistant", "Online."))]) + "\n")
+    held_out.write_text("\n".join([
+        chat(("system", "Other prompt."), ("user", "When does the public library open on Saturday mornings?"),
+             ("assistant", "At nine in the morning.")),  # the same example, another system prompt: a copy
+        chat(("user", "When does the public library open on Saturday mornings??"),
+             ("assistant", "At nine in the morning!")),  # punctuation only: still a copy
+        chat(("user", "Where can I recycle old batteries?"), ("assistant", "At the depot.")),
+        json.dumps({"question": "When does the public library open on Saturday mornings please?",
+                    "answer": "At nine in the morning."})]) + "\n")
+    report = validate_files([train], eval_paths=[held_out])
+    leaks = [(p.line, str(p)) for p in report.problems if p.kind == "leakage"]
+    assert [line for line, _ in leaks] == [1, 2]
+    assert leaks[0][1] == (f"{held_out}:1: held-out example is a copy of training example {train}:1 — remove it "
+                           f"from one side: a test the model trained on measures memory, not skill")
+    assert [(r.path, r.line) for r in report.valid if r.held_out] == [(str(held_out), 3)]
+    # the first record decides the file is chat: a question/answer record after it is a format error
+    assert any(p.line == 4 and p.kind == "missing_messages" for p in report.problems)
+    near = tmp_path / "near.jsonl"
+    near.write_text(chat(("user", "When does the public library open on Saturday mornings in summer?"),
+                         ("assistant", "At nine in the morning.")) + "\n")
+    (problem,) = validate_files([train], eval_paths=[near], leak_threshold=0.6).problems
+    assert problem.kind == "leakage" and "% similar to training example" in str(problem)
+    assert validate_files([train], eval_paths=[near], leak_threshold=0.95).problems == []
+
+
+def test_cli_labels_and_eval_options(tmp_path):
+    intents = tmp_path / "intents.jsonl"
+    intents.write_text(json.dumps({"text": "Water main broke", "label": "utilities"}) + "\n")
+    result = CliRunner().invoke(app, ["data", "validate", str(intents), "--labels", "billing,outage",
+                                      "-w", str(tmp_path)])
+    assert result.exit_code == 1 and "unknown_label 1" in result.output
+    result = CliRunner().invoke(app, ["data", "validate", str(intents), "--eval", str(intents), "-w", str(tmp_path)])
+    assert result.exit_code == 1 and "held-out example is a copy of training example" in result.output
+    result = CliRunner().invoke(app, ["data", "validate", str(intents), "--eval", str(intents), "--skip-invalid",
+                                      "-o", str(tmp_path / "out.jsonl"), "-w", str(tmp_path)])
+    assert isinstance(result.exception, TailorError) and "--skip-invalid writes one file" in str(result.exception)

@@ -30,3 +30,50 @@ def normalize_text(text: str) -> str:
     text = _TRAILING_SPACE.sub("", text)
     text = _BLANK_LINES.sub("\n\n", text)
     return text.strip("\n").rstrip()
+
+
+# --- boilerplate, quality and language ----------------------------------------------------------------------------
+
+_WORDS = re.compile(r"\w+")
+
+
+def line_key(line: str) -> str:
+    """What makes two lines the same line across documents: case and spacing aside."""
+    return " ".join(line.lower().split())
+
+
+def remove_lines(text: str, is_boilerplate) -> str:
+    """`text` without the lines `is_boilerplate(line_key(line))` says go, blank-line runs collapsed again."""
+    kept = [line for line in text.split("\n") if not line.strip() or not is_boilerplate(line_key(line))]
+    return _BLANK_LINES.sub("\n\n", "\n".join(kept)).strip("\n").rstrip()
+
+
+def quality_problem(text: str, *, max_symbol_ratio: float, max_repeated_ngrams: float) -> str | None:
+    """Why a document is not prose worth training on, or None. Two of the Gopher rules (Rae et al., 2021):
+    too many symbols (markup debris, tables of numbers, encoded data) and too much repetition (spam, menus and
+    generated filler repeated down the page)."""
+    visible = [char for char in text if not char.isspace()]
+    if visible:
+        symbols = sum(1 for char in visible if not char.isalnum()) / len(visible)
+        if symbols > max_symbol_ratio:
+            return f"{symbols:.0%} of its characters are symbols (ingest.max_symbol_ratio={max_symbol_ratio})"
+    words = _WORDS.findall(text.lower())
+    if len(words) >= 50:  # repetition says little about a short text
+        grams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+        repeated = 1 - len(set(grams)) / len(grams)
+        if repeated > max_repeated_ngrams:
+            return (f"{repeated:.0%} of its word 3-grams are repeats (ingest.max_repeated_ngrams="
+                    f"{max_repeated_ngrams})")
+    return None
+
+
+_LANGUAGE_SAMPLE = 2000  # characters: enough for a confident guess, cheap on long documents
+
+
+def detect_language(text: str) -> str | None:
+    """ISO 639-1 code of the text's language (py3langid, offline, 97 languages); None for text without letters."""
+    if not any(char.isalpha() for char in text[:_LANGUAGE_SAMPLE]):
+        return None
+    import py3langid
+
+    return py3langid.classify(text[:_LANGUAGE_SAMPLE])[0]

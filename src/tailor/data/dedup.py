@@ -111,3 +111,48 @@ def find_duplicates(documents: Iterable[tuple[str, str]], near_threshold: float 
     dedup = Deduplicator(near_threshold)
     kept = [label for label, text in documents if dedup.check(label, text) is None]
     return kept, dedup.exact_duplicates, dedup.near_clusters()
+
+
+def find_leaks(train: Iterable[tuple[str, str]], held_out: Iterable[tuple[str, str]], threshold: float = 0.8,
+               ngram: int = 3) -> list[tuple[str, str, float]]:
+    """(held-out label, train label, similarity) for every held-out text that is a copy or a near copy of a
+    training text: Jaccard similarity over lower-cased word `ngram`-grams at least `threshold` (copies: 1.0).
+
+    Examples are short (a question and its answer), so 3-grams rather than the 5-grams used for documents; LSH
+    proposes candidates and the exact Jaccard of the n-gram sets decides, so `threshold` means what it says.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    if not 0 < threshold <= 1:
+        raise TailorError(f"leakage threshold must be above 0 and at most 1 (found {threshold})")
+
+    def minhash(grams: set[str]):
+        hashed = MinHash(num_perm=NUM_PERM, seed=1)
+        for gram in grams:
+            hashed.update(gram.encode("utf-8"))
+        return hashed
+
+    exact: dict[str, str] = {}
+    grams_of: list[tuple[str, set[str]]] = []
+    # a lower LSH threshold than asked: its banding misses some pairs right at the threshold
+    lsh = MinHashLSH(threshold=max(0.05, threshold - 0.15), num_perm=NUM_PERM)
+    for label, text in train:
+        exact.setdefault(exact_key(" ".join(WORD.findall(text.lower()))), label)
+        grams = shingles(text, ngram)
+        if grams:
+            lsh.insert(str(len(grams_of)), minhash(grams))
+            grams_of.append((label, grams))
+    leaks = []
+    for label, text in held_out:
+        copy = exact.get(exact_key(" ".join(WORD.findall(text.lower()))))
+        if copy is not None:
+            leaks.append((label, copy, 1.0))
+            continue
+        grams = shingles(text, ngram)
+        if not grams:
+            continue
+        scored = [(grams_of[int(key)][0], jaccard(grams, grams_of[int(key)][1])) for key in lsh.query(minhash(grams))]
+        best = max(scored, key=lambda pair: pair[1], default=None)
+        if best is not None and best[1] >= threshold:
+            leaks.append((label, best[0], best[1]))
+    return leaks

@@ -30,11 +30,16 @@ class QAPair:
 class BuildSummary:
     train: int = 0
     eval: int = 0
+    test: int = 0
     too_long: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    leaked: list[str] = field(default_factory=list)  # held-out records dropped as copies of training records
+    test_records: list[dict] = field(default_factory=list, repr=False)  # written to data/test.jsonl when asked
+    extra: dict = field(default_factory=dict)  # other builders' counts (classification, preference, pretrain)
 
     def to_dict(self) -> dict:
-        return {"train": self.train, "eval": self.eval, "too_long": self.too_long, "duplicates": self.duplicates}
+        return {"train": self.train, "eval": self.eval, "test": self.test, "too_long": self.too_long,
+                "duplicates": self.duplicates, "leaked": self.leaked, **self.extra}
 
 
 def _pick(record: dict, keys: tuple[str, ...], where: str, what: str) -> str:
@@ -88,42 +93,86 @@ def to_chat(pair: QAPair, system_prompt: str) -> dict:
     return {"messages": messages, "source": pair.source}
 
 
-def in_eval_split(text: str, fraction: float, seed: int) -> bool:
-    """Deterministic by content: the same question lands on the same side whatever the file order."""
+def split_position(text: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the text and the seed: the same question lands on the same side whatever the
+    file order, and a bigger eval share only moves questions from train to eval."""
     digest = hashlib.sha256(f"{seed}:{text.strip().lower()}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_eval_split(text: str, fraction: float, seed: int) -> bool:
+    return split_position(text, seed) < fraction
 
 
 def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_prompt: str, eval_fraction: float,
-                        seed: int, max_tokens: int, count_tokens) -> tuple[list[dict], list[dict], BuildSummary]:
-    """Read every file, convert to chat records, split, and drop (with a report) records over `max_tokens`."""
+                        seed: int, max_tokens: int, count_tokens, test_fraction: float = 0.0,
+                        leak_threshold: float | None = 0.8, speaker_roles: dict[str, str] | None = None
+                        ) -> tuple[list[dict], list[dict], BuildSummary]:
+    """Read every file (any format of formats.py), convert to chat records, split train/eval/test by content hash,
+    drop (with a report) duplicates, records over `max_tokens` and held-out records that leak training ones.
+
+    Positions in [0, eval_fraction) go to eval (only when there are no eval files), the next `test_fraction` to
+    test (returned in summary.test_records), the rest to train.
+    """
+    from tailor.data.dedup import find_leaks
+    from tailor.data.formats import read_sft_file
+
     if not qa_files:
         raise TailorError("data.qa_files: no question/answer files configured")
     summary = BuildSummary()
-    train, evals, seen = [], [], {}
+    train, evals, tests, seen = [], [], [], {}
 
-    def accept(pair: QAPair, bucket: list[dict]) -> None:
-        key = (pair.question.lower(), pair.answer.lower())
+    def accept(example, bucket: list[dict]) -> None:
+        key = tuple((m["role"], " ".join(m["content"].lower().split())) for m in example.messages
+                    if m["role"] != "system")
         if key in seen:
-            summary.duplicates.append(f"{pair.source}: duplicate of {seen[key]}")
+            first, first_bucket = seen[key]
+            if bucket is train or first_bucket is not train:
+                summary.duplicates.append(f"{example.source}: duplicate of {first}")
+            else:  # a held-out copy of a training record
+                summary.leaked.append(f"{example.source}: a copy of training record {first}; dropped from the "
+                                      f"held-out set")
             return
-        seen[key] = pair.source
-        record = to_chat(pair, system_prompt)
-        tokens = count_tokens(record["messages"])
+        seen[key] = (example.source, bucket)
+        messages = list(example.messages)
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        tokens = count_tokens(messages)
         if tokens > max_tokens:
-            summary.too_long.append(f"{pair.source}: {tokens} tokens, over the limit of {max_tokens} "
+            summary.too_long.append(f"{example.source}: {tokens} tokens, over the limit of {max_tokens} "
                                     f"(data.max_tokens)")
             return
-        bucket.append(record)
+        bucket.append({"messages": messages, "source": example.source})
 
-    for path in eval_files:
-        for pair in read_qa_file(path):
-            accept(pair, evals)
+    # training files first, so that a copy in an eval file is reported as leakage, not as a duplicate
+    test_start = 0.0 if eval_files else eval_fraction
     for path in qa_files:
-        for pair in read_qa_file(path):
-            split_off = not eval_files and in_eval_split(pair.question, eval_fraction, seed)
-            accept(pair, evals if split_off else train)
+        for example in read_sft_file(path, speaker_roles):
+            position = split_position(example.prompt, seed)
+            if not eval_files and position < eval_fraction:
+                accept(example, evals)
+            elif test_start <= position < test_start + test_fraction:
+                accept(example, tests)
+            else:
+                accept(example, train)
+    for path in eval_files:
+        for example in read_sft_file(path, speaker_roles):
+            accept(example, evals)
     if not train:
         raise TailorError(f"{', '.join(map(str, qa_files))}: no usable training records")
-    summary.train, summary.eval = len(train), len(evals)
+    if leak_threshold:
+        def text(record: dict) -> str:
+            return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")
+
+        held_out = {record["source"]: record for record in evals + tests}
+        leaks = find_leaks([(r["source"], text(r)) for r in train], [(s, text(r)) for s, r in held_out.items()],
+                           leak_threshold)
+        for source, train_source, similarity in leaks:
+            same = "a copy" if similarity >= 1.0 else f"{similarity:.0%} similar"
+            summary.leaked.append(f"{source}: {same} of training record {train_source}; dropped from the held-out "
+                                  f"set")
+        leaked = {source for source, _, _ in leaks}
+        evals = [r for r in evals if r["source"] not in leaked]
+        tests = [r for r in tests if r["source"] not in leaked]
+    summary.train, summary.eval, summary.test, summary.test_records = len(train), len(evals), len(tests), tests
     return train, evals, summary

@@ -8,7 +8,9 @@ OpenAI's chat fine-tuning format checks (`OPENAI_CHECKS`: data_type, missing_mes
 message_unrecognized_key, unrecognized_role, missing_content, example_missing_assistant_message) and, beyond
 them, for role order, the token limit and exact duplicates. Question/answer files (CSV, TSV or JSONL with
 question/answer or Alpaca's instruction/output) are checked for missing, empty and non-string fields and
-duplicates.
+duplicates. Classification files (`{text, label}`) are checked for a missing or empty text, a label outside the
+label set, and the same text given two labels. With held-out files (`eval_paths`), a held-out example that is a
+copy or near copy of a training example is reported as leakage: it would measure memory, not skill.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tailor.data.dedup import find_leaks
 from tailor.data.qa import ANSWER_KEYS, QUESTION_KEYS
 from tailor.errors import TailorError
 from tailor.workspace import atomic_path, write_jsonl
@@ -62,8 +65,9 @@ class Problem:
 class ValidRecord:
     path: str
     line: int
-    record: dict  # chat: as read; question/answer: {"question", "answer"}
-    kind: str  # "chat" or "qa"
+    record: dict  # chat: as read; question/answer: {"question", "answer"}; classification: {"text", "label"}
+    kind: str  # "chat", "qa" or "classification"
+    held_out: bool = False  # read from one of the held-out (eval) files
 
 
 @dataclass
@@ -91,26 +95,70 @@ class ValidationReport:
 
 
 def validate_files(paths: Iterable[Path | str], *, count_tokens: CountTokens | None = None,
-                   max_tokens: int | None = None) -> ValidationReport:
-    """Check every record of every file; token counts only when both `count_tokens` and `max_tokens` are given."""
+                   max_tokens: int | None = None, labels: Iterable[str] | None = None,
+                   eval_paths: Iterable[Path | str] = (), leak_threshold: float = 0.8) -> ValidationReport:
+    """Check every record of every file; token counts only when both `count_tokens` and `max_tokens` are given.
+
+    `labels`: the label set of classification records (None: any label). `eval_paths`: held-out files, checked
+    like the others and then for leakage, a held-out example whose text is at least `leak_threshold` similar
+    (Jaccard over word 3-grams) to a training example's; the leaked held-out records are not valid.
+    """
     report = ValidationReport()
-    seen: dict[str, str] = {}  # canonical record -> "file:line" of its first occurrence, across all files
-    for path in map(Path, paths):
+    # canonical record -> "file:line" of its first occurrence, across the files of one side; a copy across the
+    # sides is leakage, reported below
+    seen: dict[bool, dict[str, str]] = {False: {}, True: {}}
+    seen_texts: dict[bool, dict[str, tuple[str, str]]] = {False: {}, True: {}}  # text -> (label, "file:line")
+    label_set = set(map(str, labels)) if labels is not None else None
+    eval_paths = list(map(Path, eval_paths))
+    for held_out, path in [(False, p) for p in map(Path, paths)] + [(True, p) for p in eval_paths]:
         report.files.append(str(path))
-        checker = _Checker(str(path), report, seen, count_tokens if max_tokens else None, max_tokens)
+        checker = _Checker(str(path), report, seen[held_out], count_tokens if max_tokens else None, max_tokens,
+                           labels=label_set, seen_texts=seen_texts[held_out], held_out=held_out)
         try:
             checker.run(path)
         except Exception as exc:  # noqa: BLE001 - a validator must report, never crash; the other files go on
             report.problems.append(Problem(str(path), None, "unreadable", f"could not be read ({type(exc).__name__}:"
                                            f" {exc})", "check that it is a UTF-8 text file in JSONL or CSV form"))
+    if eval_paths:
+        _check_leakage(report, leak_threshold)
     return report
+
+
+def example_text(record: ValidRecord) -> str:
+    """What two examples must share to be the same example: every turn but the system prompt."""
+    if record.kind == "chat":
+        return "\n".join(m["content"] for m in record.record["messages"] if m.get("role") != "system")
+    if record.kind == "qa":
+        return record.record["question"] + "\n" + record.record["answer"]
+    return record.record["text"]
+
+
+def _check_leakage(report: ValidationReport, threshold: float) -> None:
+    place = {id(record): f"{record.path}:{record.line}" for record in report.valid}
+    train = [(place[id(r)], example_text(r)) for r in report.valid if not r.held_out]
+    held_out = {place[id(r)]: r for r in report.valid if r.held_out}
+    leaked = set()
+    for label, train_label, similarity in find_leaks(train, [(label, example_text(r)) for label, r in
+                                                             held_out.items()], threshold):
+        record = held_out[label]
+        same = "a copy of" if similarity >= 1.0 else f"{similarity:.0%} similar to"
+        report.problems.append(Problem(record.path, record.line, "leakage", f"held-out example is {same} training "
+                                       f"example {train_label}", "remove it from one side: a test the model "
+                                       "trained on measures memory, not skill"))
+        leaked.add(id(record))
+    report.valid = [record for record in report.valid if id(record) not in leaked]
 
 
 class _Checker:
     def __init__(self, path: str, report: ValidationReport, seen: dict[str, str], count_tokens: CountTokens | None,
-                 max_tokens: int | None):
+                 max_tokens: int | None, *, labels: set[str] | None = None,
+                 seen_texts: dict[str, tuple[str, str]] | None = None, held_out: bool = False):
         self.path, self.report, self.seen = path, report, seen
         self.count_tokens, self.max_tokens = count_tokens, max_tokens
+        self.labels, self.seen_texts, self.held_out = labels, seen_texts if seen_texts is not None else {}, held_out
+
+    def accept(self, line: int, record: dict, kind: str) -> None:
+        self.report.valid.append(ValidRecord(self.path, line, record, kind, held_out=self.held_out))
 
     def problem(self, line: int | None, kind: str, what: str, fix: str) -> None:
         self.report.problems.append(Problem(self.path, line, kind, what, fix))
@@ -148,8 +196,11 @@ class _Checker:
                 continue
             if file_format is None:
                 is_qa = "messages" not in record and any(key in record for key in QUESTION_KEYS + ANSWER_KEYS)
-                file_format = "qa" if is_qa else "chat"
-            if file_format == "qa":
+                is_classification = "messages" not in record and "label" in record
+                file_format = "classification" if is_classification else "qa" if is_qa else "chat"
+            if file_format == "classification":
+                self.check_classification(line_no, record)
+            elif file_format == "qa":
                 self.check_qa(line_no, record)
             else:
                 self.check_chat(line_no, record)
@@ -186,7 +237,7 @@ class _Checker:
         key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if self.duplicate(line, key):
             return
-        self.report.valid.append(ValidRecord(self.path, line, record, "chat"))
+        self.accept(line, record, "chat")
 
     def check_message(self, line: int, position: int, message) -> str | None:
         """Problems of one message; returns its role when the role is usable for the order check."""
@@ -267,7 +318,40 @@ class _Checker:
             return
         if self.duplicate(line, json.dumps(["qa", question.strip().lower(), answer.strip().lower()])):
             return
-        self.report.valid.append(ValidRecord(self.path, line, {"question": question, "answer": answer}, "qa"))
+        self.accept(line, {"question": question, "answer": answer}, "qa")
+
+    # --- classification -------------------------------------------------------------------------------------------
+
+    def check_classification(self, line: int, record: dict) -> None:
+        text = self.qa_field(line, record, ("text", "input", "sentence", "content"), "text")
+        label = record.get("label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            self.problem(line, "missing_label", 'no "label"' if label is None else '"label" is empty',
+                         "give every example its label")
+            return
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            self.problem(line, "label_not_a_string", f'"label" must be a string (found {_type(label)})',
+                         "write the label as text, e.g. \"billing\"")
+            return
+        label = str(label).strip()
+        if self.labels is not None and label not in self.labels:
+            self.problem(line, "unknown_label", f"label {label!r} is not in the label set "
+                         f"({', '.join(sorted(self.labels))})", "fix the label's spelling or add it to data.labels")
+            return
+        if text is None:
+            return
+        key = " ".join(text.lower().split())
+        first = self.seen_texts.get(key)
+        if first is not None and first[0] != label:
+            self.problem(line, "conflicting_label", f"same text as {first[1]} but labelled {label!r} there "
+                         f"{first[0]!r}", "decide on one label; contradicting examples teach noise")
+            return
+        if first is not None:
+            self.problem(line, "duplicate", f"exact duplicate of {first[1]}",
+                         "remove one copy: duplicates over-weight that example")
+            return
+        self.seen_texts[key] = (label, f"{self.path}:{line}")
+        self.accept(line, {"text": text, "label": label}, "classification")
 
     def qa_field(self, line: int, record: dict, keys: tuple[str, ...], what: str) -> str | None:
         key = next((key for key in keys if key in record), None)
@@ -298,6 +382,11 @@ class _Checker:
             header = reader.fieldnames
             if not header:
                 self.problem(1, "missing_header", "empty file", "start with a header row: question,answer")
+                return
+            if "label" in header and "text" in header:
+                for row in reader:
+                    self.report.records += 1
+                    self.check_classification(reader.line_num, row)
                 return
             missing = [what for what, keys in (("question", QUESTION_KEYS), ("answer", ANSWER_KEYS))
                        if not any(key in header for key in keys)]
@@ -353,7 +442,7 @@ def write_valid(report: ValidationReport, output: Path | str) -> int:
             writer.writeheader()
             writer.writerows(record.record for record in report.valid)
         return len(report.valid)
-    return write_jsonl(output, (record.record if all_qa or record.kind == "chat" else _as_chat(record.record)
+    return write_jsonl(output, (record.record if all_qa or record.kind != "qa" else _as_chat(record.record)
                                 for record in report.valid))
 
 

@@ -3,6 +3,7 @@
 from tailor.data.readers.registry import (
     Document,
     Reader,
+    ReaderOptions,
     ReaderWarning,
     read_document,
     reader_for,
@@ -10,5 +11,5 @@ from tailor.data.readers.registry import (
     supported_extensions,
 )
 
-__all__ = ["Document", "Reader", "ReaderWarning", "read_document", "reader_for", "register_reader",
+__all__ = ["Document", "Reader", "ReaderOptions", "ReaderWarning", "read_document", "reader_for", "register_reader",
            "supported_extensions"]

@@ -1,23 +1,26 @@
 """One registry of document readers, keyed by file extension. A reader module calls `register_reader(...)` once at
 import.
 
-A reader is a generator `read(path) -> Iterator[Document]`: one Document per file, or one per page for paged formats
-(PDF). A problem that loses the whole file raises `TailorError("PATH: why")`; a problem that loses part of it (a PDF
-page without a text layer) is reported with `warnings.warn(message, ReaderWarning)`, which `ingest` collects into its
+A reader is a generator `read(path) -> Iterator[Document]`, or `read(path, options: ReaderOptions)` for readers that
+take options (the text field of JSON records, the speaker roles of chat logs): one Document per file, one per page
+for paged formats (PDF), one per record for record formats (CSV, JSON lines) and one per conversation for chat logs.
+A problem that loses the whole file raises `TailorError("PATH: why")`; a problem that loses part of it (a PDF page
+without a text layer) is reported with `warnings.warn(message, ReaderWarning)`, which `ingest` collects into its
 summary, so nothing goes missing silently and a reader needs no extra plumbing to report it.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tailor.errors import TailorError
 
 # Modules imported on first use; each registers the extensions it reads.
-READER_MODULES = ("text", "markdown", "html", "pdf")
+READER_MODULES = ("text", "markdown", "html", "pdf", "docx", "records")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,15 @@ class Document:
     source: str  # the path the reader was given
     page: int | None = None  # 1-based page number for paged formats, None otherwise
     title: str | None = None
+    line: int | None = None  # 1-based line (JSON lines), row (CSV) or record number (a JSON array) it starts at
+    messages: tuple[dict, ...] | None = None  # chat logs: the conversation as {role, content} turns
 
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """What record and chat-log readers need to know; `ingest.*` in tailor.yaml fills it."""
+    text_field: str | None = None  # field holding the text of a JSON/CSV record; None: text, content, body, ...
+    speaker_roles: dict[str, str] = field(default_factory=dict)  # chat logs: speaker name -> user or assistant
 
 class ReaderWarning(UserWarning):
     """Part of a file could not be read (an empty PDF page, a damaged file read in recovery mode)."""
@@ -35,6 +46,7 @@ class ReaderWarning(UserWarning):
 Reader = Callable[[Path], Iterator[Document]]
 
 _READERS: dict[str, Reader] = {}
+_TAKES_OPTIONS: set[str] = set()  # extensions whose reader accepts `options`
 _loaded = False
 
 
@@ -47,8 +59,11 @@ def register_reader(extensions: Iterable[str], read_fn: Reader) -> Reader:
             raise ValueError(f"reader extension must be lower case and start with a dot (found {extension!r})")
         if extension in _READERS:
             raise ValueError(f"a reader for '{extension}' is already registered")
+    takes_options = "options" in inspect.signature(read_fn).parameters
     for extension in extensions:
         _READERS[extension] = read_fn
+        if takes_options:
+            _TAKES_OPTIONS.add(extension)
     return read_fn
 
 
@@ -75,6 +90,9 @@ def reader_for(path: Path | str) -> Reader:
     return _READERS[extension]
 
 
-def read_document(path: Path | str) -> Iterator[Document]:
+def read_document(path: Path | str, options: ReaderOptions | None = None) -> Iterator[Document]:
     """Read one file with the reader registered for its extension."""
-    return reader_for(path)(Path(path))
+    read = reader_for(path)
+    if Path(path).suffix.lower() in _TAKES_OPTIONS:
+        return read(Path(path), options=options or ReaderOptions())
+    return read(Path(path))
