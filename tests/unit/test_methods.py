@@ -17,7 +17,7 @@ from tailor.methods.artifacts import ARTIFACT_DIRS, load_for_inference, load_for
 from tailor.models.base import load_tokenizer
 from tailor.train.examples import collate, tokenize_chat
 from tailor.train.loop import train
-from tailor.train.run import run_training, seed_everything
+from tailor.train.run import prepare_training, run_training, seed_everything, train_phases
 from tailor.workspace import write_jsonl
 
 FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
@@ -25,9 +25,23 @@ FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("What is city hall's phone number?", "Call (555) 201-4400.")]
 # small settings so each method trains in about a second on the tiny model; every other option at its default
 SMALL_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
-                 "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, "lora": {"r": 4, "alpha": 8}}
+                 "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, "lora": {"r": 4, "alpha": 8},
+                 # corpus methods: 4 steps on 32-token corpus blocks, then the chat records (8 steps)
+                 "continued_pretraining": {"r": 4, "alpha": 8, "block_tokens": 32, "overlap_tokens": 8,
+                                           "corpus_steps": 4, "then_sft": True},
+                 "from_scratch": {"size": "tiny", "vocab_size": 512, "block_tokens": 32, "overlap_tokens": 8,
+                                  "corpus_steps": 4},
+                 # the teacher defaults to the base model; its greedy answers are cached once per run folder
+                 "distill": {"r": 4, "alpha": 8, "max_new_tokens": 6}}
+CORPUS = ["The Maplewood public library opens Monday to Friday from 9 am to 7 pm and on Saturdays from 10 am to "
+          "4 pm. Library cards are free for residents and renew every three years at any branch desk.",
+          "Residential parking permits cost $45 per year. Apply online or at City Hall, Room 104, with proof of "
+          "address and the vehicle registration. Permits are valid in one zone only.",
+          "City Hall is at 200 Main Street and is open weekdays from 8 am to 5 pm. Call (555) 201-4400 for the "
+          "front desk or write to info@maplewood.gov."]
 # high, for a visible drop in 8 steps on a random model; full moves every weight, so a smaller step
-LEARNING_RATES = {"full": 2e-3, "lora": 1e-2, "ia3": 1e-1}
+LEARNING_RATES = {"full": 2e-3, "lora": 1e-2, "ia3": 1e-1, "continued_pretraining": 1e-2, "distill": 1e-2,
+                  "from_scratch": 3e-3}
 
 
 def chat(question, answer):
@@ -72,8 +86,10 @@ def train_fresh(config, examples, out_dir, tokenizer, **kwargs):
     return model, result
 
 
-TRAINED = [name for name in registry.names() if registry.get(name).trains]
-BUILT = [name for name in registry.names() if not registry.get(name).trains]
+# methods with their own loop and data (preference pairs: reward, dpo, ppo) are tested in their own files
+CORE = [name for name in registry.names() if registry.get(name).run is None]
+TRAINED = [name for name in CORE if registry.get(name).trains]
+BUILT = [name for name in CORE if not registry.get(name).trains]
 
 
 @pytest.mark.parametrize("name", BUILT)
@@ -85,35 +101,72 @@ def test_methods_that_train_nothing_refuse_training_and_build_instead(name, tiny
     assert registry.get(name).build is not None
 
 
+def write_run_data(run_dir, repeats=12):
+    """One chat record repeated (every batch the same, so the loss curve shows learning rather than batch mix) and
+    a three-document corpus."""
+    write_jsonl(run_dir / "data" / "train.jsonl", [chat(*FACTS[0]) for _ in range(repeats)])
+    write_jsonl(run_dir / "corpus.jsonl", [{"id": f"doc-{i}", "text": text, "source": f"doc-{i}.md"}
+                                           for i, text in enumerate(CORPUS)])
+    return run_dir
+
+
+def train_run(config, run_dir, **kwargs):
+    """The path `tailor train` takes (tokenizer, phases, model), returning the model still in memory."""
+    prepared = prepare_training(config, run_dir, run_dir)
+    result, finished = train_phases(prepared, config, run_dir, show_progress=False, **kwargs)
+    return prepared, result, finished
+
+
+def phase_losses(run_dir):
+    """Loss per step of each phase, in order: earlier phases log under RUN/phases/<name>/, the last in RUN."""
+    files = [run_dir / "phases" / name / "metrics.jsonl" for name in ("corpus",)
+             if (run_dir / "phases" / name).is_dir()] + [run_dir / "metrics.jsonl"]
+    return [[json.loads(line)["loss"] for line in path.read_text().splitlines()] for path in files]
+
+
 @pytest.mark.parametrize("name", TRAINED)
-def test_method_trains_reloads_and_resumes(name, tiny_model_dir, tokenizer, examples, tmp_path):
+def test_method_trains_reloads_and_resumes(name, tiny_model_dir, tokenizer, tmp_path):
     config = config_for(tiny_model_dir, name)
-    model, result = train_fresh(config, examples, tmp_path / "straight", tokenizer)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
-    assert losses[-1] < losses[0] - 0.02, losses
+    straight_dir = write_run_data(tmp_path / "straight")
+    prepared, result, finished = train_run(config, straight_dir)
+    model = prepared.model
+    losses = phase_losses(straight_dir)
+    assert finished and result.steps == sum(len(phase) for phase in losses)
+    assert len(losses[-1]) == 8 and all(math.isfinite(loss) for phase in losses for loss in phase)
+    assert losses[-1][-1] < losses[-1][0] - 0.02, losses
     assert result.trainable_params > 0
 
-    # save -> load through the helper `tailor eval` uses: the same logits as the model still in memory
-    save_artifact(model, tokenizer, tmp_path, config)
-    loaded = load_for_inference(config, tmp_path, tiny_model_dir, torch.float32)
+    # save -> load through the helper `tailor eval` uses: the same logits as the model still in memory, on
+    # examples encoded with the method's own tokenizer (from_scratch trains one)
+    save_artifact(model, prepared.tokenizer, straight_dir, config)
+    loaded = load_for_inference(config, straight_dir, tiny_model_dir, torch.float32, own_tokenizers=True)
     assert loaded.names == ["base", name]
-    batch = collate(examples[:3], tokenizer.pad_token_id, torch.device("cpu"))
+    own_tokenizer = loaded.tokenizer_for(name, tokenizer)
+    assert own_tokenizer.get_vocab() == prepared.tokenizer.get_vocab()
+    batch = collate(prepared.phases[-1].train_examples[:3], prepared.tokenizer.pad_token_id, torch.device("cpu"))
     model.eval()
     trained_logits = logits_of(model, batch)
     with loaded.use(name) as tuned:
         torch.testing.assert_close(logits_of(tuned, batch), trained_logits, atol=1e-5, rtol=1e-5)
     # ... and "base" in the same comparison is the untouched base model
+    base_batch = collate([tokenize_chat(tokenizer, chat(*FACTS[0])["messages"])], tokenizer.pad_token_id,
+                         torch.device("cpu"))
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with loaded.use("base") as base:
-        torch.testing.assert_close(logits_of(base, batch), logits_of(plain, batch), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(trained_logits, logits_of(plain, batch), atol=1e-3)
+        torch.testing.assert_close(logits_of(base, base_batch), logits_of(plain, base_batch), atol=1e-5, rtol=1e-5)
+    if own_tokenizer.get_vocab() == tokenizer.get_vocab():  # from_scratch alone reads other token ids
+        with loaded.use(name) as tuned:
+            assert not torch.allclose(logits_of(tuned, base_batch), logits_of(plain, base_batch), atol=1e-3)
 
-    # interrupted after 4 steps (a checkpoint of the trainable weights), resumed to 8: the same weights
-    train_fresh(config, examples, tmp_path / "resumed", tokenizer, should_stop=lambda step: step == 4)
-    resumed, result = train_fresh(config, examples, tmp_path / "resumed", tokenizer, resume=True)
-    assert result.steps == 8
-    straight_weights, resumed_weights = trainable(model), trainable(resumed)
+    # interrupted half-way (a checkpoint of the trainable weights; for two-phase methods inside the second phase),
+    # resumed to the end: the same weights
+    resumed_dir = write_run_data(tmp_path / "resumed")
+    halfway = result.steps // 2
+    _, stopped, finished = train_run(config, resumed_dir, should_stop=lambda step: step == halfway)
+    assert stopped.steps == halfway and not finished
+    resumed, result, finished = train_run(config, resumed_dir, resume=True)
+    assert finished and result.steps == sum(len(phase) for phase in losses)
+    straight_weights, resumed_weights = trainable(model), trainable(resumed.model)
     assert straight_weights.keys() == resumed_weights.keys()
     for key, value in straight_weights.items():
         torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=1e-5)
@@ -181,6 +234,7 @@ def test_full_freezes_embeddings_and_first_layers(tiny_model_dir):
 @pytest.fixture
 def run_dir(tmp_path):
     write_jsonl(tmp_path / "data" / "train.jsonl", [chat(*FACTS[i % 3]) for i in range(6)])
+    write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"doc-{i}", "text": text} for i, text in enumerate(CORPUS)])
     return tmp_path
 
 
@@ -217,7 +271,8 @@ def test_invalid_options_are_named_in_the_config(method, options, message):
         validate_config({"methods": {method: options}})
 
 
-@pytest.mark.parametrize("name", registry.names())
+# from_scratch reads and writes with its own tokenizer: its evaluation is checked in test_new_methods.py
+@pytest.mark.parametrize("name", [name for name in CORE if name != "from_scratch"])
 def test_tailor_eval_compares_every_method_with_its_base(name, tiny_model_dir, run_dir):
     from tailor.evaluate.harness import run_eval
 

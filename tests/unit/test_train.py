@@ -96,3 +96,48 @@ def test_unknown_lora_target_is_rejected_before_training(tiny_model_dir, run_dir
     config = validate_config({"base_model": tiny_model_dir, "methods": {"lora": {"targets": ["qkv"]}}})
     with pytest.raises(TailorError, match="methods.lora.targets: the model has no module named qkv"):
         run_training(config, run_dir, run_dir, show_progress=False)
+
+
+def test_packing_trains_like_padding(tiny_model_dir, run_dir, tmp_path_factory):
+    """The same examples per step, packed or padded: the same weights (only float summation order differs)."""
+    padded = tmp_path_factory.mktemp("padded")
+    write_jsonl(padded / "data" / "train.jsonl", [json.loads(x) for x in (run_dir / "data" / "train.jsonl").open()])
+    run_training(config_for(tiny_model_dir, max_steps=3, packing=True, pack_length=96), run_dir, run_dir,
+                 show_progress=False)
+    run_training(config_for(tiny_model_dir, max_steps=3, packing=False), padded, padded, show_progress=False)
+    first, second = adapter_weights(run_dir), adapter_weights(padded)
+    assert any(first[k].abs().sum() > 0 for k in first if "lora_B" in k)
+    assert all(torch.allclose(first[k], second[k], atol=1e-5) for k in first)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, run_dir, tmp_path_factory):
+    plain = tmp_path_factory.mktemp("plain")
+    write_jsonl(plain / "data" / "train.jsonl", [json.loads(x) for x in (run_dir / "data" / "train.jsonl").open()])
+    run_training(config_for(tiny_model_dir, max_steps=2, gradient_checkpointing=True), run_dir, run_dir,
+                 show_progress=False)
+    run_training(config_for(tiny_model_dir, max_steps=2), plain, plain, show_progress=False)
+    first, second = adapter_weights(run_dir), adapter_weights(plain)
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
+def test_metrics_also_go_to_tensorboard(tiny_model_dir, run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_training(config_for(tiny_model_dir, max_steps=3, report_to=["tensorboard"]), run_dir, run_dir,
+                 show_progress=False)
+    event_files = list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert event_files
+    scalars = {}
+    for path in event_files:
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars[tag] = [event.step for event in events.Scalars(tag)]
+    assert scalars["train/loss"] == [1, 2, 3] and "eval/loss" in scalars
+
+
+def test_report_to_rejects_unknown_trackers(tiny_model_dir):
+    from tailor.errors import TailorError
+
+    with pytest.raises(TailorError, match=r"train\.report_to"):
+        validate_config({"base_model": tiny_model_dir, "train": {"report_to": ["neptune"]}})

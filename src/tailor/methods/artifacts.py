@@ -44,8 +44,11 @@ def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.
     load_options = method.load_options(options) if method.load_options else {}
     # frozen base weights are stored in the compute dtype (half the memory in bf16); weights that train stay fp32
     # for the optimizer, and autocast runs the matrix multiplies in the compute dtype
-    dtype = compute_dtype if method.artifact == "adapter" else torch.float32
-    model = method.prepare(load_model(base_ref, dtype=dtype, **load_options), options)
+    frozen = method.frozen_base(options) if method.frozen_base else method.artifact == "adapter"
+    dtype = compute_dtype if frozen else torch.float32
+    start = method.create(base_ref, dtype, options) if method.create else load_model(base_ref, dtype=dtype,
+                                                                                        **load_options)
+    model = method.prepare(start, options)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -75,6 +78,16 @@ def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path
     return target
 
 
+def save_whole_model(model, folder: Path, run_dir: Path, options) -> None:
+    """A `save` for "model" artifacts trained through adapters: the adapters folded into a copy of the weights, so
+    the folder loads with plain `from_pretrained` and the model in memory keeps training-time structure."""
+    import copy
+
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(folder)
+
+
 def build_artifact(conversations: list[list[dict]], run_dir: Path, config: TailorConfig) -> tuple[Path, int]:
     """Build the artifact of a method that trains nothing from the training chat records; returns its folder and
     the number of examples it holds."""
@@ -94,6 +107,11 @@ class InferenceModels:
     separate_base: Any = None  # `full`: the base loaded on its own; adapters switch theirs off instead
     has_artifact: bool = True
     profile: Any = None  # `prompt`: the PromptProfile that `method` applies to every conversation
+    tokenizer: Any = None  # a "model" artifact's own tokenizer (from_scratch trains one); None: the base's
+
+    def tokenizer_for(self, name: str, base_tokenizer):
+        """The tokenizer model `name` reads and writes with: a model artifact's own, else the base's."""
+        return self.tokenizer if name == self.method and self.tokenizer is not None else base_tokenizer
 
     @property
     def names(self) -> list[str]:
@@ -132,8 +150,13 @@ def trained_method(config: TailorConfig, run_dir: Path) -> str:
     return trained.get("method") or config.train.method
 
 
-def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype: torch.dtype) -> InferenceModels:
-    """Load the run's artifact (see `trained_method`) and the base it is compared with, in eval mode."""
+def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype: torch.dtype, *,
+                       own_tokenizers: bool = False) -> InferenceModels:
+    """Load the run's artifact (see `trained_method`) and the base it is compared with, in eval mode.
+
+    A model artifact with its own vocabulary (from_scratch) must be read with `InferenceModels.tokenizer_for`;
+    a caller that says so passes `own_tokenizers=True`, any other stops with one message instead of feeding it the
+    base's token ids."""
     method = registry.get(trained_method(config, run_dir), key="train.method")
     options = config.method_options(method.name)
     folder = artifact_dir(run_dir, method)
@@ -150,7 +173,14 @@ def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype
         base = load_model(base_ref, dtype=dtype).eval()
         if not (folder / "config.json").is_file():
             return InferenceModels(method.name, base, has_artifact=False)
-        return InferenceModels(method.name, load_model(str(folder), dtype=dtype).eval(), separate_base=base)
+        from tailor.models.base import load_tokenizer
+
+        tokenizer = load_tokenizer(str(folder))
+        if not own_tokenizers and tokenizer.get_vocab() != load_tokenizer(base_ref).get_vocab():
+            raise TailorError(f"{folder}: this {method.name} model has its own tokenizer ({len(tokenizer)} tokens; "
+                              f"the base has another), and this command reads every model with the base's tokens")
+        return InferenceModels(method.name, load_model(str(folder), dtype=dtype).eval(), separate_base=base,
+                               tokenizer=tokenizer)
     base = load_model(base_ref, dtype=dtype, **load_options)
     if not (folder / "adapter_config.json").is_file():
         return InferenceModels(method.name, base.eval(), has_artifact=False)

@@ -17,7 +17,33 @@ from pydantic import BaseModel, ConfigDict
 from tailor.errors import TailorError
 
 # Modules imported on first use, in cheapest-to-costliest order (the order `tailor methods` lists them in).
-METHOD_MODULES = ("prompt", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full")
+METHOD_MODULES = ("prompt", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full",
+                  "continued_pretraining", "distill", "from_scratch",
+                  "reward", "dpo", "ppo")
+
+
+@dataclass
+class TrainContext:
+    """What a method's `tokenizer` and `phases` hooks see of the run being trained."""
+
+    config: Any  # TailorConfig
+    root: Path  # the workspace folder (relative paths in options resolve against it)
+    run_dir: Path
+    base_ref: str  # the resolved base model
+    compute_dtype: Any  # torch.dtype
+    options: Any  # the method's typed options
+
+
+@dataclass
+class Phase:
+    """One stretch of training with its own data and loss (e.g. corpus blocks, then chat records)."""
+
+    name: str
+    train_examples: list  # tailor.train.examples.Example
+    eval_examples: list
+    loss_fn: Callable | None = None  # None: cross-entropy on the label tokens (the training core's loss_sum)
+    max_steps: int | None = None  # None: train.max_steps / train.epochs
+    epochs: float | None = None
 
 
 class MethodOptions(BaseModel):
@@ -47,6 +73,20 @@ class Method:
     # build(conversations, folder, options, workspace_system_prompt) -> examples used: writes the artifact of a
     # method that trains nothing from the training chat records, into a temporary folder renamed into place
     build: Callable[[list[list[dict]], Path, Any, str], int] | None = None
+    # tokenizer(ctx: TrainContext) -> the tokenizer the data is encoded with and a "model" artifact is saved with;
+    # None: the base model's (from_scratch trains its own; distill uses its student's)
+    tokenizer: Callable[[TrainContext], Any] | None = None
+    # create(base_ref, dtype, options) -> the model `prepare` starts from; None: the base model as loaded
+    create: Callable[[str, Any, Any], Any] | None = None
+    # phases(ctx, tokenizer) -> the training phases in order; None: one phase of chat records from RUN/data.
+    # It runs before the model loads, so a missing corpus or a block longer than the context stops early.
+    phases: Callable[[TrainContext, Any], list[Phase]] | None = None
+    # frozen_base(options) -> True when the base weights stay frozen and can be stored in the compute dtype
+    # (bf16 on fast CPUs); None: True for "adapter" artifacts, False otherwise
+    frozen_base: Callable[[Any], bool] | None = None
+    # run(config, root, run_dir, show_progress=, should_stop=) -> TrainResult: a method with its own loop and data
+    # (DPO through TRL, PPO, the reward model) trains and saves its artifact itself; `prepare` is then unused
+    run: Callable[..., Any] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -69,14 +109,16 @@ def _load_all() -> None:
 
 
 def names() -> list[str]:
+    """Cheapest first, whatever order the modules happened to be imported in."""
     _load_all()
-    return list(_METHODS)
+    order = {module: i for i, module in enumerate(METHOD_MODULES)}
+    return sorted(_METHODS, key=lambda name: order.get(name, len(order)))
 
 
 def get(name: str, key: str = "method") -> Method:
     _load_all()
     if name not in _METHODS:
-        raise TailorError(f"{key}: unknown method '{name}' (available: {', '.join(_METHODS)})")
+        raise TailorError(f"{key}: unknown method '{name}' (available: {', '.join(names())})")
     return _METHODS[name]
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,8 +18,9 @@ from tailor.methods import registry
 from tailor.methods.artifacts import ADAPTER_DIR  # noqa: F401 (re-exported)
 from tailor.methods.artifacts import build_artifact, load_for_training, save_artifact
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train.distributed import is_main_process
 from tailor.train.examples import Example, tokenize_chat
-from tailor.train.loop import TrainResult, train
+from tailor.train.loop import TrainResult, total_steps, train
 from tailor.workspace import read_jsonl, update_manifest
 
 
@@ -52,31 +55,121 @@ def run_training(config: TailorConfig, root: Path, run_dir: Path, *, resume: boo
     """Train the configured method, or build the artifact of one that trains nothing (`resume`, `show_progress`
     and `should_stop` only concern training)."""
     run_dir = Path(run_dir)
-    train_path, eval_path = run_dir / "data" / "train.jsonl", run_dir / "data" / "eval.jsonl"
-    if not train_path.is_file():
-        raise TailorError(f"{train_path}: not found; run `tailor data build` first")
+    train_path = run_dir / "data" / "train.jsonl"
+    if (own_loop := registry.get(config.train.method, key="train.method").run) is not None:
+        return own_loop(config, root, run_dir, show_progress=show_progress, should_stop=should_stop)  # DPO, PPO…
     method = registry.get(config.train.method, key="train.method")
     base_ref = resolve_base_model(config.base_model, root=root)
     if not method.trains:
+        if not train_path.is_file():
+            raise TailorError(f"{train_path}: not found; run `tailor data build` first")
         return build_method(config, run_dir, train_path, base_ref)
-    tokenizer = load_tokenizer(base_ref)
-    train_examples = load_chat_examples(train_path, tokenizer)
-    eval_examples = load_chat_examples(eval_path, tokenizer) if eval_path.is_file() else []
+    prepared = prepare_training(config, root, run_dir, base_ref=base_ref)
+    result, finished = train_phases(prepared, config, run_dir, resume=resume, show_progress=show_progress,
+                                    should_stop=should_stop)
+    if finished and is_main_process():  # under torchrun/accelerate launch, one process writes the artifact
+        artifact = save_artifact(prepared.model, prepared.tokenizer, run_dir, config)
+        update_manifest(run_dir, "train", config=config.model_dump(mode="json"),
+                        inputs=[path for path in prepared.inputs if path.is_file()],
+                        outputs=[artifact, run_dir / "metrics.jsonl"],
+                        metrics={k: v for k, v in result.to_dict().items() if v is not None},
+                        extra={"method": method.name, "base_model": base_ref, "dtype": str(prepared.compute_dtype),
+                               "phases": prepared.phase_results})
+    return result
 
+
+@dataclass
+class PreparedRun:
+    """A method ready to train: its model, tokenizer and phases, before the first step."""
+
+    method: registry.Method
+    model: Any
+    tokenizer: Any
+    phases: list[registry.Phase]
+    compute_dtype: torch.dtype
+    inputs: list[Path]  # files the run reads, hashed into the manifest
+    phase_results: list[dict] = field(default_factory=list)
+
+
+def sft_phase(run_dir: Path, tokenizer, name: str = "sft") -> registry.Phase:
+    """Chat records from RUN/data: loss on the assistant turns."""
+    train_path, eval_path = run_dir / "data" / "train.jsonl", run_dir / "data" / "eval.jsonl"
+    if not train_path.is_file():
+        raise TailorError(f"{train_path}: not found; run `tailor data build` first")
+    eval_examples = load_chat_examples(eval_path, tokenizer) if eval_path.is_file() else []
+    return registry.Phase(name, load_chat_examples(train_path, tokenizer), eval_examples)
+
+
+def prepare_training(config: TailorConfig, root: Path, run_dir: Path, *, base_ref: str | None = None
+                     ) -> PreparedRun:
+    """Tokenizer, phases (their data checked), then the model prepared by the method, seeded."""
+    run_dir = Path(run_dir)
+    method = registry.get(config.train.method, key="train.method")
+    base_ref = base_ref or resolve_base_model(config.base_model, root=root)
     compute_dtype = pick_dtype(config.train.dtype)
+    context = registry.TrainContext(config, Path(root), run_dir, base_ref, compute_dtype,
+                                    config.method_options(method.name))
+    tokenizer = method.tokenizer(context) if method.tokenizer else load_tokenizer(base_ref)
+    phases = method.phases(context, tokenizer) if method.phases else [sft_phase(run_dir, tokenizer)]
+    for phase in phases:
+        if not phase.train_examples:
+            raise TailorError(f"train.method: {method.name} has no training examples for its {phase.name} phase")
     seed_everything(config.train.seed)
     model = load_for_training(config, base_ref, compute_dtype)
+    inputs = [run_dir / "corpus.jsonl", run_dir / "data" / "train.jsonl", run_dir / "data" / "eval.jsonl"]
+    return PreparedRun(method, model, tokenizer, phases, compute_dtype, inputs)
 
-    result = train(model, train_examples, eval_examples, config.train, run_dir, pad_id=tokenizer.pad_token_id,
-                   compute_dtype=compute_dtype, resume=resume, show_progress=show_progress, should_stop=should_stop)
-    finished = result.steps > 0 and (should_stop is None or not should_stop(result.steps))
-    if finished:
-        artifact = save_artifact(model, tokenizer, run_dir, config)
-        update_manifest(run_dir, "train", config=config.model_dump(mode="json"),
-                        inputs=[train_path, eval_path], outputs=[artifact, run_dir / "metrics.jsonl"],
-                        metrics={k: v for k, v in result.to_dict().items() if v is not None},
-                        extra={"method": method.name, "base_model": base_ref, "dtype": str(compute_dtype)})
-    return result
+
+PHASES_DIR = "phases"
+
+
+def train_phases(prepared: PreparedRun, config: TailorConfig, run_dir: Path, *, resume: bool = False,
+                 show_progress: bool = True, should_stop=None) -> tuple[TrainResult, bool]:
+    """Run the phases in order through the one training core; returns the combined result and whether every
+    phase finished (False when `should_stop` interrupted one).
+
+    Earlier phases log and checkpoint into RUN/phases/<name>/ and always end with a checkpoint, so `--resume`
+    after a later phase started restores their final weights; the last phase writes RUN/metrics.jsonl.
+    `should_stop` sees the step counted over all phases.
+    """
+    run_dir = Path(run_dir)
+    if not resume:
+        shutil.rmtree(run_dir / PHASES_DIR, ignore_errors=True)  # stale checkpoints must not be resumed later
+    results: list[TrainResult] = []
+    offset, interrupted = 0, False
+    prepared.phase_results = []
+    for index, phase in enumerate(prepared.phases):
+        last = index == len(prepared.phases) - 1
+        cfg = config.train.model_copy(update={k: v for k, v in (("max_steps", phase.max_steps),
+                                                                ("epochs", phase.epochs)) if v is not None})
+        steps = total_steps(len(phase.train_examples), cfg)
+        stopped: list[int] = []
+
+        def stop(step: int, offset=offset, steps=steps, last=last, stopped=stopped) -> bool:
+            if should_stop is not None and should_stop(offset + step):
+                stopped.append(step)
+                return True
+            return not last and step >= steps  # an earlier phase ends on a checkpoint of its final weights
+
+        out_dir = run_dir if last else run_dir / PHASES_DIR / phase.name
+        result = train(prepared.model, phase.train_examples, phase.eval_examples, cfg, out_dir,
+                       pad_id=prepared.tokenizer.pad_token_id, compute_dtype=prepared.compute_dtype, resume=resume,
+                       show_progress=show_progress, should_stop=stop, loss_fn=phase.loss_fn)
+        results.append(result)
+        prepared.phase_results.append({"phase": phase.name, "steps": result.steps, "train_loss": result.train_loss,
+                                       "eval_loss": result.eval_loss, "examples": len(phase.train_examples)})
+        offset += result.steps
+        if stopped:  # early stopping only ends its own phase; an interruption ends the run
+            interrupted = True
+            break
+    final = results[-1]
+    seconds = sum(r.seconds for r in results)
+    tokens = sum(r.tokens for r in results)
+    combined = TrainResult(steps=offset, train_loss=final.train_loss, eval_loss=final.eval_loss,
+                           label_tokens=sum(r.label_tokens for r in results), tokens=tokens, seconds=seconds,
+                           tokens_per_s=tokens / max(seconds, 1e-9), trainable_params=final.trainable_params,
+                           stopped_early=any(r.stopped_early for r in results))
+    return combined, offset > 0 and not interrupted
 
 
 def build_method(config: TailorConfig, run_dir: Path, train_path: Path, base_ref: str) -> BuildResult:

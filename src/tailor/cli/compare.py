@@ -1,0 +1,217 @@
+"""`tailor compare`: several methods trained (or built) on the same run data and evaluated on the same questions,
+in one table ordered cheapest first — quality, training time, trainable parameters, artifact size, latency.
+
+Each method gets its own run folder RUN/compare/<method>/ whose data files are links to RUN's (no copies), so the
+runs stay inspectable (`tailor eval -r RUN/compare/lora`) and a rerun replaces one method's folder only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tailor.cli.common import OverridesArgument, RunOption, WorkspaceOption, console, open_workspace, run_folder
+from tailor.config import TailorConfig, apply_overrides, validate_config
+from tailor.errors import TailorError
+
+COMPARE_DIR = "compare"
+LINKED = ("data/train.jsonl", "data/eval.jsonl", "corpus.jsonl")
+
+
+@dataclass
+class CompareRow:
+    method: str
+    token_f1: float
+    exact_match: float
+    eval_loss: float
+    train_seconds: float
+    trainable_params: int
+    artifact_bytes: int
+    latency_ms: float  # mean wall time of one greedy answer, questions one at a time
+    steps: int = 0
+    run_dir: str = ""
+
+
+def link_run_data(run_dir: Path, method_dir: Path) -> None:
+    """The method's run folder reads RUN's data files through symlinks (a copy only where links are refused)."""
+    for relative in LINKED:
+        source, target = run_dir / relative, method_dir / relative
+        if not source.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        try:
+            target.symlink_to(source.resolve())
+        except OSError:
+            shutil.copyfile(source, target)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """KEY=VALUE for every method, and METHOD:KEY=VALUE for one (e.g. full:train.learning_rate=5e-5: a whole-model
+    update needs a far smaller step than an adapter)."""
+    common, per_method = [], {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if ":" in key.partition(".")[0]:
+            method, _, rest = item.partition(":")
+            per_method.setdefault(method.strip(), []).append(rest)
+        else:
+            common.append(item)
+    return common, per_method
+
+
+def method_config(config: TailorConfig, name: str, overrides: list[str] = ()) -> TailorConfig:
+    return validate_config(apply_overrides(config.model_dump(mode="json"), [f"train.method={name}", *overrides]),
+                           source=f"tailor compare ({name})")
+
+
+def answer_latency_ms(config: TailorConfig, root: Path, method_dir: Path, questions: list[list[dict]],
+                      name: str) -> float:
+    """Mean milliseconds per greedy answer of model `name` ("base" or the method), one question at a time."""
+    from tailor.evaluate.generate import greedy_answers
+    from tailor.methods.artifacts import load_for_inference
+    from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
+
+    base_ref = resolve_base_model(config.base_model, root=root)
+    dtype = pick_dtype(config.train.dtype)
+    models = load_for_inference(config, method_dir, base_ref, dtype, own_tokenizers=True)
+    tokenizer = models.tokenizer_for(name, load_tokenizer(base_ref))
+    timings = []
+    with models.use(name) as model:
+        for conversation in questions:
+            started = time.perf_counter()
+            greedy_answers(model, tokenizer, [models.messages_for(name, conversation)],
+                           max_new_tokens=config.eval.max_new_tokens, batch_size=1, compute_dtype=dtype)
+            timings.append((time.perf_counter() - started) * 1000)
+    return round(statistics.mean(timings), 1)
+
+
+def eval_questions(eval_path: Path, count: int) -> list[list[dict]]:
+    from tailor.workspace import read_jsonl
+
+    questions = []
+    for _, record in read_jsonl(eval_path):
+        messages = record.get("messages") or []
+        questions.append(messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages)
+        if len(questions) == count:
+            break
+    return questions
+
+
+def check_methods(names: list[str]) -> None:
+    """Every name known, trainable through the run's data, and evaluable: before any model loads."""
+    from tailor.methods import registry
+    from tailor.methods.artifacts import ARTIFACT_DIRS
+
+    if not names:
+        raise TailorError("--methods: name at least one method, e.g. --methods prompt,lora")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise TailorError(f"--methods: {', '.join(repeated)} listed twice")
+    for name in names:
+        method = registry.get(name, key="--methods")
+        if method.artifact not in ARTIFACT_DIRS:
+            raise TailorError(f"--methods: {name} does not produce a chat model to evaluate "
+                              f"(its artifact is a {method.artifact} model)")
+
+
+def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str], *, show_progress: bool = True,
+                latency_questions: int = 5, method_overrides: dict[str, list[str]] | None = None) -> dict:
+    """Train/build and evaluate each method in RUN/compare/<method>/; writes and returns RUN/compare/compare.json."""
+    from tailor.evaluate.harness import run_eval
+    from tailor.methods import registry
+    from tailor.methods.artifacts import artifact_dir
+    from tailor.train.run import BuildResult, run_training
+    from tailor.workspace import now_iso, write_json
+
+    run_dir = Path(run_dir)
+    check_methods(names)
+    method_overrides = method_overrides or {}
+    unknown = sorted(set(method_overrides) - set(names))
+    if unknown:
+        raise TailorError(f"override '{unknown[0]}:…': {unknown[0]} is not among --methods ({', '.join(names)})")
+    # bad method options stop here, before any model loads
+    configs = {name: method_config(config, name, method_overrides.get(name, [])) for name in names}
+    for relative in LINKED[:2]:
+        if not (run_dir / relative).is_file():
+            raise TailorError(f"{run_dir / relative}: not found; run `tailor data build` first")
+    questions = eval_questions(run_dir / "data" / "eval.jsonl", latency_questions)
+    rows, base = [], None
+    for name in names:
+        settings = configs[name]
+        method_dir = run_dir / COMPARE_DIR / name
+        link_run_data(run_dir, method_dir)
+        console.print(f"[bold]{name}[/]: training in {method_dir}", highlight=False)
+        result = run_training(settings, root, method_dir, show_progress=show_progress)
+        built = isinstance(result, BuildResult)
+        # the base model is the same for every method: scored once, with the first method
+        report = run_eval(settings, root, method_dir, show_progress=show_progress, write_html=False,
+                          only_customized=base is not None)
+        scores = report["models"][name]
+        if base is None:
+            base_scores = report["models"]["base"]
+            base = CompareRow("base", base_scores["token_f1"], base_scores["exact_match"], base_scores["eval_loss"],
+                              0.0, 0, 0, answer_latency_ms(settings, root, method_dir, questions, "base"))
+        rows.append(CompareRow(
+            method=name, token_f1=scores["token_f1"], exact_match=scores["exact_match"],
+            eval_loss=scores["eval_loss"], train_seconds=round(result.seconds, 1),
+            trainable_params=0 if built else result.trainable_params,
+            artifact_bytes=folder_bytes(artifact_dir(method_dir, registry.get(name))),
+            latency_ms=answer_latency_ms(settings, root, method_dir, questions, name),
+            steps=0 if built else result.steps, run_dir=str(method_dir)))
+        # cheapest first: what trains least, then what trains fastest
+        rows.sort(key=lambda row: (row.trainable_params, row.train_seconds))
+        summary = {"created_at": now_iso(), "eval_file": str(run_dir / "data" / "eval.jsonl"),
+                   "n_questions": report["n_questions"], "latency_questions": len(questions),
+                   "base": asdict(base), "methods": [asdict(row) for row in rows],
+                   "pending": names[len(rows):]}
+        # after every method: an interrupted comparison keeps the methods it finished
+        write_json(run_dir / COMPARE_DIR / "compare.json", summary)
+    return summary
+
+
+def compare_table(summary: dict) -> Table:
+    table = Table(title=f"Methods compared on {summary['n_questions']} held-out questions (cheapest first)")
+    for column, justify in (("method", "left"), ("token F1", "right"), ("exact match", "right"),
+                            ("eval loss", "right"), ("train s", "right"), ("trainable params", "right"),
+                            ("artifact", "right"), ("ms / answer", "right")):
+        table.add_column(column, justify=justify)
+    for row in [summary["base"], *summary["methods"]]:
+        size = row["artifact_bytes"]
+        table.add_row(row["method"], f"{row['token_f1']:.4f}", f"{row['exact_match']:.4f}", f"{row['eval_loss']:.4f}",
+                      f"{row['train_seconds']:.1f}", f"{row['trainable_params']:,}",
+                      "-" if row["method"] == "base" else _size(size), f"{row['latency_ms']:.0f}")
+    return table
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
+
+
+def compare(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption, run: Path = RunOption,
+            methods: str = typer.Option(..., "--methods", "-m", help=(
+                "Comma-separated methods, e.g. prompt,prompt_tuning,p_tuning,lora,full.")),
+            latency_questions: int = typer.Option(5, "--latency-questions", min=1, help=(
+                "Held-out questions answered one at a time to measure latency.")),
+            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")) -> None:
+    """Train (or build) several methods on the same run data, evaluate each on the same questions, and print one
+    table, cheapest first → RUN/compare/compare.json. METHOD:KEY=VALUE overrides apply to one method only."""
+    common, per_method = split_overrides(list(overrides or []))
+    config, root = open_workspace(workspace, common)
+    run_dir = run_folder(root, run)
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    summary = run_compare(config, root, run_dir, names, show_progress=not no_progress,
+                          latency_questions=latency_questions, method_overrides=per_method)
+    console.print(compare_table(summary))
+    console.print(f"results: {run_dir / COMPARE_DIR / 'compare.json'}", soft_wrap=True, highlight=False)

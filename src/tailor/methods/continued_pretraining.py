@@ -1,0 +1,97 @@
+"""Continued pretraining: causal-LM training on the ingested corpus (domain adaptation), loss on every token,
+optionally followed by SFT on the chat records (instruction tuning) — one artifact, a complete model, at the end.
+
+The corpus is cut into token blocks with overlap (train/corpus.py); a deterministic share of the chunks is held out
+for the eval loss. The weights that train are LoRA adapters (folded into the saved model) or all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tailor.errors import TailorError
+from tailor.methods.artifacts import save_whole_model
+from tailor.methods.registry import Method, MethodOptions, Phase, TrainContext, register
+
+KEY = "methods.continued_pretraining"
+
+
+class ContinuedPretrainingOptions(MethodOptions):
+    weights: Literal["lora", "full"] = Field("lora", description=(
+        "Which weights train: LoRA adapters on the projections (cheap; folded into the saved model) or all."))
+    r: int = Field(16, gt=0, description="LoRA rank (weights: lora).")
+    alpha: int = Field(32, gt=0, description="LoRA scale; the update is multiplied by alpha / r (weights: lora).")
+    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                               description="Module names LoRA adapts (weights: lora).")
+    block_tokens: int = Field(512, gt=8, description=(
+        "Tokens per training block cut from the corpus; at most the model's context."))
+    overlap_tokens: int = Field(64, ge=0, description=(
+        "Tokens a block shares with the previous one of the same document, as context only (no loss twice)."))
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of corpus chunks held out for the eval loss.")
+    corpus_steps: int = Field(0, ge=0, description=(
+        "Optimizer steps on the corpus; 0: as train.max_steps / train.epochs."))
+    then_sft: bool = Field(False, description=(
+        "Continue with SFT on RUN/data/train.jsonl after the corpus (domain adaptation, then instruction tuning)."))
+
+
+def model_context(ref: str) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(ref), "max_position_embeddings", None)
+
+
+def check_block(options, context: int | None, key: str) -> None:
+    if context is not None and options.block_tokens > context:
+        raise TailorError(f"{key}.block_tokens: {options.block_tokens} tokens do not fit the model's context of "
+                          f"{context} tokens")
+    if options.overlap_tokens >= options.block_tokens:
+        raise TailorError(f"{key}.overlap_tokens: must be below block_tokens={options.block_tokens} "
+                          f"(found {options.overlap_tokens})")
+
+
+def corpus_phase(ctx: TrainContext, tokenizer, options, key: str, context: int | None,
+                 name: str = "corpus") -> Phase:
+    from tailor.train.corpus import CORPUS_FILE, corpus_examples
+
+    check_block(options, context, key)
+    train_blocks, eval_blocks = corpus_examples(ctx.run_dir / CORPUS_FILE, tokenizer,
+                                                block_tokens=options.block_tokens,
+                                                overlap_tokens=options.overlap_tokens,
+                                                eval_fraction=options.eval_fraction)
+    return Phase(name, train_blocks, eval_blocks, max_steps=options.corpus_steps or None)
+
+
+def phases(ctx: TrainContext, tokenizer) -> list[Phase]:
+    """Corpus blocks (loss on every token), then the chat records when then_sft."""
+    from tailor.train.run import sft_phase
+
+    options = ctx.options
+    found = [corpus_phase(ctx, tokenizer, options, KEY, model_context(ctx.base_ref))]
+    if options.then_sft:
+        found.append(sft_phase(ctx.run_dir, tokenizer))
+    return found
+
+
+def prepare_weights(model, options, key: str):
+    """LoRA adapters on `options.targets`, or every weight trainable."""
+    if options.weights == "full":
+        return model.requires_grad_(True)
+    from tailor.methods.lora import LoraOptions
+    from tailor.methods.lora import prepare as lora_prepare
+    from tailor.methods.registry import require_modules
+
+    require_modules(model, options.targets, f"{key}.targets")
+    return lora_prepare(model, LoraOptions(r=options.r, alpha=options.alpha, targets=options.targets))
+
+
+def prepare(model, options: ContinuedPretrainingOptions):
+    return prepare_weights(model, options, KEY)
+
+
+register(Method(name="continued_pretraining", options=ContinuedPretrainingOptions, prepare=prepare,
+                artifact="model", save=save_whole_model, phases=phases,
+                frozen_base=lambda options: options.weights == "lora",
+                summary="Causal-LM training on the corpus (LoRA or full), optionally then SFT; saves a whole "
+                        "model."))
