@@ -1,0 +1,1 @@
+"""User feedback back into training: read what `tailor serve` stored, turn it into preference pairs, summarize it."""

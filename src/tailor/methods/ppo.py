@@ -1,0 +1,328 @@
+"""PPO: reinforcement learning from a reward (Schulman et al., 2017, as used for RLHF by Ouyang et al., 2022).
+
+Written out by hand in one readable loop (TRL no longer ships PPO). Each iteration:
+1. rollouts: sample answers from the policy for a batch of prompts;
+2. score each answer with a rule-based reward function (`module:function`) and/or a trained reward model;
+3. per-token rewards: −kl_coef · (log π − log π_ref) on every answer token, plus the score on the last one;
+4. advantages by GAE from a value head on the policy's hidden states;
+5. several epochs of clipped policy and value losses over mini-batches of the rollouts.
+
+The policy is LoRA: on an SFT run's adapter (whose frozen copy is the reference) or fresh on the base (whose
+reference is the base with the adapter switched off), so there is one set of base weights in memory. The artifact is
+the usual `RUN/adapter/`, so `tailor eval` and `tailor serve` use it unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tailor.config import TailorConfig
+from tailor.errors import TailorError
+from tailor.methods.alignment import (MetricsLog, load_policy, record_training, reference, resolve_path,
+                                      save_adapter)
+from tailor.methods.registry import Method, MethodOptions, register
+from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train.examples import chat_ids
+from tailor.train.loop import TrainResult
+from tailor.workspace import read_jsonl
+
+RewardFunction = Callable[[list[dict], str], float]
+
+
+class PpoOptions(MethodOptions):
+    init_adapter: str | None = Field(None, description=(
+        "Start from this LoRA adapter (an SFT run folder or its adapter/ folder); its frozen copy is the KL "
+        "reference. null: a fresh adapter on the base, whose reference is the base."))
+    reward_function: str | None = Field(None, description=(
+        "A Python callable `module:function(prompt_messages, answer) -> float`, the module found in the workspace "
+        "folder (e.g. rewards:style_reward for rewards.py)."))
+    reward_model: str | None = Field(None, description="A reward run folder (`tailor train --method reward`).")
+    reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in the total reward.")
+    prompts_file: str | None = Field(None, description=(
+        "JSONL of prompts (chat `messages`, a final assistant turn is dropped, or `prompt`); "
+        "null: the prompts of RUN/data/train.jsonl."))
+    iterations: int = Field(20, gt=0, description="Rollout batches (each followed by ppo_epochs of updates).")
+    rollout_batch: int = Field(8, gt=0, description="Prompts sampled per iteration.")
+    mini_batch: int = Field(4, gt=0, description="Rollouts per gradient step.")
+    ppo_epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")
+    max_new_tokens: int = Field(48, gt=0, description="Longest sampled answer.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty against the reference.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip ε.")
+    value_clip: float = Field(0.2, gt=0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    r: int = Field(16, gt=0, description="LoRA rank of a fresh adapter.")
+    alpha: int = Field(32, gt=0, description="LoRA scale numerator of a fresh adapter.")
+    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                               description="LoRA target modules of a fresh adapter.")
+
+
+def load_reward_function(spec: str, root: Path) -> RewardFunction:
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise TailorError(f"methods.ppo.reward_function: expected module:function (found {spec!r})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # the workspace's own modules, like the example's rewards.py
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 — any failure importing user code is the user's to fix
+        raise TailorError(f"methods.ppo.reward_function: cannot import {module_name!r} from {root} "
+                          f"({type(exc).__name__}: {exc})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise TailorError(f"methods.ppo.reward_function: {module_name} has no function {function_name!r}")
+    return function
+
+
+def load_prompts(path: Path) -> list[list[dict]]:
+    prompts = []
+    for line_no, record in read_jsonl(path):
+        messages = record.get("messages", record.get("prompt"))
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, list) or not messages:
+            raise TailorError(f"{path}:{line_no}: expected chat \"messages\" or a \"prompt\"")
+        while messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1].get("role") != "user":
+            raise TailorError(f"{path}:{line_no}: the prompt must end with a user message")
+        prompts.append(messages)
+    if not prompts:
+        raise TailorError(f"{path}: no prompts")
+    return prompts
+
+
+class Scorer:
+    """Total reward of (prompt, answer) pairs: the rule-based function and/or the reward model."""
+
+    def __init__(self, options: PpoOptions, root: Path):
+        if not options.reward_function and not options.reward_model:
+            raise TailorError("methods.ppo: name a reward_function (module:function) and/or a reward_model "
+                              "(a reward run folder)")
+        self.spec = options.reward_function
+        self.function = load_reward_function(options.reward_function, root) if options.reward_function else None
+        self.weight, self.model = options.reward_model_weight, None
+        if options.reward_model:
+            from tailor.methods.reward import load_reward_model, reward_folder
+
+            self.model, self.tokenizer = load_reward_model(reward_folder(options.reward_model, root,
+                                                                         "methods.ppo.reward_model"))
+
+    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
+        scores = [0.0] * len(prompts)
+        if self.function is not None:
+            for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+                question = prompt[-1]["content"]
+                try:
+                    value = self.function(prompt, answer)
+                except Exception as exc:  # noqa: BLE001 — user code: stop with the prompt that broke it
+                    raise TailorError(f"methods.ppo.reward_function: {self.spec} raised {type(exc).__name__}: {exc} "
+                                      f"on the prompt {question!r} (answer {answer!r})") from None
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise TailorError(f"methods.ppo.reward_function: {self.spec} returned {value!r}, not a finite "
+                                      f"number, on the prompt {question!r} (answer {answer!r})")
+                scores[i] += float(value)
+        if self.model is not None:
+            from tailor.methods.reward import score
+
+            learned = score(self.model, self.tokenizer, [p + [{"role": "assistant", "content": a}]
+                                                         for p, a in zip(prompts, answers)])
+            scores = [s + self.weight * r for s, r in zip(scores, learned)]
+        return torch.tensor(scores)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+class Policy(torch.nn.Module):
+    """The LoRA policy with a value head on its hidden states; the output projection runs in fp32 on answer
+    positions only, so log-probabilities (and the PPO ratio) are not rounded to bf16."""
+
+    def __init__(self, model, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+        base = model.get_base_model()
+        self.decoder = base.get_decoder()
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, device=next(model.parameters()).device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        # the output projection is frozen (LoRA does not touch it): one fp32 copy instead of a cast per forward
+        self.head_weight = base.get_output_embeddings().weight.detach().float()
+
+    def forward(self, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int):
+        """Log-probabilities of the answer tokens, values and entropies, each [B, R]."""
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        hidden = self.decoder(input_ids=sequences, attention_mask=mask,
+                              position_ids=positions).last_hidden_state  # [B, P+R, H]
+        states = hidden[:, prompt_width - 1:-1].float()  # [B, R, H]: the states that predict each answer token
+        logits = states @ self.head_weight.T / self.temperature  # [B, R, V]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        answer = sequences[:, prompt_width:]
+        token_log_probs = log_probs.gather(-1, answer.unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        # the value head reads detached states: its regression error must not reshape the policy's body (a shared
+        # trunk with a fresh zero head wrecked small policies in a step or two)
+        return token_log_probs, self.value_head(states.detach()).squeeze(-1), entropy
+
+
+@torch.no_grad()
+def rollout(policy: Policy, tokenizer, prompts: list[list[dict]], options: PpoOptions):
+    """Sampled answers: sequences [B, P+R] (prompt left-padded), attention mask, prompt width, answer mask [B, R]."""
+    device = next(policy.parameters()).device
+    encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids):] = 1
+    policy.model.eval()
+    # top_k 0 and top_p 1: sample from the full distribution, the one whose log-probabilities PPO uses
+    sequences = policy.model.generate(input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device),
+                                      do_sample=True, temperature=options.temperature, top_k=0, top_p=1.0,
+                                      max_new_tokens=options.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+    answer = sequences[:, width:]
+    # an answer ends at its first end-of-sequence token (kept: the policy learns when to stop)
+    ended = (answer == tokenizer.eos_token_id).long().cumsum(dim=1)
+    answer_mask = ((ended == 0) | ((ended == 1) & (answer == tokenizer.eos_token_id))).long()
+    mask = torch.cat([prompt_mask.to(device), answer_mask], dim=1)
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(answer, answer_mask)]
+    return sequences, mask, width, answer_mask.float(), texts
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al., 2016) over answer tokens, each [B, R]; positions after an answer's end count as 0."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    returns = advantages + values
+    return masked_whiten(advantages, mask), returns
+
+
+def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
+        **_) -> TrainResult:
+    from tailor.train.run import seed_everything
+
+    options: PpoOptions = config.method_options("ppo")
+    cfg = config.train
+    root, run_dir = Path(root), Path(run_dir)
+    prompts_path = (resolve_path(options.prompts_file, root) if options.prompts_file
+                    else run_dir / "data" / "train.jsonl")
+    if not prompts_path.is_file():
+        raise TailorError(f"methods.ppo.prompts_file: {prompts_path} not found; name a prompts file or run "
+                          f"`tailor data build`")
+    prompts = load_prompts(prompts_path)
+    base_ref = resolve_base_model(config.base_model, root=root)
+    dtype = pick_dtype(cfg.dtype)
+    seed_everything(cfg.seed)
+    # the reward function is imported (and the reward model loaded) before the policy: a typo costs no model load
+    scorer = Scorer(options, root)
+    tokenizer = load_tokenizer(base_ref)
+    model = load_policy(base_ref, dtype, options.init_adapter, root, "methods.ppo.init_adapter", r=options.r,
+                        alpha=options.alpha, targets=options.targets)
+    policy = Policy(model, options.temperature)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+
+    progress = Progress(TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("iterations"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        TextColumn("reward {task.fields[reward]} kl {task.fields[kl]}"),
+                        console=Console(file=sys.stderr), disable=not show_progress)
+    task = progress.add_task("ppo", total=options.iterations, reward="-", kl="-")
+    started, iteration, record = time.perf_counter(), 0, {}
+    first_reward = None
+    with progress, MetricsLog(run_dir) as metrics:
+        while iteration < options.iterations:
+            if len(order) < options.rollout_batch:
+                order += torch.randperm(len(prompts), generator=generator).tolist()
+            batch_prompts = [prompts[i] for i in order[:options.rollout_batch]]
+            order = order[options.rollout_batch:]
+
+            sequences, mask, width, answer_mask, texts = rollout(policy, tokenizer, batch_prompts, options)
+            scores = scorer(batch_prompts, texts).to(answer_mask.device)  # [B]
+            with torch.no_grad():
+                old_log_probs, old_values, _ = policy(sequences, mask, width)
+                with reference(model):
+                    ref_log_probs, _, _ = policy(sequences, mask, width)
+            kl = (old_log_probs - ref_log_probs) * answer_mask  # [B, R]
+            rewards = -options.kl_coef * kl
+            last = answer_mask.sum(dim=1).long().clamp(min=1) - 1
+            rewards[torch.arange(len(texts)), last] += scores
+            advantages, returns = advantages_and_returns(rewards, old_values, answer_mask, options.gamma, options.lam)
+
+            policy.model.train()
+            stats = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_fraction": []}
+            for _ in range(options.ppo_epochs):
+                for start in range(0, len(texts), options.mini_batch):
+                    rows = slice(start, start + options.mini_batch)
+                    m = answer_mask[rows]
+                    log_probs, values, entropy = policy(sequences[rows], mask[rows], width)
+                    ratio = torch.exp(log_probs - old_log_probs[rows])
+                    unclipped = -advantages[rows] * ratio
+                    clipped = -advantages[rows] * ratio.clamp(1 - options.clip_range, 1 + options.clip_range)
+                    policy_loss = masked_mean(torch.maximum(unclipped, clipped), m)
+                    values_clipped = old_values[rows] + (values - old_values[rows]).clamp(-options.value_clip,
+                                                                                          options.value_clip)
+                    value_loss = 0.5 * masked_mean(torch.maximum((values - returns[rows]) ** 2,
+                                                                 (values_clipped - returns[rows]) ** 2), m)
+                    (policy_loss + options.vf_coef * value_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stats["policy_loss"].append(float(policy_loss.detach()))
+                    stats["value_loss"].append(float(value_loss.detach()))
+                    stats["entropy"].append(float(masked_mean(entropy.detach(), m)))
+                    stats["clip_fraction"].append(float(masked_mean((clipped > unclipped).float(), m)))
+
+            iteration += 1
+            mean_reward = float(scores.mean())
+            first_reward = mean_reward if first_reward is None else first_reward
+            record = {"step": iteration, "reward": mean_reward, "kl": float(kl.sum(dim=1).mean()),
+                      **{k: sum(v) / len(v) for k, v in stats.items()},
+                      "answer_tokens": float(answer_mask.sum(dim=1).mean()),
+                      "elapsed_s": time.perf_counter() - started}
+            metrics.write(record)
+            progress.update(task, completed=iteration, reward=f"{mean_reward:.3f}", kl=f"{record['kl']:.3f}")
+            if should_stop is not None and should_stop(iteration):
+                break
+
+    artifact = save_adapter(model, run_dir, config)
+    result = TrainResult(steps=iteration, train_loss=record.get("policy_loss", float("nan")), eval_loss=None,
+                         label_tokens=0, tokens=0, seconds=time.perf_counter() - started, tokens_per_s=0.0,
+                         trainable_params=sum(p.numel() for p in trainable))
+    record_training(run_dir, config, "ppo", base_ref, dtype, [prompts_path], artifact,
+                    {**result.to_dict(), "first_reward": first_reward, "last_reward": record.get("reward"),
+                     "last_kl": record.get("kl")})
+    return result
+
+
+register(Method(name="ppo", options=PpoOptions, run=run, artifact="adapter",
+                summary="RLHF with PPO: sampled answers scored by a reward function and/or model, KL to a reference."))

@@ -1,0 +1,237 @@
+"""Reward model: the base model with a scalar head, trained on preference pairs so that the chosen answer scores
+higher than the rejected one — the pairwise loss −log σ(r_chosen − r_rejected) of Ouyang et al. (2022).
+
+The reward is the head applied to the hidden state of the conversation's last token. The body trains as LoRA
+(default) or fully. The artifact `RUN/reward/` holds the adapter (or the whole model), `head.safetensors` and
+`reward.json`; PPO and `tailor reward score` load it with `load_reward_model`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from tailor.config import TailorConfig, dump_config
+from tailor.data.preference import with_answer
+from tailor.errors import TailorError
+from tailor.methods import artifacts
+from tailor.methods.alignment import MetricsLog, preference_pairs, record_training, split_pairs
+from tailor.methods.registry import Method, MethodOptions, register, require_modules
+from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train.examples import chat_ids
+from tailor.train.loop import TrainResult
+from tailor.train.progress import TrainProgress
+from tailor.workspace import atomic_dir, atomic_write_text, read_json, write_json
+
+REWARD_DIR = "reward"
+HEAD_FILE = "head.safetensors"
+INFO_FILE = "reward.json"
+# artifacts.py owns this table; the reward artifact is not a generator, so it gets its own folder
+artifacts.ARTIFACT_DIRS.setdefault("reward", REWARD_DIR)
+
+
+class RewardOptions(MethodOptions):
+    preference_file: str | None = Field(None, description=(
+        "Preference pairs (JSONL: prompt/chosen/rejected, Anthropic HH, UltraFeedback or OpenAI preference "
+        "records); null: RUN/data/preferences.jsonl."))
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out to report pair accuracy.")
+    adapter: Literal["lora", "full"] = Field("lora", description="Train the body as LoRA adapters or fully.")
+    r: int = Field(8, gt=0, description="LoRA rank (adapter: lora).")
+    alpha: int = Field(16, gt=0, description="LoRA scale numerator (adapter: lora).")
+    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="LoRA target modules.")
+    max_tokens: int = Field(512, gt=8, description="Pairs whose prompt + answer exceed this are reported.")
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM body (optionally with LoRA) and a linear head on the last real token's hidden state."""
+
+    def __init__(self, body, head: torch.nn.Linear):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self.body.get_base_model() if hasattr(self.body, "get_base_model") else self.body
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,T,H]
+        last = attention_mask.sum(dim=1) - 1  # right padding: the last real token of each row
+        return self.head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)  # [B]
+
+
+def batch_ids(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask, each [batch, longest]."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def pair_rewards(model: RewardModel, tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and of the rejected answers, each [pairs]; one forward pass for both."""
+    sequences = [chat_ids(tokenizer, with_answer(p["prompt"], p[side])) for side in ("chosen", "rejected")
+                 for p in pairs]
+    device = next(model.parameters()).device
+    rewards = model(*batch_ids(sequences, tokenizer.pad_token_id, device))
+    return rewards[:len(pairs)], rewards[len(pairs):]
+
+
+@torch.no_grad()
+def pair_accuracy(model: RewardModel, tokenizer, pairs: list[dict], batch_size: int) -> tuple[float, float]:
+    """(share of pairs where the chosen answer scores higher, mean pairwise loss)."""
+    was_training = model.training
+    model.eval()
+    right, loss = 0, 0.0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = pair_rewards(model, tokenizer, pairs[start:start + batch_size])
+        right += int((chosen > rejected).sum())
+        loss += float(-torch.nn.functional.logsigmoid(chosen - rejected).sum())
+    model.train(was_training)
+    return right / len(pairs), loss / len(pairs)
+
+
+def build(base_ref: str, dtype: torch.dtype, options: RewardOptions) -> RewardModel:
+    model = load_model(base_ref, dtype=dtype if options.adapter == "lora" else torch.float32)
+    if options.adapter == "lora":
+        import peft
+
+        require_modules(model, options.targets, "methods.reward.targets")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=options.r, lora_alpha=options.alpha,
+                                                           target_modules=options.targets, task_type="CAUSAL_LM"))
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    else:
+        model.requires_grad_(True)
+    # zero init: every answer starts at reward 0, so the first steps learn the preference, not undo noise
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return RewardModel(model, head)
+
+
+def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
+        **_) -> TrainResult:
+    from transformers import get_scheduler
+
+    from tailor.train.run import seed_everything
+
+    options: RewardOptions = config.method_options("reward")
+    cfg = config.train
+    base_ref = resolve_base_model(config.base_model, root=root)
+    tokenizer = load_tokenizer(base_ref)
+    pairs, source = preference_pairs(options.preference_file, root, run_dir, "methods.reward.preference_file",
+                                     tokenizer, options.max_tokens)
+    train_pairs, eval_pairs = split_pairs(pairs, options.eval_fraction, cfg.seed)
+    dtype = pick_dtype(cfg.dtype)
+    seed_everything(cfg.seed)
+    model = build(base_ref, dtype, options)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
+                              num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    started, loss_ema, step, loss_value = time.perf_counter(), None, 0, float("nan")
+    eval_accuracy = eval_loss = None
+    with MetricsLog(run_dir) as metrics, TrainProgress(total=steps, enabled=show_progress,
+                                                       description="reward model") as progress:
+        while step < steps:
+            if len(order) < cfg.batch_size:
+                order += torch.randperm(len(train_pairs), generator=generator).tolist()
+            batch, order = [train_pairs[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+            chosen, rejected = pair_rewards(model, tokenizer, batch)
+            margin = chosen - rejected  # [pairs]
+            loss = -torch.nn.functional.logsigmoid(margin).mean()
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(loss.detach())
+            loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+            record = {"step": step, "loss": loss_value, "accuracy": float((margin > 0).float().mean()),
+                      "margin": float(margin.detach().mean()), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "elapsed_s": time.perf_counter() - started}
+            if eval_pairs and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                eval_accuracy, eval_loss = pair_accuracy(model, tokenizer, eval_pairs, cfg.batch_size)
+                record |= {"eval_accuracy": eval_accuracy, "eval_loss": eval_loss}
+            metrics.write(record)
+            progress.update(step, loss=loss_ema, tokens_per_s=0.0)
+            if should_stop is not None and should_stop(step):
+                break
+    seconds = time.perf_counter() - started
+    artifact = save(model, tokenizer, run_dir, config, base_ref,
+                    {"pair_accuracy": eval_accuracy, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)})
+    result = TrainResult(steps=step, train_loss=loss_value, eval_loss=eval_loss, label_tokens=0, tokens=0,
+                         seconds=seconds, tokens_per_s=0.0, trainable_params=sum(p.numel() for p in trainable))
+    record_training(run_dir, config, "reward", base_ref, dtype, [source], artifact,
+                    {**result.to_dict(), "pair_accuracy": eval_accuracy})
+    return result
+
+
+def save(model: RewardModel, tokenizer, run_dir: Path, config: TailorConfig, base_ref: str, info: dict) -> Path:
+    target = Path(run_dir) / REWARD_DIR
+    options: RewardOptions = config.method_options("reward")
+    with atomic_dir(target) as tmp:
+        model.body.save_pretrained(tmp)
+        if options.adapter == "full":
+            tokenizer.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, tmp / HEAD_FILE)
+        write_json(tmp / INFO_FILE, {"base_model": base_ref, "adapter": options.adapter, **info})
+        atomic_write_text(tmp / "tailor.yaml", dump_config(config))
+    return target
+
+
+def reward_folder(value: str | Path, root: Path | None = None, key: str = "reward model") -> Path:
+    """A reward run folder (its reward/) or the reward folder itself."""
+    path = Path(value).expanduser()
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    for folder in (path / REWARD_DIR, path):
+        if (folder / INFO_FILE).is_file() and (folder / HEAD_FILE).is_file():
+            return folder
+    raise TailorError(f"{key}: {path} is not a reward model (no {INFO_FILE} and {HEAD_FILE}); train one with "
+                      f"`tailor train --method reward`")
+
+
+def load_reward_model(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[RewardModel, object]:
+    """The reward model of a `reward/` folder and its tokenizer, in eval mode."""
+    info = read_json(folder / INFO_FILE)
+    if info.get("adapter") == "full":
+        body, tokenizer = load_model(str(folder), dtype=dtype), load_tokenizer(str(folder))
+    else:
+        import peft
+
+        body = peft.PeftModel.from_pretrained(load_model(info["base_model"], dtype=dtype), str(folder))
+        tokenizer = load_tokenizer(info["base_model"])
+    state = load_file(folder / HEAD_FILE)
+    head = torch.nn.Linear(state["weight"].shape[1], 1)
+    head.load_state_dict(state)
+    model = RewardModel(body, head.to(next(body.parameters()).device)).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def score(model: RewardModel, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+    """The reward of each conversation's final assistant answer."""
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(conversations), batch_size):
+        sequences = [chat_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+        scores += model(*batch_ids(sequences, tokenizer.pad_token_id, device)).tolist()
+    return scores
+
+
+register(Method(name="reward", options=RewardOptions, run=run, artifact="reward",
+                summary="Reward model: a scalar head on the base (LoRA or full) trained on preference pairs."))

@@ -1,0 +1,90 @@
+"""PPO on the tiny model: a trivially learnable rule's mean reward rises within a bounded number of iterations
+while the KL to the reference stays finite; a broken reward function stops the run naming the prompt."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tailor.config import validate_config
+from tailor.errors import TailorError
+from tailor.methods.ppo import advantages_and_returns
+from tailor.train.run import run_training
+from tailor.workspace import write_jsonl
+
+REWARDS = """
+def says_yes(prompt, answer):
+    return 1.0 if "yes" in answer.lower() else 0.0
+
+def broken(prompt, answer):
+    raise ValueError("no score today")
+
+def not_a_number(prompt, answer):
+    return "high"
+"""
+PROMPTS = [[{"role": "user", "content": f"Is topic {i} open?"}] for i in range(8)]
+
+
+@pytest.fixture
+def prompts_workspace(tmp_path):
+    (tmp_path / "test_rewards.py").write_text(REWARDS)
+    write_jsonl(tmp_path / "data" / "train.jsonl",
+                [{"messages": p + [{"role": "assistant", "content": "Yes." if i % 2 else "No."}]}
+                 for i, p in enumerate(PROMPTS)])
+    return tmp_path
+
+
+@pytest.fixture
+def workspace(prompts_workspace, tiny_model_dir):
+    """An SFT run that answers "Yes." or "No." about equally often: a random model spreads its samples over 49k
+    tokens, so no rule gets a consistent signal in a few iterations; this policy already says both answers."""
+    tmp_path = prompts_workspace
+    # full fine-tuning: LoRA on a random width-64 model moves its outputs too slowly for a quick SFT
+    sft = validate_config({"base_model": tiny_model_dir, "train": {
+        "method": "full", "max_steps": 30, "batch_size": 8, "learning_rate": 3e-3, "scheduler": "constant",
+        "dtype": "fp32", "save_every": 0}})
+    (tmp_path / "sft" / "data").mkdir(parents=True)
+    (tmp_path / "sft" / "data" / "train.jsonl").write_text((tmp_path / "data" / "train.jsonl").read_text())
+    run_training(sft, tmp_path, tmp_path / "sft", show_progress=False)
+    return tmp_path
+
+
+def config(model_dir, function, **ppo):
+    return validate_config({"base_model": str(model_dir), "train": {"method": "ppo", "learning_rate": 1e-2,
+                                                               "dtype": "fp32", "seed": 1},
+                            "methods": {"ppo": {"reward_function": f"test_rewards:{function}", "r": 8, "alpha": 16,
+                                                "iterations": 16, "rollout_batch": 16, "mini_batch": 8,
+                                                "ppo_epochs": 2, "max_new_tokens": 4, "kl_coef": 0.01} | ppo}})
+
+
+def test_ppo_raises_the_mean_reward_and_keeps_kl_finite(tiny_model_dir, workspace):
+    result = run_training(config(workspace / "sft" / "model", "says_yes"), workspace, workspace, show_progress=False)
+    lines = [json.loads(line) for line in (workspace / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == len(lines) == 16
+    assert all(math.isfinite(line["kl"]) and math.isfinite(line["value_loss"]) for line in lines)
+    first, last = sum(l["reward"] for l in lines[:4]) / 4, sum(l["reward"] for l in lines[-4:]) / 4
+    assert 0.1 < first < 0.9 and last > first + 0.15, [l["reward"] for l in lines]
+    assert all(key in lines[-1] for key in ("entropy", "clip_fraction", "policy_loss"))
+    assert (workspace / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((workspace / "manifest.json").read_text())["stages"]["train"]["method"] == "ppo"
+
+
+@pytest.mark.parametrize("function, message", [
+    ("broken", r"test_rewards:broken raised ValueError: no score today on the prompt 'Is topic \d open\?'"),
+    ("not_a_number", r"test_rewards:not_a_number returned 'high', not a finite number, on the prompt 'Is topic"),
+    ("missing", r"test_rewards has no function 'missing'"),
+])
+def test_a_bad_reward_function_stops_the_run_with_the_prompt(tiny_model_dir, prompts_workspace, function, message):
+    with pytest.raises(TailorError, match=rf"methods\.ppo\.reward_function: {message}"):
+        run_training(config(tiny_model_dir, function, iterations=1), prompts_workspace, prompts_workspace,
+                     show_progress=False)
+    assert not (prompts_workspace / "adapter").exists()
+
+
+def test_gae_with_gamma_and_lambda_one_is_the_reward_to_go_minus_the_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the 4th position is past the answer's end: ignored
+    values = torch.tensor([[0.5, 0.25, 0.0, 9.0]])
+    _, returns = advantages_and_returns(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
