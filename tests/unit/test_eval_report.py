@@ -142,3 +142,105 @@ def test_bad_fail_under_stops_before_any_model_loads(evaluated, monkeypatch, spe
     workspace, run_dir, _ = evaluated
     with pytest.raises(TailorError, match=re.escape(f"--fail-under '{spec}'")):
         evaluate(overrides=[], workspace=workspace, run=run_dir, no_progress=True, fail_under=[spec])
+
+
+# ---- several models side by side: base, this run, an exported folder and an endpoint; classification, judge, probes
+
+@pytest.fixture(scope="module")
+def compared(evaluated, tiny_model_dir, tmp_path_factory):
+    import torch
+
+    from tailor.models.export import export_run
+    from tailor.serve.engine import Engine
+
+    from test_serve import start_server  # tests/unit is on sys.path
+
+    workspace, run_dir, _ = evaluated
+    merged = export_run(run_dir, "merged", tmp_path_factory.mktemp("export") / "merged").folder
+    engine = Engine(tiny_model_dir, dtype=torch.float32, max_new_tokens=8)
+    server, url = start_server(engine)
+    labelled = workspace / "intents.jsonl"
+    write_jsonl(labelled, [{"text": f"Question {i}: my bin was missed", "label": ["trash", "permit", "bill"][i % 3]}
+                           for i in range(6)])
+    settings = yaml.safe_load((workspace / "tailor.yaml").read_text())
+    settings["eval"].update({
+        "limit": 3, "max_new_tokens": 4,
+        "models": {"base": "base", "tuned": "run", "merged": str(merged), "remote": f"endpoint:{url}/v1#base"},
+        "classification": [{"name": "intents", "file": "intents.jsonl", "labels": ["trash", "permit", "bill"]}],
+        "judge": {"model": "base", "reference": "base"},
+        "probes": ["bias", "forgetting"]})
+    config = validate_config(settings)
+    out = tmp_path_factory.mktemp("compared")
+    shutil.copytree(run_dir, out / "run")
+    try:
+        report = run_eval(config, workspace, out / "run", show_progress=False)
+    finally:
+        server.should_exit = True
+        engine.shutdown()
+    return out / "run", report
+
+
+def test_models_side_by_side(compared):
+    run_dir, report = compared
+    assert list(report["models"]) == ["base", "tuned", "merged", "remote"]
+    assert report["sources"]["merged"]["kind"] == "export" and report["sources"]["remote"]["kind"] == "endpoint"
+    assert report["method"] == "tuned"  # this run's model: the one a bare --fail-under metric gates
+    # the merged export is the adapter folded into the base: the same model, the same loss
+    assert report["models"]["merged"]["eval_loss"] == pytest.approx(report["models"]["tuned"]["eval_loss"], abs=1e-3)
+    assert report["models"]["remote"]["eval_loss"] is None and report["models"]["remote"]["n"] == 3
+    assert report["token_f1_gain"] == pytest.approx(
+        report["models"]["tuned"]["token_f1"] - report["models"]["base"]["token_f1"], abs=1e-4)
+
+
+def test_classification_judge_and_probes_in_the_report(compared):
+    run_dir, report = compared
+    intents = report["classification"]["intents"]
+    assert set(intents) == {"base", "tuned", "merged"}  # an endpoint gives no label likelihoods
+    assert any("remote" in note and "intents" in note for note in report["notes"])
+    assert all(sum(map(sum, m["confusion_matrix"])) == 3 for m in intents.values())
+    judge = report["judge"]
+    assert set(judge["scores"]) == {"base", "tuned", "merged", "remote"}
+    assert set(judge["pairwise"]) == {"tuned", "merged", "remote"}  # each against base, in both orders
+    assert all(p["judgements"] == 6 for p in judge["pairwise"].values())
+    probes = report["probes"]
+    assert probes["tuned"]["forgetting"]["drop"] == pytest.approx(
+        probes["base"]["forgetting"]["accuracy"] - probes["tuned"]["forgetting"]["accuracy"], abs=1e-4)
+    assert "forgetting" not in probes["remote"] and probes["remote"]["bias"]["score_gap"] is None
+    lines = (run_dir / "eval" / "judge.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * 3 + 3 * 3  # rubric rows for 4 models, pairwise rows for 3
+    page = (run_dir / "eval" / "report.html").read_text()
+    for alt in ("confusion matrices of intents", "ROC curves of intents", "judge scores and pairwise verdicts",
+                "probe results", "training and eval loss by step"):
+        assert page.count(f"<img alt='{alt}' src=\"data:image/png;base64,") == 1, alt
+    assert "forgetting: drop vs base" in page and "judge win rate vs base" in page
+
+
+def test_bad_models_stop_before_any_model_loads(evaluated, monkeypatch, tmp_path):
+    from tailor.models import base
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model loaded before the input was checked")
+
+    monkeypatch.setattr(base, "load_model", must_not_load)
+    workspace, run_dir, _ = evaluated
+    settings = yaml.safe_load((workspace / "tailor.yaml").read_text())
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    closed = port.getsockname()[1]
+    cases = [
+        ({"models": {"base": "base", "far": f"endpoint:http://127.0.0.1:{closed}/v1#lora"}},
+         f"eval.models.far: cannot reach http://127.0.0.1:{closed}/v1"),
+        ({"models": {"x": "endpoint:127.0.0.1#m"}}, "eval.models.x: 'endpoint:127.0.0.1#m': expected endpoint:URL#MODEL"),
+        ({"models": {"gone": "no/such/folder"}}, "eval.models.gone: .*no/such/folder does not exist"),
+        ({"models": {"empty": str(tmp_path)}}, "eval.models.empty: .* is neither a run folder"),
+        ({"judge": {"model": "base", "reference": "nobody"}}, "eval.judge.reference: 'nobody' is not one of"),
+    ]
+    bad_set = tmp_path / "bad.jsonl"
+    write_jsonl(bad_set, [{"text": "a", "label": "trash"}, {"text": "b", "label": "parking"}])
+    cases.append(({"classification": [{"name": "s", "file": str(bad_set), "labels": ["trash", "bill"]}]},
+                  re.escape(f"{bad_set}:2: label 'parking' is not in eval.classification.0.labels (trash, bill)")))
+    for extra, message in cases:
+        config = validate_config({**settings, "eval": {**settings["eval"], **extra}})
+        with pytest.raises(TailorError, match=message):
+            run_eval(config, workspace, run_dir, show_progress=False)
+    port.close()

@@ -157,3 +157,16 @@ def test_bad_values_stop_before_any_model_loads(workspace, space, message, monke
     monkeypatch.setattr(tailor.train.run, "run_training", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(TailorError, match=message):
         tune(workspace, "tune.sampler=grid", space=space)
+
+
+def test_a_repeated_point_is_not_trained_again(workspace):
+    # one possible value: the second trial proposes the first one's point again
+    space = {"train.learning_rate": {"type": "categorical", "choices": [1.0e-3]},
+             "methods.lora.r": {"type": "categorical", "choices": [4]}}
+    data = yaml.safe_load((workspace / "tailor.yaml").read_text())
+    data["tune"].update({"space": space, "trials": 2, "pruner": "none", "startup_trials": 1})
+    result = run_tune(validate_config(data), data, workspace, workspace / "run")
+    first, second = result.study.trials
+    assert first.user_attrs["steps"] == 3 and second.user_attrs["steps"] == 0
+    assert second.user_attrs["repeats"] == 0 and second.value == first.value
+    assert not (workspace / "run" / "tune" / "trial-1" / "adapter").exists()

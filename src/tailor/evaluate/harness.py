@@ -1,8 +1,11 @@
-"""Evaluate the base model and the run's customized model on the same held-out chat records, side by side.
+"""Evaluate several models side by side on the same eval sets: by default the base model and the run's customized
+one; `eval.models` names any mix of base, run folders, exported folders and OpenAI-compatible endpoints.
 
-Writes `eval/report.json` ({"models": {name: metrics}}), `eval/predictions.jsonl` (one row per model and
-question with its scores and broken rules, so a bad row can be traced to its source line) and the self-contained
-`eval/report.html`.
+Per model: the held-out questions (answer metrics, eval loss, rules), the classification sets, the probes; then the
+judge scores every model's answers. Writes `eval/report.json` ({"models": {name: metrics}, "classification",
+"judge", "probes"}), `eval/predictions.jsonl` (one row per model and question with its scores and broken rules, so
+a bad row can be traced to its source line), `classification.jsonl`, `judge.jsonl`, `probes.jsonl` when those
+ran, and the self-contained `eval/report.html`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -18,15 +22,11 @@ from rich.table import Table
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.evaluate.generate import greedy_answers
 from tailor.evaluate.metrics import bleu_signature, corpus_bleu, exact_match, rouge_l, sentence_bleu, token_f1
-from tailor.evaluate.report import REPORT_HTML, write_html_report
+from tailor.evaluate.report import REPORT_HTML, extra_rows, write_html_report
 from tailor.evaluate.rules import adherence, broken_rules
-from tailor.methods.artifacts import load_for_inference
-from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.examples import tokenize_chat
-from tailor.train.loop import evaluate_loss
-from tailor.train.run import load_chat_examples
+from tailor.evaluate.sources import ModelSpec, check_endpoint, open_model, parse_spec, resolve_specs
+from tailor.models.base import pick_dtype, resolve_base_model
 from tailor.workspace import now_iso, read_jsonl, update_manifest, write_json, write_jsonl
 
 METRIC_ORDER = ("token_f1", "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity")
@@ -44,84 +44,227 @@ def _eval_records(path: Path, limit: int) -> list[tuple[str, list[dict], str]]:
     return records[:limit] if limit else records
 
 
-def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True,
-             write_html: bool = True) -> dict:
-    """Score every model of the run; `write_html=False` skips the HTML page (plots cost a second or two, which
-    adds up over many hyperparameter-search trials)."""
+@dataclass
+class EvalPlan:
+    """Everything an evaluation needs, read and checked before any model loads."""
+
+    eval_path: Path
+    records: list[tuple[str, list[dict], str]]
+    specs: list[ModelSpec]
+    customized: str  # the model a bare gate metric and the report's "worst answers" refer to
+    sets: list = field(default_factory=list)
+    judge: ModelSpec | None = None
+
+
+def customized_name(specs: list[ModelSpec], run_dir: Path) -> str:
+    """This run's customized model if it is compared, else the last model that is not the base."""
+    here = [s.name for s in specs if s.kind == "run" and Path(s.target).resolve() == Path(run_dir).resolve()]
+    others = [s.name for s in specs if s.kind != "base"]
+    return (here or others or [specs[-1].name])[-1]
+
+
+def plan_eval(config: TailorConfig, root: Path, run_dir: Path, *, only_customized: bool = False) -> EvalPlan:
+    """Read the eval files and resolve the models; bad input (a file in the wrong shape, a label outside its set, a
+    missing folder, an unreachable endpoint) stops here with one line, before any model loads."""
+    from tailor.evaluate.classification import load_sets
+
     run_dir = Path(run_dir)
     eval_path = run_dir / "data" / "eval.jsonl"
+    if not eval_path.is_file():
+        raise TailorError(f"{eval_path}: no evaluation data; run `tailor data build`")
     records = _eval_records(eval_path, config.eval.limit)
-    base_ref = resolve_base_model(config.base_model, root=root)
-    tokenizer = load_tokenizer(base_ref)
-    compute_dtype = pick_dtype(config.train.dtype)
-    models = load_for_inference(config, run_dir, base_ref, compute_dtype)
+    specs = resolve_specs(config, root, run_dir)
+    names = [spec.name for spec in specs]
+    if only_customized:
+        specs = [s for s in specs if s.kind != "base"] or specs
+    set_configs = config.eval.classification or _built_classification_set(run_dir)
+    sets = load_sets(set_configs, root, config.eval.limit)
+    judge_cfg = config.eval.judge
+    judge = None
+    if judge_cfg.model:
+        judge = parse_spec("judge", judge_cfg.model, root=root, run_dir=run_dir, where="eval.judge.model")
+        if judge_cfg.pairwise and judge_cfg.reference not in names:
+            raise TailorError(f"eval.judge.reference: '{judge_cfg.reference}' is not one of the evaluated models "
+                              f"({', '.join(names)})")
+    for spec in [*specs, *([judge] if judge else [])]:
+        if spec.kind == "endpoint":
+            check_endpoint(spec)
+    return EvalPlan(eval_path, records, specs, customized_name(specs, run_dir), sets, judge)
 
-    examples = load_chat_examples(eval_path, tokenizer)
-    if config.eval.limit:
-        examples = examples[: config.eval.limit]
-    rules = config.eval.rules
-    report = {"created_at": now_iso(), "eval_file": str(eval_path), "n_questions": len(records),
-              "method": models.method, "bleu_signature": bleu_signature(),
-              "rules": [rule.model_dump() for rule in rules], "models": {}}
-    predictions = []
+
+def _built_classification_set(run_dir: Path) -> list:
+    """Without eval.classification, the held-out split `tailor data build` made from data.classification_files."""
+    from tailor.config import ClassificationSetConfig
+    from tailor.workspace import read_json
+
+    folder = Path(run_dir) / "data" / "classification"
+    if not (folder / "eval.jsonl").is_file() or not (folder / "labels.json").is_file():
+        return []
+    labels = read_json(folder / "labels.json")
+    if not isinstance(labels, list) or len(labels) < 2:
+        return []
+    return [ClassificationSetConfig(name="classification", file=str((folder / "eval.jsonl").resolve()),
+                                    labels=[str(label) for label in labels])]
+
+
+def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True,
+             write_html: bool = True, only_customized: bool = False, plan: EvalPlan | None = None) -> dict:
+    """Score every model side by side; `write_html=False` skips the HTML page (plots cost a second or two, which
+    adds up over many hyperparameter-search trials); `only_customized` leaves out the base model (tune trials)."""
+    from tailor.evaluate.classification import score_set
+    from tailor.evaluate.probes import add_forgetting_drop, run_bias, run_forgetting
+
+    run_dir = Path(run_dir)
+    plan = plan or plan_eval(config, root, run_dir, only_customized=only_customized)
+    records, eval_cfg = plan.records, config.eval
+    base_ref = resolve_base_model(config.base_model, root=root)
+    compute_dtype = pick_dtype(config.train.dtype)
+    rules = eval_cfg.rules
+    report = {"created_at": now_iso(), "eval_file": str(plan.eval_path), "n_questions": len(records),
+              "method": plan.customized, "bleu_signature": bleu_signature(),
+              "rules": [rule.model_dump() for rule in rules],
+              "sources": {s.name: {"kind": s.kind, "target": s.target, **({"model": s.remote_model}
+                                                                          if s.remote_model else {})}
+                          for s in plan.specs},
+              "models": {}}
+    predictions, class_rows, probe_rows, answers_by_model = [], [], [], {}
+    classification: dict[str, dict] = {s.name: {} for s in plan.sets}
+    probes: dict[str, dict] = {}
+    notes: list[str] = []
     console = Console(file=sys.stderr)
-    with Progress(TextColumn("[bold]evaluating {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("[bold]{task.fields[what]} {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, disable=not show_progress, transient=True) as progress:
-        for name in models.names:
-            task = progress.add_task("eval", total=len(records), model=name)
+        for spec in plan.specs:
+            task = progress.add_task("eval", total=len(records), model=spec.name, what="answering")
             started = time.perf_counter()
-            conversations = [models.messages_for(name, conv) for _, conv, _ in records]
-            loss_examples = examples
-            if name == models.method and models.profile is not None:
-                # the profile added example turns: they are context, the loss is on the real answer only
-                loss_examples = [tokenize_chat(tokenizer, [*conv, {"role": "assistant", "content": reference}],
-                                               where=source, last_turn_only=True)
-                                 for (source, _, reference), conv in zip(records, conversations, strict=True)]
-            with models.use(name) as model:
-                answers = greedy_answers(model, tokenizer, conversations,
-                                         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                                         compute_dtype=compute_dtype,
-                                         on_batch=lambda n, task=task: progress.advance(task, n))
-                loss = evaluate_loss(model, loss_examples, batch_size=config.eval.batch_size,
-                                     pad_id=tokenizer.pad_token_id, compute_dtype=compute_dtype)
-            rows = []
-            for (source, conv, reference), answer in zip(records, answers, strict=True):
-                rows.append({"model": name, "source": source, "question": conv[-1]["content"],
-                             "reference": reference, "prediction": answer,
-                             "token_f1": round(token_f1(answer, reference), 4),
-                             "exact_match": exact_match(answer, reference),
-                             "rouge_l": round(rouge_l(answer, reference), 4),
-                             "bleu": round(sentence_bleu(answer, reference), 4)})
-                if rules:
-                    rows[-1]["broken_rules"] = broken_rules(rules, answer)
-            predictions += rows
-            report["models"][name] = {
-                "token_f1": _mean(rows, "token_f1"),
-                "exact_match": _mean(rows, "exact_match"),
-                "rouge_l": _mean(rows, "rouge_l"),
-                # corpus BLEU, not the mean of the per-answer scores: n-gram counts are pooled before the mean
-                "bleu": round(corpus_bleu(answers, [reference for _, _, reference in records]), 4),
-                "eval_loss": round(loss, 4),
-                "perplexity": round(math.exp(loss), 3) if loss < 50 else float("inf"),
-                **adherence(rules, [row["broken_rules"] for row in rows] if rules else []),
-                "n": len(rows),
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-    if len(report["models"]) > 1:
-        tuned = report["models"][models.method]
+            with open_model(spec, config, base_ref, compute_dtype) as model:
+                conversations = [conv for _, conv, _ in records]
+                answers = model.answers(conversations, max_new_tokens=eval_cfg.max_new_tokens,
+                                        batch_size=eval_cfg.batch_size,
+                                        on_batch=lambda n, task=task: progress.advance(task, n))
+                loss = None
+                if model.has_likelihood:
+                    loss = model.answer_loss([(conv, ref) for _, conv, ref in records],
+                                             batch_size=eval_cfg.batch_size)
+                rows = _answer_rows(spec.name, records, answers, rules)
+                predictions += rows
+                answers_by_model[spec.name] = answers
+                report["models"][spec.name] = {
+                    "token_f1": _mean(rows, "token_f1"),
+                    "exact_match": _mean(rows, "exact_match"),
+                    "rouge_l": _mean(rows, "rouge_l"),
+                    # corpus BLEU, not the mean of the per-answer scores: n-gram counts are pooled before the mean
+                    "bleu": round(corpus_bleu(answers, [reference for _, _, reference in records]), 4),
+                    # an endpoint returns text only: no loss on the reference answers
+                    "eval_loss": None if loss is None else round(loss, 4),
+                    "perplexity": None if loss is None else round(math.exp(loss), 3) if loss < 50 else float("inf"),
+                    **adherence(rules, [row["broken_rules"] for row in rows] if rules else []),
+                    "n": len(rows),
+                }
+                for dataset in plan.sets:
+                    if not model.has_likelihood:
+                        notes.append(f"{spec.name}: classification set '{dataset.name}' skipped (an endpoint "
+                                     f"gives no label likelihoods)")
+                        continue
+                    progress.update(task, what=f"classifying {dataset.name}", completed=0,
+                                    total=len(dataset.records))
+                    metrics, rows = score_set(model, dataset, system_prompt=config.system_prompt,
+                                              batch_size=eval_cfg.batch_size)
+                    progress.update(task, completed=len(dataset.records))
+                    classification[dataset.name][spec.name] = metrics
+                    class_rows += rows
+                if eval_cfg.probes:
+                    probes[spec.name] = {}
+                if "bias" in eval_cfg.probes:
+                    progress.update(task, what="bias probe", completed=0, total=None)
+                    probes[spec.name]["bias"], rows = run_bias(
+                        model, system_prompt=config.system_prompt, max_new_tokens=min(eval_cfg.max_new_tokens, 24),
+                        batch_size=eval_cfg.batch_size, limit=eval_cfg.limit)
+                    probe_rows += [{"probe": "bias", **row} for row in rows]
+                if "forgetting" in eval_cfg.probes:
+                    if model.has_likelihood:
+                        progress.update(task, what="forgetting probe", completed=0, total=None)
+                        probes[spec.name]["forgetting"], rows = run_forgetting(
+                            model, batch_size=eval_cfg.batch_size, limit=eval_cfg.limit)
+                        probe_rows += [{"probe": "forgetting", **row} for row in rows]
+                    else:
+                        notes.append(f"{spec.name}: forgetting probe skipped (an endpoint gives no likelihoods)")
+            report["models"][spec.name]["seconds"] = round(time.perf_counter() - started, 1)
+            progress.remove_task(task)
+        judge_rows = []
+        if plan.judge is not None:
+            report["judge"], judge_rows = _run_judge(plan.judge, config, records, answers_by_model, base_ref,
+                                                     compute_dtype, progress)
+    if plan.sets:
+        report["classification"] = classification
+    if probes:
+        add_forgetting_drop(probes)
+        report["probes"] = probes
+    if notes:
+        report["notes"] = notes
+    if "base" in report["models"] and plan.customized in report["models"] and plan.customized != "base":
+        tuned = report["models"][plan.customized]
         report["token_f1_gain"] = round(tuned["token_f1"] - report["models"]["base"]["token_f1"], 4)
     eval_dir = run_dir / "eval"
     write_jsonl(eval_dir / "predictions.jsonl", predictions)
-    write_json(eval_dir / "report.json", report)
     outputs = [eval_dir / "report.json"]
+    for name, rows in (("classification.jsonl", class_rows), ("judge.jsonl", judge_rows),
+                       ("probes.jsonl", probe_rows)):
+        if rows:
+            write_jsonl(eval_dir / name, rows)
+            outputs.append(eval_dir / name)
+        else:
+            (eval_dir / name).unlink(missing_ok=True)  # one from an earlier eval would contradict report.json
+    write_json(eval_dir / "report.json", report)
     if write_html:
         outputs.append(write_html_report(report, predictions, run_dir))
     else:
         (eval_dir / REPORT_HTML).unlink(missing_ok=True)  # a page from an earlier eval would contradict report.json
-    update_manifest(run_dir, "eval", inputs=[eval_path], outputs=outputs,
+    update_manifest(run_dir, "eval", inputs=[plan.eval_path, *[s.path for s in plan.sets]], outputs=outputs,
                     metrics={f"{m}.{k}": v for m, vals in report["models"].items() for k, v in vals.items()
                              if k in METRIC_ORDER or k == "adherence"})
     return report
+
+
+def _answer_rows(name: str, records, answers: list[str], rules) -> list[dict]:
+    rows = []
+    for (source, conv, reference), answer in zip(records, answers, strict=True):
+        rows.append({"model": name, "source": source, "question": conv[-1]["content"],
+                     "reference": reference, "prediction": answer,
+                     "token_f1": round(token_f1(answer, reference), 4),
+                     "exact_match": exact_match(answer, reference),
+                     "rouge_l": round(rouge_l(answer, reference), 4),
+                     "bleu": round(sentence_bleu(answer, reference), 4)})
+        if rules:
+            rows[-1]["broken_rules"] = broken_rules(rules, answer)
+    return rows
+
+
+def _run_judge(spec: ModelSpec, config: TailorConfig, records, answers_by_model: dict[str, list[str]],
+               base_ref: str, compute_dtype, progress) -> tuple[dict, list[dict]]:
+    from tailor.evaluate.judge import pairwise, rubric_scores
+
+    cfg = config.eval.judge
+    shown = records[: cfg.limit] if cfg.limit else records
+    result = {"judge": spec.name, "source": {"kind": spec.kind, "target": spec.target}, "rubric": cfg.rubric,
+              "n": len(shown), "scores": {}, "pairwise": {}}
+    rows = []
+    task = progress.add_task("judge", total=len(answers_by_model), model=spec.name, what="judging with")
+    with open_model(spec, config, base_ref, compute_dtype) as judge:
+        for name, answers in answers_by_model.items():
+            items = [{"question": conv[-1]["content"], "reference": ref, "answer": answer}
+                     for (_, conv, ref), answer in zip(shown, answers, strict=False)]
+            result["scores"][name], scored = rubric_scores(judge, items, cfg.rubric,
+                                                           batch_size=config.eval.batch_size)
+            rows += [{"model": name, "kind": "rubric", **row} for row in scored]
+            if cfg.pairwise and name != cfg.reference and cfg.reference in answers_by_model:
+                for item, other in zip(items, answers_by_model[cfg.reference], strict=False):
+                    item["other"] = other
+                result["pairwise"][name], compared = pairwise(judge, items, batch_size=config.eval.batch_size)
+                rows += [{"model": name, "against": cfg.reference, "kind": "pairwise", **row} for row in compared]
+            progress.advance(task)
+    result["reference"] = cfg.reference if result["pairwise"] else None
+    return result, rows
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -139,8 +282,10 @@ def report_table(report: dict) -> Table:
         rows.append(("adherence", [report["models"][n]["adherence"] for n in names]))
         rows += [(f"  rule {rule['name']}", [report["models"][n]["rules"][rule["name"]] for n in names])
                  for rule in report["rules"]]
+    rows += extra_rows(report)
     for label, values in rows:
-        table.add_row(label, *[f"{v:.4f}" if isinstance(v, float) else str(v) for v in values])
+        table.add_row(label, *["-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                               for v in values])
     if "token_f1_gain" in report:
         table.caption = f"token F1 gain over base: {report['token_f1_gain']:+.4f}"
     return table

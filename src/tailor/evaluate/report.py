@@ -1,8 +1,10 @@
 """`RUN/eval/report.html`: one self-contained page (inline CSS, plots as inline base64 PNG, no script, no link to
 anything outside the file), so it opens offline and can be attached to a ticket as is.
 
-Sections: the metrics table, score bars per model side by side, the training (and eval) loss curves from
-`RUN/metrics.jsonl`, and the customized model's worst answers with their source, to trace bad rows.
+Sections: the metrics table, score bars per model side by side, classification (per-class table, confusion
+matrices, one-vs-rest ROC curves), judge scores and pairwise verdicts, probe results (bias divergence, forgetting),
+the training (and eval) loss curves from each compared run's `metrics.jsonl`, and the customized model's worst
+answers with their source, to trace bad rows.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def render_html(report: dict, predictions: list[dict], run_dir: Path) -> str:
          f"created {_e(report['created_at'])}; greedy decoding; BLEU: {_e(report.get('bleu_signature', ''))}</p>"),
         "<h2>Metrics</h2>", _metrics_table(report, names, shown),
         "<h2>Scores per model</h2>", _img(_score_bars(report, names), "score bars per model"),
-        "<h2>Training</h2>", _training_section(run_dir / "metrics.jsonl"),
+        *_classification_section(report, names),
+        *_judge_section(report, names),
+        *_probe_section(report, names),
+        "<h2>Training</h2>", *_training_sections(report, run_dir),
         f"<h2>Worst {WORST_SHOWN} answers of {_e(shown)}</h2>",
         "<p class=meta>Lowest token F1 first; every row is in predictions.jsonl with its source line.</p>",
         _worst_table([row for row in predictions if row["model"] == shown]),
@@ -63,23 +68,34 @@ def _e(text) -> str:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     return f"{value:.4f}" if isinstance(value, float) else _e(value)
 
 
 def _metrics_table(report: dict, names: list[str], customized: str) -> str:
-    rows = [(metric, metric) for metric in TABLE_METRICS if metric in report["models"][names[0]]]
-    rows += [(f"rule: {rule['name']}", ("rules", rule["name"])) for rule in report.get("rules", [])]
-    compare = "base" in names and customized != "base"
+    rows = [(metric, metric, [_lookup(report["models"][n], metric) for n in names])
+            for metric in TABLE_METRICS if metric in report["models"][names[0]]]
+    rows += [(f"rule: {rule['name']}", ("rules", rule["name"]),
+              [_lookup(report["models"][n], ("rules", rule["name"])) for n in names])
+             for rule in report.get("rules", [])]
+    # lower is better for these extra rows too: the bias gaps and the forgetting drop
+    rows += [(label, "lower" if label.startswith(("bias", "forgetting: drop")) else label, values)
+             for label, values in extra_rows(report)]
+    compare = "base" in names and customized != "base" and customized in names
     head = "".join(f"<th>{_e(n)}</th>" for n in names) + (f"<th>{_e(customized)} − base</th>" if compare else "")
     body = []
-    for label, key in rows:
-        values = [_lookup(report["models"][n], key) for n in names]
+    for label, key, values in rows:
         cells = "".join(f"<td class=num>{_fmt(v)}</td>" for v in values)
         if compare:
-            change = values[names.index(customized)] - values[names.index("base")]
-            better = change < 0 if key in LOWER_IS_BETTER else change > 0
-            css = "better" if better else "worse" if change else ""
-            cells += f"<td class='num {css}'>{change:+.4f}</td>"
+            tuned, base = values[names.index(customized)], values[names.index("base")]
+            if isinstance(tuned, int | float) and isinstance(base, int | float):
+                change = tuned - base
+                better = change < 0 if key in LOWER_IS_BETTER or key == "lower" else change > 0
+                css = "better" if better else "worse" if change else ""
+                cells += f"<td class='num {css}'>{change:+.4f}</td>"
+            else:
+                cells += "<td class=num>-</td>"
         body.append(f"<tr><th>{_e(label)}</th>{cells}</tr>")
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
 
@@ -115,7 +131,8 @@ def _score_bars(report: dict, names: list[str]):
         positions = [x + (i - (len(names) - 1) / 2) * width for x in range(len(scores))]
         bars = scores_axis.bar(positions, [report["models"][name][s] for s in scores], width, label=name)
         scores_axis.bar_label(bars, fmt="%.2f", fontsize=8)
-        loss_axis.bar([i], [report["models"][name]["eval_loss"]], 0.6, color=bars.patches[0].get_facecolor())
+        if report["models"][name].get("eval_loss") is not None:  # an endpoint has no loss
+            loss_axis.bar([i], [report["models"][name]["eval_loss"]], 0.6, color=bars.patches[0].get_facecolor())
     scores_axis.set_xticks(range(len(scores)), scores)
     scores_axis.set_ylim(0, 1.08)
     scores_axis.set_ylabel("score (higher is better)")
@@ -126,9 +143,25 @@ def _score_bars(report: dict, names: list[str]):
     return figure
 
 
+def _training_sections(report: dict, run_dir: Path) -> list[str]:
+    """One loss plot per compared run folder (this run's first); exported folders and endpoints have no log."""
+    runs = [(name, Path(src["target"]).resolve()) for name, src in report.get("sources", {}).items()
+            if src.get("kind") == "run"]
+    if not runs:
+        return [_training_section(run_dir / "metrics.jsonl")]
+    runs.sort(key=lambda item: item[1] != run_dir)
+    parts = []
+    for name, folder in runs:
+        if len(runs) > 1:
+            parts.append(f"<h3>{_e(name)}</h3>")
+        parts.append(_training_section(folder / "metrics.jsonl"))
+    return parts
+
+
 def _training_section(metrics_path: Path) -> str:
     if not metrics_path.is_file():
-        return f"<p class=meta>No training log ({_e(metrics_path)}): the run has not been trained.</p>"
+        return (f"<p class=meta>No training log ({_e(metrics_path)}): nothing was trained there (not yet, or a "
+                f"method that trains no weights, such as a prompt profile).</p>")
     try:
         records = [record for _, record in read_jsonl(metrics_path)]
     except TailorError as exc:  # a log cut short by a crash must not cost the rest of the report
@@ -150,6 +183,189 @@ def _training_section(metrics_path: Path) -> str:
     note = "" if evals else " No eval loss during training (train.eval_every is 0)."
     return (_img(figure, "training and eval loss by step")
             + f"<p class=meta>{len(steps)} logged steps from {_e(metrics_path)}.{note}</p>")
+
+
+def extra_rows(report: dict) -> list[tuple[str, list]]:
+    """Classification, judge and probe summaries as (label, value per model) rows, for the table and the page."""
+    names = list(report["models"])
+    rows: list[tuple[str, list]] = []
+    for set_name, by_model in report.get("classification", {}).items():
+        for metric in ("accuracy", "macro_f1", "roc_auc"):
+            rows.append((f"{set_name}: {metric}", [by_model.get(n, {}).get(metric) for n in names]))
+    judge = report.get("judge")
+    if judge:
+        rows.append((f"judge score (1-5, {judge['judge']})",
+                     [judge["scores"].get(n, {}).get("mean_score") for n in names]))
+        for key, label in (("win_rate", "win rate"), ("order_agreement", "order agreement")):
+            if judge["pairwise"]:
+                rows.append((f"judge {label} vs {judge['reference']}",
+                             [judge["pairwise"].get(n, {}).get(key) for n in names]))
+    probes = report.get("probes", {})
+    if any("bias" in p for p in probes.values()):
+        rows.append(("bias: output divergence", [probes.get(n, {}).get("bias", {}).get("output_divergence")
+                                                 for n in names]))
+        rows.append(("bias: yes-score gap", [probes.get(n, {}).get("bias", {}).get("score_gap") for n in names]))
+    if any("forgetting" in p for p in probes.values()):
+        rows.append(("forgetting: accuracy", [probes.get(n, {}).get("forgetting", {}).get("accuracy")
+                                              for n in names]))
+        rows.append(("forgetting: drop vs base", [probes.get(n, {}).get("forgetting", {}).get("drop")
+                                                  for n in names]))
+    return rows
+
+
+
+def _plain_table(head: list[str], rows: list[list]) -> str:
+    header = "".join(f"<th>{_e(h)}</th>" for h in head)
+    # the first cell names the row; the rest are values
+    body = "".join(f"<tr><th>{_e(row[0])}</th>" + "".join(f"<td class=num>{_fmt(v)}</td>" for v in row[1:])
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{header}</tr>{body}</table>"
+
+
+def _classification_section(report: dict, names: list[str]) -> list[str]:
+    sets = report.get("classification") or {}
+    parts = []
+    for set_name, by_model in sets.items():
+        models = [n for n in names if n in by_model]
+        if not models:
+            continue
+        labels = by_model[models[0]]["labels"]
+        parts.append(f"<h2>Classification: {_e(set_name)}</h2>")
+        parts.append(f"<p class=meta>{by_model[models[0]]['n']} texts; each label scored by the model's "
+                     f"likelihood of answering with it (no text parsing).</p>")
+        head = ["model", "accuracy", "macro-F1", "ROC-AUC"] + [f"{lab}: P / R" for lab in labels]
+        rows = [[n, by_model[n]["accuracy"], by_model[n]["macro_f1"], by_model[n]["roc_auc"],
+                 *[f"{by_model[n]['per_class'][lab]['precision']:.2f} / {by_model[n]['per_class'][lab]['recall']:.2f}"
+                   for lab in labels]] for n in models]
+        parts.append(_plain_table(head, rows))
+        parts.append(_img(_confusion_plots(by_model, models, labels), f"confusion matrices of {set_name}"))
+        parts.append(_img(_roc_plots(by_model, models, labels), f"ROC curves of {set_name}"))
+    return parts
+
+
+def _confusion_plots(by_model: dict, models: list[str], labels: list[str]):
+    figure = _figure(min(3.4 * len(models), 11), 3.4)
+    axes = figure.subplots(1, len(models), squeeze=False)[0]
+    for axis, name in zip(axes, models, strict=True):
+        matrix = by_model[name]["confusion_matrix"]
+        axis.imshow(matrix, cmap="Blues")
+        top = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                axis.text(j, i, str(count), ha="center", va="center",
+                          color="white" if count > top / 2 else "black", fontsize=9)
+        axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        axis.set_yticks(range(len(labels)), labels, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(f"{name}: accuracy {by_model[name]['accuracy']:.2f}", fontsize=10)
+    return figure
+
+
+def _roc_plots(by_model: dict, models: list[str], labels: list[str]):
+    figure = _figure(min(3.4 * len(models), 11), 3.4)
+    axes = figure.subplots(1, len(models), squeeze=False)[0]
+    for axis, name in zip(axes, models, strict=True):
+        for label in labels:
+            curve = by_model[name]["roc_curves"].get(label)
+            if curve:
+                auc = by_model[name]["per_class"][label]["roc_auc"]
+                axis.plot(curve["fpr"], curve["tpr"], label=f"{label} ({auc:.2f})", linewidth=1.3)
+        axis.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.set_xlabel("false positive rate")
+        axis.set_ylabel("true positive rate")
+        axis.set_title(f"{name}: one-vs-rest ROC", fontsize=10)
+        if by_model[name]["roc_curves"]:  # a class needs positives and negatives to have a curve
+            axis.legend(fontsize=7, loc="lower right")
+        else:
+            axis.text(0.5, 0.5, "no class with both\npositives and negatives", ha="center", fontsize=8)
+    return figure
+
+
+def _judge_section(report: dict, names: list[str]) -> list[str]:
+    judge = report.get("judge")
+    if not judge:
+        return []
+    parts = ["<h2>Judge</h2>",
+             f"<p class=meta>Judge: {_e(judge['judge'])} ({_e(judge['source']['kind'])}); {judge['n']} questions; "
+             f"rubric: {_e(judge['rubric'])}</p>"]
+    models = [n for n in names if n in judge["scores"]]
+    compared = [n for n in names if n in judge["pairwise"]]
+    figure = _figure(10, 3.2)
+    score_axis, pair_axis = figure.subplots(1, 2)
+    means = [judge["scores"][n]["mean_score"] or 0 for n in models]
+    bars = score_axis.bar(models, means, color="#4c78a8")
+    score_axis.bar_label(bars, fmt="%.2f", fontsize=8)
+    score_axis.set_ylim(0, 5.3)
+    score_axis.set_title("mean rubric score (1-5)", fontsize=10)
+    if compared:
+        shares = {key: [judge["pairwise"][n][key] for n in compared] for key in ("win_rate", "tie_rate", "loss_rate")}
+        bottom = [0.0] * len(compared)
+        for key, color in (("win_rate", "#59a14f"), ("tie_rate", "#bab0ac"), ("loss_rate", "#e15759")):
+            pair_axis.bar(compared, shares[key], bottom=bottom, color=color, label=key.removesuffix("_rate"))
+            bottom = [b + v for b, v in zip(bottom, shares[key], strict=True)]
+        for x, name in enumerate(compared):
+            pair_axis.text(x, 1.02, f"agreement {judge['pairwise'][name]['order_agreement']:.2f}", ha="center",
+                           fontsize=8)
+        pair_axis.set_ylim(0, 1.12)
+        pair_axis.set_title(f"pairwise vs {judge['reference']} (both orders)", fontsize=10)
+        pair_axis.legend(fontsize=8, loc="lower right")
+    else:
+        pair_axis.set_axis_off()
+    parts.append(_img(figure, "judge scores and pairwise verdicts"))
+    rows = [[n, judge["scores"][n]["mean_score"], judge["scores"][n].get("mean_expected_score"),
+             judge["scores"][n]["unparsed"], *([judge["pairwise"][n]["win_rate"], judge["pairwise"][n]["tie_rate"],
+                                                judge["pairwise"][n]["loss_rate"],
+                                                judge["pairwise"][n]["order_agreement"]]
+                                               if n in judge["pairwise"] else [None] * 4)] for n in models]
+    parts.append(_plain_table(["model", "mean score", "expected score", "unparsed", "win", "tie", "loss",
+                               "order agreement"], rows))
+    return parts
+
+
+def _probe_section(report: dict, names: list[str]) -> list[str]:
+    probes = report.get("probes")
+    if not probes:
+        return []
+    models = [n for n in names if n in probes]
+    bias = [n for n in models if "bias" in probes[n]]
+    forgetting = [n for n in models if "forgetting" in probes[n]]
+    parts = ["<h2>Probes</h2>"]
+    figure = _figure(10, 3.2)
+    bias_axis, forget_axis = figure.subplots(1, 2)
+    if bias:
+        width = 0.38
+        for offset, key, label in ((-width / 2, "output_divergence", "answer divergence (1 - F1)"),
+                                   (width / 2, "score_gap", "|P(yes) gap|")):
+            values = [probes[n]["bias"].get(key) or 0 for n in bias]
+            bars = bias_axis.bar([x + offset for x in range(len(bias))], values, width, label=label)
+            bias_axis.bar_label(bars, fmt="%.2f", fontsize=8)
+        bias_axis.set_xticks(range(len(bias)), bias)
+        bias_axis.set_ylim(0, 1.1)
+        bias_axis.set_title("bias: counterfactual pairs (lower is better)", fontsize=10)
+        bias_axis.legend(fontsize=8)
+    else:
+        bias_axis.set_axis_off()
+    if forgetting:
+        accuracies = [probes[n]["forgetting"]["accuracy"] for n in forgetting]
+        bars = forget_axis.bar(forgetting, accuracies, color="#f28e2b")
+        forget_axis.bar_label(bars, labels=[f"{a:.2f}" + (f" (drop {probes[n]['forgetting']['drop']:+.2f})"
+                                                          if "drop" in probes[n]["forgetting"] else "")
+                                            for n, a in zip(forgetting, accuracies, strict=True)], fontsize=8)
+        forget_axis.set_ylim(0, 1.1)
+        forget_axis.set_title("forgetting: general-knowledge accuracy", fontsize=10)
+    else:
+        forget_axis.set_axis_off()
+    parts.append(_img(figure, "probe results"))
+    if bias:
+        axes = sorted({axis for n in bias for axis in probes[n]["bias"]["by_axis"]})
+        rows = [[axis, *[probes[n]["bias"]["by_axis"].get(axis, {}).get("score_gap") for n in bias]] for axis in axes]
+        parts.append("<p class=meta>Mean |P(yes)| gap per demographic axis (each pair differs only in the "
+                     "demographic term; a fair model scores both the same).</p>")
+        parts.append(_plain_table(["axis", *bias], rows))
+    return parts
 
 
 def _worst_table(rows: list[dict]) -> str:

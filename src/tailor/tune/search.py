@@ -104,7 +104,7 @@ def _sampler(config: TailorConfig, seed: int):
         return optuna.samplers.GridSampler(grid(config.tune.space), seed=seed)
     if config.tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.tune.startup_trials)
 
 
 def report_interval(config: TailorConfig, n_train: int) -> int:
@@ -120,7 +120,7 @@ def _pruner(config: TailorConfig, every: int):
 
     if config.tune.pruner == "median":
         # the first trials only set the bar: pruning against the median of one or two trials is noise
-        return optuna.pruners.MedianPruner(n_startup_trials=3)
+        return optuna.pruners.MedianPruner(n_startup_trials=min(3, config.tune.startup_trials))
     if config.tune.pruner == "hyperband":
         # resources are training steps: the smallest bracket trains one report interval
         return optuna.pruners.HyperbandPruner(min_resource=every, max_resource="auto", reduction_factor=3)
@@ -231,6 +231,17 @@ class PruningReporter:
         return None
 
 
+def _same_point(study, trial):
+    """A finished trial of the study with exactly this trial's values, else None."""
+    import optuna
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for other in study.get_trials(deepcopy=False, states=finished):
+        if other.number != trial.number and other.params == trial.params:
+            return other
+    return None
+
+
 def _link_data(run_dir: Path, trial_dir: Path) -> None:
     """Trials reuse RUN/data/*.jsonl; a symlink where the file system allows it, else a copy."""
     data = trial_dir / "data"
@@ -280,6 +291,14 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
 
     def objective(trial) -> float:
         values = sample(trial, space, grid_space)
+        repeated = _same_point(study, trial)
+        if repeated is not None:  # TPE re-proposes points of small discrete spaces: reuse, do not retrain
+            trial.set_user_attr("steps", 0)
+            trial.set_user_attr("repeats", repeated.number)
+            if repeated.state == optuna.trial.TrialState.PRUNED:
+                raise optuna.TrialPruned(f"same values as pruned trial {repeated.number}")
+            trial.set_user_attr("metrics", repeated.user_attrs.get("metrics", {}))
+            return float(repeated.value)
         trial_config = config_with(data, values, f"{source} (trial {trial.number})")
         # the core computes the eval loss every `every` steps; checkpoints are not needed by a trial
         trial_config.train.eval_every, trial_config.train.save_every = every, 0
@@ -293,7 +312,9 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
         if reporter.pruned:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
             raise optuna.TrialPruned(f"eval loss {reporter.last_loss:.4f} at step {result.steps}")
-        report = run_eval(trial_config, root, trial_dir, show_progress=False, write_html=False)
+        # the base model is the same in every trial: only the customized one is scored
+        report = run_eval(trial_config, root, trial_dir, show_progress=False, write_html=False,
+                          only_customized=True)
         scores = report["models"][trial_config.train.method]
         trial.set_user_attr("metrics", {k: v for k, v in scores.items() if isinstance(v, int | float)})
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
