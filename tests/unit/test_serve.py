@@ -1,9 +1,12 @@
-"""`tailor serve` end to end: the official openai client against a real uvicorn server on the tiny model."""
+"""`tailor serve` end to end: the official openai client against a real uvicorn server on the tiny model: chat and
+legacy completions, models, metrics, the response cache, feedback, A/B aliases and runtime adapters."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import sqlite3
 import threading
 import time
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 import uvicorn
 
+from tailor.config import ServeConfig
 from tailor.errors import TailorError
 from tailor.serve.app import bind_socket, create_app, serve
 from tailor.serve.engine import Engine
@@ -36,9 +40,10 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
     return str(folder)
 
 
-def start_server(engine: Engine, host: str = "127.0.0.1") -> tuple[uvicorn.Server, str]:
+def start_server(engine: Engine, host: str = "127.0.0.1", config: ServeConfig | None = None,
+                 root=".") -> tuple[uvicorn.Server, str]:
     sock = bind_socket(host, 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, root), log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     deadline = time.monotonic() + 20
     while not server.started:
@@ -49,14 +54,23 @@ def start_server(engine: Engine, host: str = "127.0.0.1") -> tuple[uvicorn.Serve
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapter_dir) -> Engine:
-    return Engine(tiny_model_dir, adapters={"city.v1": adapter_dir}, dtype=torch.float32, max_new_tokens=16)
+    engine = Engine(tiny_model_dir, adapters={"city.v1": adapter_dir}, dtype=torch.float32, max_new_tokens=16)
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def url(engine):
-    server, url = start_server(engine)
-    yield url
+def served(engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    config = ServeConfig(aliases={"city-bot": {"base": 1, "city.v1": 1}}, rate_limit="10000/minute")
+    server, url = start_server(engine, config=config, root=root)
+    yield url, root
     server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def url(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +105,7 @@ def test_stream_joins_to_the_same_greedy_answer(client):
 
 
 def test_models_lists_base_then_adapter_and_the_adapter_changes_the_answer(client):
-    assert [m.id for m in client.models.list()] == ["base", "city.v1"]
+    assert [m.id for m in client.models.list()] == ["base", "city.v1", "city-bot"]
     base, adapted = greedy(client, "base"), greedy(client, "city.v1")
     assert adapted.choices[0].message.content != base.choices[0].message.content
     assert greedy(client, "base").choices[0].message.content == base.choices[0].message.content  # base restored
@@ -193,3 +207,108 @@ def test_workspace_system_prompt_is_added_only_when_the_client_sends_none(tiny_m
     assert added.prompt_tokens != plain.stream("base", question, max_tokens=1).prompt_tokens
     assert with_prompt.stream("base", own, max_tokens=1).prompt_tokens == plain.stream("base", own,
                                                                                         max_tokens=1).prompt_tokens
+
+
+def test_legacy_completion_streamed_and_whole_agree(client):
+    whole = client.completions.create(model="base", prompt="The city library opens at", temperature=0, max_tokens=8)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert whole.choices[0].text and whole.usage.completion_tokens <= 8
+    chunks = list(client.completions.create(model="base", prompt="The city library opens at", temperature=0,
+                                            max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_deterministic_requests_are_cached_and_counted(client, url):
+    question = [{"role": "user", "content": "Is the cache warm for bulky waste pickup?"}]
+    hits, misses = metric(url, "tailor_cache_hits_total"), metric(url, "tailor_cache_misses_total")
+    first = client.chat.completions.create(model="base", messages=question, temperature=0, max_tokens=6)
+    second = client.chat.completions.create(model="base", messages=question, temperature=0, max_tokens=6)
+    assert second.choices[0].message.content == first.choices[0].message.content and second.id != first.id
+    assert metric(url, "tailor_cache_misses_total") == misses + 1
+    assert metric(url, "tailor_cache_hits_total") == hits + 1
+    # sampling without a seed is never served from the cache
+    client.chat.completions.create(model="base", messages=question, temperature=1.0, max_tokens=2)
+    assert metric(url, "tailor_cache_hits_total") == hits + 1
+
+
+def test_metrics_report_latency_tokens_and_errors_per_model(client, url):
+    greedy(client, "city.v1")
+    assert metric(url, "tailor_time_to_first_token_seconds_count", model="city.v1") >= 1
+    assert metric(url, "tailor_inter_token_latency_seconds_count", model="city.v1") >= 1
+    assert metric(url, "tailor_generated_tokens_total", model="city.v1") >= 1
+    assert metric(url, "tailor_tokens_per_second_count", model="city.v1") >= 1
+    errors = metric(url, "tailor_errors_total", model="-", status="404")
+    with pytest.raises(openai.NotFoundError):
+        greedy(client, "no-such-model")
+    assert metric(url, "tailor_errors_total", model="-", status="404") == errors + 1
+
+
+def test_feedback_is_stored_with_the_completion_it_rates(client, served):
+    url, root = served
+    reply = greedy(client, "city.v1", user="resident-7")
+    response = httpx.post(f"{url}/v1/feedback", json={"response_id": reply.id, "rating": "down",
+                                                     "correction": "Renew it at City Hall, room 12.",
+                                                     "comment": "wrong office"})
+    assert response.status_code == 200 and response.json()["model"] == "city.v1"
+    with sqlite3.connect(root / "feedback.db") as db:
+        row = db.execute("SELECT model, prompt, answer, rating, correction, comment, user FROM feedback "
+                         "WHERE response_id = ?", (reply.id,)).fetchone()
+    model, prompt, answer, rating, correction, comment, user = row
+    assert (model, rating, correction, comment, user) == ("city.v1", "down", "Renew it at City Hall, room 12.",
+                                                          "wrong office", "resident-7")
+    assert json.loads(prompt) == QUESTION and answer == reply.choices[0].message.content
+    unknown = httpx.post(f"{url}/v1/feedback", json={"response_id": "chatcmpl-nope", "rating": "up"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "response_id"
+    bad = httpx.post(f"{url}/v1/feedback", json={"response_id": reply.id, "rating": "meh"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+
+
+def test_streamed_completions_are_recorded_for_feedback(client, served):
+    url, root = served
+    chunks = list(client.chat.completions.create(model="base", messages=QUESTION, max_tokens=4, stream=True,
+                                                 seed=3))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with sqlite3.connect(root / "feedback.db") as db:
+        assert db.execute("SELECT answer FROM completions WHERE id = ?", (chunks[0].id,)).fetchone() == (text,)
+    assert httpx.post(f"{url}/v1/feedback", json={"response_id": chunks[0].id, "rating": "up"}).status_code == 200
+
+
+def test_alias_splits_users_stickily_between_versions(client):
+    def served_by(user):
+        return client.chat.completions.create(model="city-bot", messages=QUESTION, max_tokens=1, temperature=0,
+                                              user=user).model
+
+    picks = {user: served_by(user) for user in (f"user-{i}" for i in range(12))}
+    assert set(picks.values()) == {"base", "city.v1"}  # both versions get traffic at 50/50
+    assert all(served_by(user) == model for user, model in list(picks.items())[:4])  # sticky
+
+
+def test_adapters_are_added_and_removed_at_runtime(client, url, adapter_dir):
+    added = httpx.post(f"{url}/v1/admin/adapters", json={"name": "city.v2", "path": adapter_dir})
+    assert added.status_code == 201 and added.json()["id"] == "city.v2"
+    assert "city.v2" in [m.id for m in client.models.list()]
+    assert greedy(client, "city.v2").choices[0].message.content == greedy(client, "city.v1").choices[0].message.content
+    missing = httpx.post(f"{url}/v1/admin/adapters", json={"name": "broken", "path": "/no/such/folder"})
+    assert missing.status_code == 400 and "/no/such/folder" in missing.json()["error"]["message"]
+    assert httpx.delete(f"{url}/v1/admin/adapters/city.v2").status_code == 204
+    with pytest.raises(openai.NotFoundError):
+        greedy(client, "city.v2")
+    assert httpx.delete(f"{url}/v1/admin/adapters/city.v2").status_code == 404
+
+
+def test_openapi_schema_lists_the_endpoints(url):
+    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/v1/admin/adapters",
+            "/health"} <= set(paths)

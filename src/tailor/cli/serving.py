@@ -53,21 +53,55 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
 
     adapters = run_adapters(config, run_dir) if run_dir is not None else {}
     profiles = run_profiles(config, run_dir) if run_dir is not None else {}
+    if run_dir is not None and (Path(run_dir) / "model" / "config.json").is_file():
+        # a `full` run's whole model, decoded beside the base by the same engine
+        adapters.setdefault(_artifact_method(config, run_dir, Path(run_dir) / "model", "model"),
+                            str(Path(run_dir) / "model"))
+    serve_config = config.serve
+    if serve_config.engine != "tailor":
+        from tailor.serve.external import create_engine
+
+        base = config.base_model if serve_config.engine == "llama_cpp" else resolve_base_model(config.base_model,
+                                                                                               root=root)
+        return create_engine(serve_config.engine, base, adapters=adapters, max_new_tokens=serve_config.max_new_tokens,
+                             system_prompt=config.system_prompt, max_batch_size=serve_config.max_batch_size)
     return Engine(resolve_base_model(config.base_model, root=root), adapters=adapters, profiles=profiles,
-                  dtype=config.train.dtype, max_new_tokens=config.serve.max_new_tokens,
-                  system_prompt=config.system_prompt)
+                  dtype=config.train.dtype, max_new_tokens=serve_config.max_new_tokens,
+                  system_prompt=config.system_prompt, max_batch_size=serve_config.max_batch_size,
+                  max_queue=serve_config.max_queue, request_timeout=serve_config.request_timeout)
 
 
 def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,
           host: str = typer.Option(None, "--host", help="Interface (default: serve.host, 127.0.0.1)."),
-          port: int = typer.Option(None, "--port", "-p", help="Port (default: serve.port, 8000).")) -> None:
+          port: int = typer.Option(None, "--port", "-p", help="Port (default: serve.port, 8000)."),
+          registry: bool = typer.Option(False, "--registry", help="Also serve every registered model name as its "
+                                        "production version, following promotions and rollbacks live (on by "
+                                        "default when registry.url is set)."),
+          api_key_file: Path = typer.Option(None, "--api-key-file", help=(
+              "Hashed API keys (`tailor keys create`); required to listen beyond 127.0.0.1 "
+              "(default: serve.api_key_file)."))) -> None:
     """Serve the base model and the run's customized model: OpenAI-compatible API and a chat page at /."""
     from tailor.serve.app import serve as run_server
 
     config, root = open_workspace(workspace, [], required=False)
+    serve_config = config.serve
+    if serve_config.pii_keep is None:  # what ingest kept as public stays public in answers
+        serve_config = serve_config.model_copy(update={"pii_keep": config.ingest.pii_keep})
+    if api_key_file is not None:
+        serve_config = serve_config.model_copy(update={"api_key_file": str(api_key_file.resolve())})
+    if serve_config.api_key_file:  # a missing or broken key file is reported before the model loads
+        from tailor.serve.security import KeyStore
+
+        KeyStore.load(root / serve_config.api_key_file)
     run_dir = run_folder(root, run)
     engine = build_engine(config, root, run_dir if run_dir.is_dir() else None)
-    run_server(engine, host or config.serve.host, port or config.serve.port)
+    if registry or config.registry.url:
+        from tailor.serve.registry_watch import watch_registry
+
+        watch_registry(engine, config, root)
+    # completions, feedback and request logs belong to the run being served (the workspace when it has none)
+    run_server(engine, host or serve_config.host, port or serve_config.port, config=serve_config, root=root,
+               state_dir=run_dir if run_dir.is_dir() else root)
 
 
 def chat(run: Path = RunOption, workspace: Path = WorkspaceOption,

@@ -1,4 +1,5 @@
-"""The web application: the OpenAI-compatible API under /v1, a health check, and the chat page at /.
+"""The web application: the OpenAI-compatible API under /v1 (chat and legacy completions, models, feedback, admin),
+a health check, Prometheus metrics, and the chat page at /.
 
 Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so OpenAI clients show the
 message instead of failing to parse it; a bad request is a 4xx naming the field, never a 500.
@@ -7,27 +8,71 @@ message instead of failing to parse it; a bad request is a 4xx naming the field,
 from __future__ import annotations
 
 import errno
+import math
 import logging
 import socket
+import time
 from importlib import resources
+from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from tailor.config import ServeConfig
 from tailor.errors import TailorError
-from tailor.serve.engine import Engine, PromptTooLongError, UnknownModelError
-from tailor.serve.openai.protocol import ErrorBody, ErrorResponse
-from tailor.serve.openai.routes import router
+from tailor.serve.ab import AliasRouter
+from tailor.serve.cache import ResponseCache
+from tailor.serve.engine import (Engine, PromptTooLongError, QueueFullError, UnknownModelError,
+                                 UnsupportedRequestError)
+from tailor.serve.feedback import FeedbackStore, UnknownResponseError
+from tailor.serve.filters import OutputFilter
+from tailor.serve.logs import RequestLog
+from tailor.serve.metrics import ServerMetrics
+from tailor.serve.openai.protocol import ApiError, ErrorBody, ErrorResponse
+from tailor.serve.openai.routes import metrics_scope, router
+from tailor.serve.openai.serving import Services
+from tailor.serve.security import Caller, KeyStore, RateLimiter, Sanitizer
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine) -> FastAPI:
+def build_services(engine: Engine, config: ServeConfig, root: Path, state_dir: Path | None = None) -> Services:
+    """Everything but the engine, from `serve.*`. The key file is relative to the workspace `root`; the feedback
+    database and the request log to `state_dir` (the served run folder; default `root`). A bad setting is a
+    TailorError naming its key, before the server listens."""
+    state_dir = state_dir or root
+
+    def where(path: str, folder: Path) -> Path | str:
+        return path if path == ":memory:" else folder / path
+
+    return Services(
+        engine=engine,
+        # an external engine (llama.cpp) may hide its tokenizer: the common templates' markers are refused anyway
+        sanitizer=Sanitizer.for_tokenizer(getattr(engine, "tokenizer", None), config.max_turns, config.max_turn_chars),
+        output_filter=OutputFilter(config.redact_pii, config.blocklist, config.pii_keep or []),
+        cache=ResponseCache(config.cache_size),
+        metrics=ServerMetrics(),
+        feedback=FeedbackStore(where(config.feedback_db, state_dir)),
+        request_log=RequestLog(where(config.request_log, state_dir) if config.request_log else None),
+        aliases=AliasRouter(config.aliases, engine.model_names()),
+        limiter=RateLimiter(config.rate_limit),
+        keys=KeyStore.load(where(config.api_key_file, root)) if config.api_key_file else None,
+        max_prompt_tokens=config.max_prompt_tokens)
+
+
+def create_app(engine: Engine, config: ServeConfig | None = None, root: Path | str = ".",
+               state_dir: Path | str | None = None) -> FastAPI:
+    """The app for `engine`. Without a config: no keys, an in-memory feedback database and no request log."""
+    config = config or ServeConfig(feedback_db=":memory:", request_log=None)
+    services = build_services(engine, config, Path(root), Path(state_dir) if state_dir else None)
     # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline
     app = FastAPI(title="tailor", docs_url=None, redoc_url=None)
+    app.state.services = services
     app.state.engine = engine
     app.include_router(router)
     chat_page = resources.files("tailor.serve").joinpath("web/index.html").read_text(encoding="utf-8")
@@ -36,22 +81,92 @@ def create_app(engine: Engine) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "models": engine.model_names()}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(caller: Caller = Depends(metrics_scope)) -> Response:
+        return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat() -> str:
         return chat_page
 
+    app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(UnknownModelError, _unknown_model)
     app.add_exception_handler(PromptTooLongError, _prompt_too_long)
+    app.add_exception_handler(QueueFullError, _queue_full)
+    app.add_exception_handler(UnsupportedRequestError, _unsupported)
+    app.add_exception_handler(UnknownResponseError, _unknown_response)
+    app.add_exception_handler(TailorError, _bad_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
+    if config.cors_origins:  # off unless asked for: a browser page from another origin must not use the keys
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(AccessLog, services=services)
     return app
 
 
-def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+class BodySizeLimit:
+    """413 for a body over the limit, whether it announces its length or streams in chunks (pure ASGI: the body
+    is counted as it arrives, never buffered here)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = ApiError(413, f"the request body is over {self.max_bytes} bytes (serve.max_request_bytes)",
+                           code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(too_big.status, too_big.body)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise too_big
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class AccessLog:
+    """One structured line per request (method, path, status, duration, key name), and error counts by status."""
+
+    def __init__(self, app, services: Services):
+        self.app, self.services = app, services
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            state = scope.get("state", {})
+            caller = state.get("caller")
+            if status >= 400:
+                self.services.metrics.errors.labels(state.get("model", "-"), str(status)).inc()
+            self.services.request_log.write(
+                event="request", method=scope["method"], path=scope["path"], status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                key=caller.key.name if caller is not None and caller.key else None)
+
+
+def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
 
 
 def _field(loc: tuple) -> str:
@@ -62,34 +177,57 @@ def _field(loc: tuple) -> str:
     return name or "body"
 
 
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.body, exc.headers)
+
+
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = exc.errors()
     if problems and problems[0]["type"] == "json_invalid":
         detail = problems[0].get("ctx", {}).get("error", "")
-        return _error(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
+        return _error(400, ErrorBody(message=f"the request body is not valid JSON ({detail})", code="invalid_json"))
     if problems and problems[0]["loc"] == ("body",):
-        return _error(400, "the request body must be a JSON object (Content-Type: application/json)",
-                      code="invalid_json")
+        return _error(400, ErrorBody(message="the request body must be a JSON object (Content-Type: "
+                                             "application/json)", code="invalid_json"))
     fields = [_field(p["loc"]) for p in problems]
     message = "; ".join(f"{field}: {p['msg']}" for field, p in zip(fields, problems))
-    return _error(400, message, param=fields[0] if fields else None, code="invalid_value")
+    return _error(400, ErrorBody(message=message, param=fields[0] if fields else None, code="invalid_value"))
 
 
 async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
-    return _error(404, str(exc), param="model", code="model_not_found")
+    return _error(404, ErrorBody(message=str(exc), param="model", code="model_not_found"))
 
 
 async def _prompt_too_long(request: Request, exc: PromptTooLongError) -> JSONResponse:
-    return _error(400, str(exc), param="messages", code="context_length_exceeded")
+    param = "prompt" if request.url.path.endswith("/v1/completions") else "messages"
+    return _error(400, ErrorBody(message=str(exc), param=param, code="context_length_exceeded"))
+
+
+async def _unsupported(request: Request, exc: UnsupportedRequestError) -> JSONResponse:
+    return _error(400, ErrorBody(message=str(exc), param=exc.param, code="unsupported_request"))
+
+
+async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+    retry = max(1, math.ceil(exc.retry_after))
+    return _error(429, ErrorBody(message=f"the server is busy; retry in {retry} s", type="rate_limit_error",
+                                 code="queue_full"), {"Retry-After": str(retry)})
+
+
+async def _unknown_response(request: Request, exc: UnknownResponseError) -> JSONResponse:
+    return _error(404, ErrorBody(message=str(exc), param="response_id", code="response_not_found"))
+
+
+async def _bad_request(request: Request, exc: TailorError) -> JSONResponse:
+    return _error(400, ErrorBody(message=str(exc)))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    return _error(exc.status_code, ErrorBody(message=f"{request.method} {request.url.path}: {exc.detail}"))
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return _error(500, f"internal error: {exc}", type="server_error")
+    return _error(500, ErrorBody(message=f"internal error: {exc}", type="server_error"))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -108,10 +246,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl+C)."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          config: ServeConfig | None = None, root: Path | str = ".", state_dir: Path | str | None = None) -> None:
+    """Serve until interrupted (Ctrl+C). Without API keys only this machine may connect."""
+    app = create_app(engine, config, root, state_dir)
+    if app.state.services.keys is None and host not in LOOPBACK:
+        print(f"tailor: no API key configured (serve.api_key_file or --api-key-file), so listening on 127.0.0.1 "
+              f"only, not {host}", flush=True)
+        host = "127.0.0.1"
     sock = bind_socket(host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    names = [*engine.model_names(), *app.state.services.aliases.names()]
+    auth = "API keys required" if app.state.services.keys is not None else "no API key needed, local only"
     print(f"tailor: chat at http://{shown}:{port}/  (OpenAI API: http://{shown}:{port}/v1, "
-          f"models: {', '.join(engine.model_names())})", flush=True)
-    uvicorn.Server(uvicorn.Config(create_app(engine), log_level=log_level)).run(sockets=[sock])
+          f"models: {', '.join(names)}; {auth})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])

@@ -1,29 +1,48 @@
-"""The serving engine: one base model, any number of LoRA adapters on it, any number of prompt profiles (the
-base model given few-shot conversations, see methods/prompt.py), and a token-by-token decode loop.
+"""The serving engine: one base model, many customizations of it, decoded together with continuous batching.
 
-The engine knows nothing of HTTP. A caller asks `stream(model, messages, ...)` for a `Generation`, iterates it for
-text deltas, and reads `finish_reason` and the token counts off it once the iteration ends.
+The engine knows nothing of HTTP. A caller asks `stream(model, messages, ...)` (chat) or `complete(model, prompt,
+...)` (raw text) for a `Generation`, iterates it for text deltas, and reads `finish_reason`, the token counts and
+the timings off it once the iteration ends; `close()` cancels it.
 
-One lock guards the model: a request holds it from its first token to its last, so requests run one at a time.
-The lock is taken inside the generator, so a reply nobody iterates holds nothing, and closing a half-read reply
-(a client that disconnected) releases it at once.
+One background thread decodes. Between two decoding steps it lets finished, cancelled and timed-out requests leave
+the batch and prefills waiting ones, which then join it (continuous batching, as in Orca and vLLM). Customizations
+mix in one batch without reloading or merging:
+- LoRA adapters: per-row `adapter_names` in PEFT's forward, each row through its own low-rank update (or none);
+- prompt-tuning / p-tuning adapters and prompt-table rows: their virtual-token embeddings are prepended to the row's
+  prompt at prefill (`inputs_embeds`); afterwards they are ordinary cache entries;
+- prefix-tuning adapters: their per-layer keys and values are the row's first cache entries;
+- prompt profiles (methods/prompt.py): the base model given few-shot conversations;
+- anything else (IA3, DoRA, a `full` run's model folder) is served by its own model copy with its own batch.
+
+Requests wait in a bounded queue; a full queue raises `QueueFullError` with a retry hint rather than letting
+latency grow without bound.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
+import json
+import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tailor.errors import TailorError
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
+from tailor.serve.batching import DecodeBatch, left_pad, positions_from_mask
+from tailor.serve.sampling import Decoder, pick
 
 if TYPE_CHECKING:
     from tailor.methods.prompt import PromptProfile
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+_END = object()
 
 
 class UnknownModelError(TailorError):
@@ -34,158 +53,590 @@ class PromptTooLongError(TailorError):
     """The conversation alone fills the model's context window."""
 
 
+class UnsupportedRequestError(TailorError):
+    """The model exists but cannot answer this kind of request (e.g. a prompt profile asked for raw completion);
+    `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str = "model"):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(TailorError):
+    """Every decoding slot is busy and the waiting queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Generation(Iterator[str]):
     """One reply being generated. Iterating yields text deltas; when it ends, `finish_reason` is "stop" (end of
-    turn or a stop string) or "length" (max_tokens or the context window), and `completion_tokens` is final."""
+    turn or a stop string), "length" (max_tokens or the context window), "timeout" (the request's time ran out;
+    the text so far was delivered) or "cancelled" (closed), and `completion_tokens` is final.
 
-    def __init__(self, model: str, prompt_tokens: int):
+    Timings (time.monotonic seconds): `created_at`, `first_token_at`, `finished_at`, and `token_times`, one per
+    generated token, for time-to-first-token and inter-token latency metrics."""
+
+    def __init__(self, model: str, prompt_tokens: int, engine: Engine | None = None):
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._deltas: Iterator[str] = iter(())
+        self.created_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.token_times: list[float] = []
+        self._engine = engine
+        self._deltas: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = False
+        self.cancelled = False
 
     def __next__(self) -> str:
-        return next(self._deltas)
+        if self._done:
+            raise StopIteration
+        item = self._deltas.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
 
     def text(self) -> str:
         """Run to the end and return the whole reply."""
         return "".join(self)
 
     def close(self) -> None:
-        """Stop generating now (e.g. the client went away); frees the model for the next request."""
-        self._deltas.close()
+        """Stop generating now (e.g. the client went away); the row leaves the batch before the next step."""
+        if self.finish_reason is None:
+            self.cancelled = True
+            if self._engine is not None:
+                self._engine._wake()
+        self._done = True
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.created_at
+
+
+@dataclass(eq=False)
+class _Customization:
+    """What a served model name means to the decoder."""
+
+    kind: str  # "base", "lora", "soft_prompt", "profile" or "model" (its own weights)
+    backbone: str = "base"  # which loaded model decodes it
+    adapter_key: str = BASE_ADAPTER  # the PEFT adapter of a LoRA row
+    soft_prompt: torch.Tensor | None = None  # [virtual tokens, hidden], prepended at prefill
+    prefix: list | None = None  # prefix tuning: per layer (keys, values), each [kv_heads, virtual tokens, head_dim]
+    profile: Any = None  # PromptProfile
+    folder: str | None = None
+    requests: int = 0  # requests holding it; a replaced one is unloaded when this reaches 0
+    retired: bool = False
+
+
+@dataclass(eq=False)
+class _Request:
+    generation: Generation
+    custom: _Customization
+    prompt_ids: list[int]
+    decoder: Decoder
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    deadline: float | None
+    next_token: int = -1
+    finished: bool = False
 
 
 class Engine:
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, base_name: str = "base",
                  dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = "",
-                 profiles: dict[str, PromptProfile] | None = None):
-        adapters = adapters or {}
-        self.profiles = dict(profiles or {})
-        if base_name in adapters:
-            raise TailorError(f"serve: the adapter name '{base_name}' is taken by the base model; rename it")
-        for name in self.profiles:
-            if name == base_name or name in adapters:
-                raise TailorError(f"serve: the prompt profile name '{name}' is taken by "
-                                  f"{'the base model' if name == base_name else 'an adapter'}; rename it")
-        for name, folder in adapters.items():
-            if not (Path(folder) / "adapter_config.json").is_file():
-                raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder "
-                                  f"(no adapter_config.json)")
+                 profiles: dict[str, PromptProfile] | None = None, *, max_batch_size: int = 16,
+                 max_queue: int = 64, request_timeout: float | None = None):
+        """`adapters` maps served names to folders: PEFT adapters (LoRA, prompt tuning, p-tuning, IA3, …), prompt
+        profile folders, or whole model folders (a `full` run); `profiles` maps names to loaded prompt profiles."""
+        if max_batch_size < 1 or max_queue < 0:
+            raise TailorError("serve: max_batch_size must be at least 1 and max_queue at least 0")
         if not isinstance(dtype, torch.dtype):
             dtype = pick_dtype(dtype or "auto")
-
-        model_ref = resolve_base_model(base_model)
-        self.tokenizer = load_tokenizer(model_ref)
+        self.dtype = dtype
+        self.model_ref = resolve_base_model(base_model)
+        self.tokenizer = load_tokenizer(self.model_ref)
         if not self.tokenizer.chat_template:
             raise TailorError(f"base_model: {base_model} has no chat template, so it cannot serve chat completions")
-        model = load_model(model_ref, dtype=dtype)
-        # PEFT keeps adapters in module dicts, whose keys cannot contain "."; users name theirs freely, so the
-        # engine uses its own keys
-        self._adapter_keys = {name: f"adapter{i}" for i, name in enumerate(adapters)}
-        if adapters:
-            import peft
-
-            for i, (name, folder) in enumerate(adapters.items()):
-                key = self._adapter_keys[name]
-                if i == 0:
-                    model = peft.PeftModel.from_pretrained(model, folder, adapter_name=key)
-                else:
-                    model.load_adapter(folder, adapter_name=key)
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
+        base = load_model(self.model_ref, dtype=dtype).eval()
+        self.device = next(base.parameters()).device
         self.base_name = base_name
         self.max_new_tokens = max_new_tokens
         # the workspace's system prompt is what the customized model was trained with; a client that sends
         # none gets it, one that sends its own keeps it
         self.system_prompt = system_prompt
-        self.context_length = getattr(model.config, "max_position_embeddings", None)
-        self.end_of_turn_ids = self._end_of_turn_ids()
-        self._lock = threading.Lock()
+        self.context_length = getattr(base.config, "max_position_embeddings", None)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self._backbones: dict[str, Any] = {"base": base}
+        self._batches: dict[str, DecodeBatch] = {"base": DecodeBatch()}
+        self._models: dict[str, _Customization] = {base_name: _Customization("base")}
+        self._retired: list[_Customization] = []
+        self._keys = (f"adapter{i}" for i in itertools.count())
+        self.end_of_turn_ids = self._end_of_turn_ids(base)
+        # _model_lock: held by the decode thread for a whole step and by add/remove_adapter while they change
+        # weights, so an adapter is swapped between steps, never during one
+        self._model_lock = threading.RLock()
+        # bumped whenever a served name changes what it answers with: cached answers of the old version go stale
+        self.revision = 0
+        self._cond = threading.Condition()  # guards _waiting and wakes the decode thread
+        self._waiting: deque[_Request] = deque()
+        self._running = 0
+        self._seconds_per_request = 1.0  # moving average, for the retry hint of a full queue
+        self._stopping = False
+        self.peak_batch_size = 0  # the most rows one decoding step has run, for tests and benchmarks
+        for name, folder in (adapters or {}).items():
+            self.add_adapter(name, folder)
+        for name, profile in (profiles or {}).items():
+            if name in self._models:
+                raise TailorError(f"serve: the prompt profile name '{name}' is taken by "
+                                  f"{'the base model' if name == base_name else 'an adapter'}; rename it")
+            self._models[name] = _Customization("profile", profile=profile)
+        self._threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._loop, name="tailor-decode", daemon=True)
+        self._thread.start()
+
+    # ----- the served models -----
 
     def model_names(self) -> list[str]:
-        return [self.base_name, *self._adapter_keys, *self.profiles]
+        return list(self._models)
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve `folder` (a PEFT adapter, a prompt profile folder or a whole model folder) as `name`. An existing
+        name is replaced between two decoding steps: requests already running finish on the old version, new ones
+        get the new one, and the old one is unloaded once no request uses it."""
+        self._check_name(name)
+        folder = Path(folder)
+        custom = self._load(name, folder)
+        with self._model_lock:
+            old = self._models.get(name)
+            self._models[name] = custom
+            self.revision += 1
+            if old is not None:
+                self._retire(old)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving `name`; requests already running finish first, then its weights are unloaded."""
+        if name == self.base_name:
+            raise TailorError(f"serve: the base model '{name}' cannot be removed")
+        with self._model_lock:
+            if name not in self._models:
+                raise UnknownModelError(f"model '{name}' does not exist; this server has "
+                                        f"{', '.join(self.model_names())}")
+            self._retire(self._models.pop(name))
+            self.revision += 1
+
+    def _check_name(self, name: str) -> None:
+        if not name or not isinstance(name, str):
+            raise TailorError("serve: a model name must be a non-empty string")
+        if name == self.base_name:
+            raise TailorError(f"serve: the adapter name '{name}' is taken by the base model; rename it")
+
+    def _load(self, name: str, folder: Path) -> _Customization:
+        from tailor.methods.prompt import PROFILE_FILE, load_profile
+
+        if (folder / PROFILE_FILE).is_file():
+            return _Customization("profile", profile=load_profile(folder), folder=str(folder))
+        if (folder / "adapter_config.json").is_file():
+            return self._load_peft(name, folder)
+        if (folder / "config.json").is_file():
+            model = load_model(str(folder), dtype=self.dtype).eval()
+            if model.config.vocab_size != self._backbones["base"].config.vocab_size:
+                raise TailorError(f"serve: model '{name}': {folder} has another vocabulary than the base model; "
+                                  f"serve it with its own `tailor serve`")
+            return self._own_backbone(model, folder)
+        raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder (no adapter_config.json), "
+                          f"a prompt profile ({PROFILE_FILE}) or a model folder (config.json)")
+
+    def _load_peft(self, name: str, folder: Path) -> _Customization:
+        import peft
+
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        kind = config.get("peft_type")
+        if kind in ("PROMPT_TUNING", "P_TUNING"):
+            return _Customization("soft_prompt", soft_prompt=self._virtual_tokens(name, folder), folder=str(folder))
+        if kind == "PREFIX_TUNING":
+            return _Customization("prefix", prefix=self._prefix(name, folder, config), folder=str(folder))
+        if kind == "LORA" and not config.get("use_dora"):
+            with self._model_lock:
+                key = next(self._keys)
+                try:
+                    base = self._backbones["base"]
+                    if isinstance(base, peft.PeftModel):
+                        base.load_adapter(str(folder), adapter_name=key, is_trainable=False)
+                        # rows pick adapters with adapter_names, but PEFT's forward looks up the active one
+                        base.set_adapter(key)
+                    else:
+                        self._backbones["base"] = peft.PeftModel.from_pretrained(base, str(folder), adapter_name=key,
+                                                                                 is_trainable=False).eval()
+                except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                    raise TailorError(f"serve: adapter '{name}': {folder} does not fit the base model "
+                                      f"({str(exc).splitlines()[0]})") from None
+            return _Customization("lora", adapter_key=key, folder=str(folder))
+        # IA3, DoRA and other adapters PEFT cannot mix per row: folded into their own copy of the base
+        base = load_model(self.model_ref, dtype=self.dtype)
+        try:
+            merged = peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise TailorError(f"serve: adapter '{name}': {folder} does not fit the base model "
+                              f"({str(exc).splitlines()[0]})") from None
+        return self._own_backbone(merged, folder)
+
+    def _own_backbone(self, model, folder: Path) -> _Customization:
+        key = next(self._keys)
+        with self._model_lock:
+            self._backbones[key] = model
+            self._batches[key] = DecodeBatch()
+        return _Customization("model", backbone=key, folder=str(folder))
+
+    def _virtual_tokens(self, name: str, folder: Path) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise TailorError(f"serve: adapter '{name}': {weights} is missing")
+        tensors = load_file(str(weights))
+        embeddings = tensors.get("prompt_embeddings")
+        hidden = self._backbones["base"].get_input_embeddings().weight.shape[1]
+        if embeddings is None or embeddings.dim() != 2 or embeddings.shape[1] != hidden:
+            raise TailorError(f"serve: adapter '{name}': {weights} holds no prompt embeddings of width {hidden} "
+                              f"(the base model's hidden size)")
+        return embeddings.to(self.device, self.dtype)
+
+    def _prefix(self, name: str, folder: Path, config: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A prefix-tuning adapter's keys and values per layer, laid out as PEFT's `get_prompt` lays them out."""
+        from safetensors.torch import load_file
+
+        weights = folder / "adapter_model.safetensors"
+        prefix = load_file(str(weights)).get("prompt_embeddings") if weights.is_file() else None
+        layers, heads = config.get("num_layers"), config.get("num_attention_heads")
+        model_config = self._backbones["base"].config
+        if (prefix is None or layers != model_config.num_hidden_layers or config.get("num_transformer_submodules", 1)
+                != 1 or prefix.shape[-1] != layers * 2 * config.get("token_dim", 0)):
+            raise TailorError(f"serve: adapter '{name}': {folder} is not a prefix-tuning adapter of this base model")
+        virtual = prefix.shape[0]
+        # [virtual, layers * 2 * token_dim] -> [layers * 2, heads, virtual, head_dim]; even rows keys, odd values
+        kv = prefix.view(virtual, layers * 2, heads, -1).permute(1, 2, 0, 3).to(self.device, self.dtype)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+
+    def add_prompt_table(self, table: str | Path, tasks: list[str] | None = None) -> list[str]:
+        """Serve rows of a run's prompt table (`prompt_table.safetensors`, see methods/p_tuning.py), each under its
+        task name; returns the names added."""
+        from safetensors.torch import load_file
+
+        rows = load_file(str(table))
+        hidden = self._backbones["base"].get_input_embeddings().weight.shape[1]
+        names = tasks if tasks is not None else sorted(rows)
+        for task in names:
+            if task not in rows:
+                raise TailorError(f"serve: {table} has no task '{task}' (it has {', '.join(sorted(rows))})")
+            if rows[task].dim() != 2 or rows[task].shape[1] != hidden:
+                raise TailorError(f"serve: {table}: task '{task}' has width {rows[task].shape[-1]}, the base model "
+                                  f"{hidden}; the table belongs to another base model")
+        for task in names:
+            self._check_name(task)
+            with self._model_lock:
+                old = self._models.get(task)
+                self._models[task] = _Customization("soft_prompt", soft_prompt=rows[task].to(self.device, self.dtype),
+                                                    folder=str(table))
+                if old is not None:
+                    self._retire(old)
+        return names
+
+    def _retire(self, custom: _Customization) -> None:
+        custom.retired = True
+        self._retired.append(custom)
+        self._unload_retired()
+
+    def _unload_retired(self) -> None:
+        """Free the weights of replaced or removed customizations that no request uses any more."""
+        with self._model_lock:
+            for custom in [c for c in self._retired if c.requests == 0]:
+                self._retired.remove(custom)
+                if custom.kind == "lora":
+                    base = self._backbones["base"]
+                    base.delete_adapter(custom.adapter_key)
+                    if not base.peft_config:  # PEFT cannot run with no adapter at all: back to the plain model
+                        self._backbones["base"] = base.unload()
+                    elif base.active_adapter not in base.peft_config:
+                        base.set_adapter(next(iter(base.peft_config)))
+                elif custom.kind == "model":
+                    del self._backbones[custom.backbone], self._batches[custom.backbone]
+
+    # ----- requests -----
 
     def stream(self, model: str, messages: list[dict], *, max_tokens: int | None = None, temperature: float = 1.0,
-               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> Generation:
-        """Start a chat reply. Unknown models and over-long prompts raise here, before any token is generated."""
-        if model not in self.model_names():
-            raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+               timeout: float | None = None) -> Generation:
+        """Start a chat reply. Unknown models, over-long prompts and a full queue raise here, before any token."""
+        custom = self._lookup(model)
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        if model in self.profiles:
+        if custom.kind == "profile":
             from tailor.methods.prompt import apply_profile
 
-            # outside the model lock: retrieving the examples embeds the question on the CPU
-            messages = apply_profile(self.profiles[model], messages)
+            # in the caller's thread, not the decode thread: retrieving the examples embeds the question
+            messages = apply_profile(custom.profile, messages)
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout,
+                            "messages")
+
+    def complete(self, model: str, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                 timeout: float | None = None) -> Generation:
+        """Continue raw text (no chat template, no system prompt), for /v1/completions."""
+        custom = self._lookup(model)
+        if custom.kind == "profile":
+            raise UnsupportedRequestError(f"model '{model}' is a prompt profile: it builds chat conversations, so it "
+                                          f"answers chat completions only")
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        if not prompt_ids:
+            raise UnsupportedRequestError("prompt: must not be empty", param="prompt")
+        return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout, "prompt")
+
+    def _lookup(self, model: str) -> _Customization:
+        custom = self._models.get(model)
+        if custom is None:
+            raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
+        return custom
+
+    def _submit(self, model: str, custom: _Customization, prompt_ids: list[int], max_tokens: int | None,
+                temperature: float, top_p: float, stop: list[str] | None, seed: int | None,
+                timeout: float | None, field_name: str) -> Generation:
         budget = max_tokens or self.max_new_tokens
+        virtual = (custom.soft_prompt.shape[0] if custom.soft_prompt is not None
+                   else custom.prefix[0][0].shape[1] if custom.prefix is not None else 0)
         if self.context_length is not None:
-            room = self.context_length - len(prompt_ids)
+            room = self.context_length - virtual - len(prompt_ids)
             if room < 1:
-                raise PromptTooLongError(f"messages: the conversation is {len(prompt_ids)} tokens; the model's "
-                                         f"context window is {self.context_length}")
+                raise PromptTooLongError(f"{field_name}: the {'conversation' if field_name == 'messages' else 'prompt'}"
+                                         f" is {len(prompt_ids) + virtual} tokens; the model's context window is "
+                                         f"{self.context_length}")
             budget = min(budget, room)
-        generation = Generation(model, len(prompt_ids))
-        generation._deltas = self._decode(generation, prompt_ids, budget, temperature, top_p,
-                                          [s for s in stop or [] if s], seed)
+        generation = Generation(model, len(prompt_ids), self)
+        timeout = timeout if timeout is not None else self.request_timeout
+        request = _Request(
+            generation=generation, custom=custom, prompt_ids=prompt_ids,
+            decoder=Decoder(self.tokenizer, self.end_of_turn_ids, budget, [s for s in stop or [] if s]),
+            temperature=temperature, top_p=top_p,
+            generator=torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None,
+            deadline=generation.created_at + timeout if timeout else None)
+        generation.token_times = request.decoder.token_times
+        with self._cond:
+            free_slots = self.max_batch_size - self._running
+            if len(self._waiting) >= self.max_queue + max(free_slots, 0):
+                retry_after = round(max(0.5, (len(self._waiting) + 1) * self._seconds_per_request
+                                        / self.max_batch_size), 1)
+                raise QueueFullError(f"the server is busy ({self._running} requests decoding, {len(self._waiting)} "
+                                     f"waiting); retry in {retry_after} s", retry_after)
+            custom.requests += 1
+            self._waiting.append(request)
+            self._cond.notify()
         return generation
 
-    def _decode(self, generation: Generation, prompt_ids: list[int], max_tokens: int, temperature: float,
-                top_p: float, stop: list[str], seed: int | None) -> Iterator[str]:
-        dev = self.device
-        generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        with self._lock, self._select(generation.model):
-            input_ids = torch.tensor([prompt_ids], device=dev)  # [1, prompt]; then [1, 1] per step
-            past, generated, text, emitted = None, [], "", ""
-            while True:
-                if len(generated) == max_tokens:
-                    generation.finish_reason = "length"
+    def stats(self) -> dict:
+        """Load figures for metrics and health checks."""
+        with self._cond:
+            return {"running": self._running, "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
+                    "max_queue": self.max_queue, "peak_batch_size": self.peak_batch_size}
+
+    def shutdown(self) -> None:
+        """Stop the decode thread; unfinished requests end with finish_reason "cancelled"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ----- the decode thread -----
+
+    def _loop(self) -> None:
+        # OpenMP keeps the thread count per thread: the caller's torch.set_num_threads would not reach this one
+        torch.set_num_threads(self._threads)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and self._running == 0:
+                    self._cond.wait()
+                if self._stopping:
                     break
-                # inference_mode per step, not around the loop: grad mode is per thread, and a streamed reply
-                # may be resumed on a different worker thread for each token
-                with torch.inference_mode():
-                    out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-                    token = _pick(out.logits[0, -1].float(), temperature, top_p, generator)  # logits: [vocab]
-                past = out.past_key_values
-                if token in self.end_of_turn_ids:
-                    generation.finish_reason = "stop"
-                    break
-                generated.append(token)
-                generation.completion_tokens = len(generated)
-                input_ids = torch.tensor([[token]], device=dev)
+                self._expire_waiting()
+                admitted = []
+                while self._waiting and self._running + len(admitted) < self.max_batch_size:
+                    admitted.append(self._waiting.popleft())
+                self._running += len(admitted)
+            # inference_mode here, in the thread that runs the model: grad mode is per thread
+            with self._model_lock, torch.inference_mode():
+                try:
+                    self._drop_finished()
+                    admitted = [r for r in admitted if not self._ended(r)]
+                    if admitted:
+                        self._prefill(admitted)
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - reported to every request it touched, the thread lives
+                    self._fail_all(exc, admitted)
+                self._unload_retired()
+        self._fail_all(None, [])
 
-                # decode the whole reply each step: a character split over two tokens only appears once both are in
-                text = self.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                cut = _first_stop(text, stop)
-                if cut is not None:
-                    if cut > len(emitted):
-                        yield text[len(emitted):cut]
-                    generation.finish_reason = "stop"
-                    return
-                # hold back a half-decoded character and any tail that may grow into a stop string
-                safe = text.rstrip("\ufffd")
-                ready = len(safe) - _stop_prefix_length(safe, stop)
-                if ready > len(emitted) and text.startswith(emitted):
-                    yield text[len(emitted):ready]
-                    emitted = text[:ready]
-            if len(text) > len(emitted):  # the end of the reply: what was held back is final now
-                yield text[len(emitted):]
+    def _expire_waiting(self) -> None:
+        """Requests cancelled or out of time while waiting leave the queue without a slot."""
+        for request in [r for r in self._waiting if r.generation.cancelled
+                        or (r.deadline is not None and time.monotonic() > r.deadline)]:
+            self._waiting.remove(request)
+            self._running += 1  # _finish counts it out of the running ones
+            self._ended(request)
 
-    def _select(self, model: str):
-        """Route the forward pass through one adapter, or through none for the base model and prompt profiles."""
-        if not self._adapter_keys:
-            return contextlib.nullcontext()
-        if model == self.base_name or model in self.profiles:
-            return self.model.disable_adapter()
-        self.model.set_adapter(self._adapter_keys[model])
-        return contextlib.nullcontext()
+    def _ended(self, request: _Request) -> bool:
+        """Finish a request that was cancelled or ran out of time; True when it did."""
+        if request.generation.cancelled:
+            self._finish(request, "cancelled")
+        elif request.deadline is not None and time.monotonic() > request.deadline:
+            self._finish(request, "timeout")
+        else:
+            return False
+        return True
 
-    def _end_of_turn_ids(self) -> set[int]:
+    def _drop_finished(self) -> None:
+        for batch in self._batches.values():
+            keep = [i for i, request in enumerate(batch.rows) if not self._ended(request)]
+            batch.keep(keep)
+
+    def _prefill(self, requests: list[_Request]) -> None:
+        """Run the prompts of newly admitted requests (grouped by model and by kind: ids, soft prompt or prefix),
+        pick each one's first token, and add them to their model's running batch."""
+        groups: dict[tuple[str, str], list[_Request]] = {}
+        for request in requests:
+            groups.setdefault((request.custom.backbone, request.custom.kind), []).append(request)
+        for (backbone, kind), group in groups.items():
+            model = self._backbones[backbone]
+            embedded = kind == "soft_prompt"
+            if embedded:
+                embed = model.get_input_embeddings()
+                rows = [torch.cat([r.custom.soft_prompt,
+                                   embed(torch.tensor(r.prompt_ids, device=self.device))]) for r in group]
+                inputs_embeds, mask = left_pad(rows)  # [rows, width, hidden]
+                inputs = {"inputs_embeds": inputs_embeds}
+            else:
+                ids, mask = left_pad([torch.tensor(r.prompt_ids, device=self.device) for r in group],
+                                     self.tokenizer.pad_token_id)
+                inputs = {"input_ids": ids}  # [rows, width]
+            from transformers import DynamicCache
+
+            cache, new_columns = DynamicCache(), mask.shape[1]
+            if kind == "prefix":
+                # each row's prefix is its first cache entries, right-aligned; the gap to its padded prompt is masked
+                def stacked(layer: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    padded, prefix_mask = left_pad([r.custom.prefix[layer][kv].transpose(0, 1) for r in group])
+                    return padded.transpose(1, 2), prefix_mask  # [rows, heads, virtual, head_dim], [rows, virtual]
+
+                cache = DynamicCache(ddp_cache_data=[(stacked(i, 0)[0], stacked(i, 1)[0])
+                                                     for i in range(len(group[0].custom.prefix))])
+                mask = torch.cat([stacked(0, 0)[1], mask], dim=1)
+            out = model(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask)[:, -new_columns:],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1,
+                        **self._adapter_args(model, group))
+            kept = self._accept(group, out.logits[:, -1])
+            batch = self._batches[backbone]
+            if kept:
+                index = torch.tensor(kept, device=self.device)
+                cache = out.past_key_values
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+                batch.join([group[i] for i in kept], cache, mask.index_select(0, index))
+
+    def _step(self) -> None:
+        """One token for every running row of every model."""
+        for backbone, batch in self._batches.items():
+            if not batch.rows:
+                continue
+            model = self._backbones[backbone]
+            ids = torch.tensor([[r.next_token] for r in batch.rows], device=self.device)  # [rows, 1]
+            mask, positions = batch.step_inputs()
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
+                        use_cache=True, **self._adapter_args(model, batch.rows))
+            batch.cache = out.past_key_values
+            self.peak_batch_size = max(self.peak_batch_size, len(batch.rows))
+            batch.keep(self._accept(batch.rows, out.logits[:, -1]))
+
+    def _adapter_args(self, model, requests: list[_Request]) -> dict:
+        import peft
+
+        if not isinstance(model, peft.PeftModel):
+            return {}
+        return {"adapter_names": [r.custom.adapter_key for r in requests]}
+
+    def _accept(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token from its logits [rows, vocab] and pass it on; returns the rows that go on."""
+        logits = logits.float()
+        greedy = logits.argmax(-1).tolist()
+        going_on = []
+        for i, request in enumerate(requests):
+            token = greedy[i] if request.temperature == 0 else pick(logits[i], request.temperature, request.top_p,
+                                                                    request.generator)
+            generation = request.generation
+            delta, finish = request.decoder.accept(token)
+            generation.completion_tokens = len(request.decoder.generated)
+            if generation.first_token_at is None:
+                generation.first_token_at = time.monotonic()
+            if delta:
+                generation._deltas.put(delta)
+            if finish is not None:
+                self._finish(request, finish)
+            elif not self._ended(request):
+                request.next_token = token
+                going_on.append(i)
+        return going_on
+
+    def _finish(self, request: _Request, reason: str) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        generation = request.generation
+        if reason in ("timeout",):
+            rest = request.decoder._rest()
+            if rest:
+                generation._deltas.put(rest)
+        generation.finish_reason = reason
+        generation.finished_at = time.monotonic()
+        generation._deltas.put(_END)
+        with self._cond:
+            self._running -= 1
+            request.custom.requests -= 1
+            seconds = generation.finished_at - generation.created_at
+            self._seconds_per_request = 0.9 * self._seconds_per_request + 0.1 * seconds
+
+    def _fail_all(self, exc: BaseException | None, admitted: list[_Request]) -> None:
+        """A forward pass failed (or the engine stops): end every running request, with the error if any."""
+        for request in [*admitted, *(r for batch in self._batches.values() for r in batch.rows)]:
+            if request.finished:
+                continue
+            if exc is not None:
+                request.generation._deltas.put(exc)
+            self._finish(request, "error" if exc is not None else "cancelled")
+        for batch in self._batches.values():
+            batch.keep([])
+        if exc is None:
+            with self._cond:
+                waiting, self._waiting = list(self._waiting), deque()
+                self._running += len(waiting)
+            for request in waiting:
+                self._finish(request, "cancelled")
+
+    def _end_of_turn_ids(self, model) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        configured = getattr(model.generation_config, "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
         # chat templates end an assistant turn with their own marker, which is not always the tokenizer's eos
         for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
@@ -193,24 +644,3 @@ class Engine:
             if isinstance(token, int) and token != self.tokenizer.unk_token_id:
                 ids.add(token)
         return {i for i in ids if i is not None}
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise sample from the smallest set of tokens whose mass reaches top_p."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)  # [vocab]
-    probs, order = probs.sort(descending=True)
-    probs[(probs.cumsum(-1) - probs) >= top_p] = 0  # a token stays if the mass before it is under top_p
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(order[choice])
-
-
-def _first_stop(text: str, stop: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(found) if found else None
-
-
-def _stop_prefix_length(text: str, stop: list[str]) -> int:
-    """Length of the longest tail of `text` that is the start of some stop string."""
-    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

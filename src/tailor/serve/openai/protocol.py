@@ -1,4 +1,5 @@
-"""Request and response shapes of the OpenAI chat completions API, the subset `tailor serve` implements.
+"""Request and response shapes of the OpenAI API, the subset `tailor serve` implements (chat completions, legacy
+completions, models), plus tailor's own feedback and admin shapes, and `ApiError`, the one way a request fails.
 
 Requests reject unknown fields, as OpenAI does: a parameter we do not implement fails loudly instead of being
 silently ignored.
@@ -12,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
 
 class ChatMessage(BaseModel):
@@ -27,11 +29,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk, with no choices, carrying the token usage.")
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """What chat and legacy completions share: the model, sampling options, streaming and the caller."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="The base model's name or an adapter's, as GET /v1/models lists them.")
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
+    model: str = Field(description="A model, adapter or A/B alias, as GET /v1/models lists them.")
     stream: bool = Field(False, description="Send the reply as server-sent events, token by token.")
     stream_options: StreamOptions | None = Field(None, description="Options for a streamed reply.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy; higher samples more freely.")
@@ -42,6 +45,8 @@ class ChatCompletionRequest(BaseModel):
                                    description="Up to 4 strings that end the reply (not included); one may be bare.")
     seed: int | None = Field(None, description="Makes sampling repeatable.")
     n: int = Field(1, description="Number of replies; only 1 is supported.")
+    user: str | None = Field(None, max_length=256,
+                             description="Who asks; keeps an A/B alias on the same model for the same user.")
 
     @field_validator("n")
     @classmethod
@@ -58,6 +63,22 @@ class ChatCompletionRequest(BaseModel):
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def sampling(self) -> dict:
+        return {"max_tokens": self.token_budget(), "temperature": self.temperature, "top_p": self.top_p,
+                "stop": self.stop, "seed": self.seed}
+
+    def deterministic(self) -> bool:
+        """The same request gives the same answer, so a cached one may be served."""
+        return self.temperature == 0 or self.seed is not None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str = Field(description="The text to continue (no chat template is applied).")
 
 
 class Usage(BaseModel):
@@ -120,6 +141,24 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A legacy completion, or one chunk of a streamed one (`object` is "text_completion" for both, as OpenAI)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -141,3 +180,41 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class ApiError(HTTPException):
+    """A request that fails: the status, OpenAI's error body, and headers such as Retry-After. An HTTPException, so
+    one raised while the framework reads the body (too large) keeps its status instead of becoming a generic 400."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
+        self.status = status
+        self.body = ErrorBody(message=message, type=type, param=param, code=code)
+        self.headers = headers or {}
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str = Field(max_length=128, description="The `id` of the completion the feedback is about.")
+    rating: Literal["up", "down"] = Field(description="Thumbs up or down.")
+    correction: str | None = Field(None, max_length=20_000, description="What the answer should have been.")
+    comment: str | None = Field(None, max_length=5_000, description="Anything else the user wants to say.")
+    user: str | None = Field(None, max_length=256, description="Who gives the feedback.")
+
+
+class FeedbackReceipt(BaseModel):
+    id: int
+    object: Literal["feedback"] = "feedback"
+    response_id: str
+    model: str
+    rating: Literal["up", "down"]
+
+
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",
+                      description="The model name clients will use.")
+    path: str = Field(min_length=1, description="A PEFT adapter folder on the server's disk.")

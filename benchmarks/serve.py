@@ -1,0 +1,298 @@
+"""Serving throughput of tailor's batching engine against a naive server, on the default model, over loopback HTTP.
+
+    python benchmarks/serve.py [--quick] [--max-tokens 48] [--requests-per-client 2]  → benchmarks/results/serve.json
+
+Each server runs in its own process (uvicorn on 127.0.0.1, port picked free), one after the other:
+- tailor: `tailor.serve.app.create_app(Engine(...))`, continuous batching, answers streamed (server-sent events);
+- naive: a minimal FastAPI app defined here that runs `model.generate` for one request at a time (a lock), the
+  way a first server is usually written; with adapters it calls `set_adapter` before each request.
+Clients are httpx coroutines, each sending its requests one after the other, greedy, the same city questions.
+
+Figures: aggregate output tokens/s at 1, 4, 8 and 16 concurrent clients for both servers
+(`throughput_ratio_8_clients`, goal >= 5); four random LoRA adapters (made here with peft, not trained) served in one
+mixed batch vs swapped per request, 8 clients (`mixed_adapter_ratio`, goal >= 2); one client, tailor vs plain
+`generate` (`single_stream_ratio`, goal >= 1); tailor's time to first token p50/p99 (client side). Token counts are
+the servers' own `usage.completion_tokens`, so an answer that ends early counts what it produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tailor.config import ServeConfig  # noqa: E402
+from tailor.models.base import load_model, load_tokenizer, resolve_base_model  # noqa: E402
+from tailor.serve.app import bind_socket, create_app  # noqa: E402
+from tailor.serve.engine import Engine  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+QUESTIONS = Path(__file__).resolve().parents[1] / "examples" / "city-services" / "qa" / "eval.jsonl"
+CONCURRENCY = (1, 4, 8, 16)
+ADAPTERS = 4
+DTYPE = torch.bfloat16  # on CPU, bf16 weights without autocast decode fastest here
+
+
+def questions() -> list[str]:
+    return [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
+
+
+def random_adapters(model_ref: str, folder: Path, count: int) -> dict[str, str]:
+    """`count` LoRA adapters with random updates on every projection (tailor's default targets), as trained
+    adapters would be shaped; their answers differ from the base and from each other."""
+    import peft
+
+    base = load_model(model_ref, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapters = {}
+    for i in range(count):
+        torch.manual_seed(i)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(weight, std=0.002)
+        model.save_pretrained(folder / f"city{i}")
+        adapters[f"city{i}"] = str(folder / f"city{i}")
+        base = model.unload()
+    return adapters
+
+
+def naive_app(model_ref: str, dtype: torch.dtype, adapters: dict[str, str]) -> FastAPI:
+    """One request at a time through `generate`; with adapters, `set_adapter` before each one."""
+    tokenizer = load_tokenizer(model_ref)
+    model = load_model(model_ref, dtype=dtype)
+    if adapters:
+        import peft
+
+        names = list(adapters)
+        model = peft.PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    lock = threading.Lock()
+    app = FastAPI()
+
+    threads = torch.get_num_threads()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict) -> dict:  # a plain def: FastAPI runs it in its thread pool
+        torch.set_num_threads(threads)  # OpenMP keeps the thread count per thread; give the pool thread ours
+        ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with lock, torch.inference_mode():
+            if adapters:
+                model.set_adapter(body["model"])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=body["max_tokens"], eos_token_id=stops, pad_token_id=stops[0])
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t not in stops]
+        return {"choices": [{"message": {"role": "assistant", "content": tokenizer.decode(new)}}],
+                "usage": {"completion_tokens": len(new)}}
+
+    return app
+
+
+class Server:
+    """A server in its own process, as in production (its own interpreter lock: the clients here do not slow its
+    decoding thread), on a free loopback port; `python benchmarks/serve.py --serve KIND` is that process."""
+
+    def __init__(self, kind: str, adapters_dir: Path, max_tokens: int, threads: int | None):
+        port_file = adapters_dir.parent / f"port-{kind}"
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--adapters-dir", str(adapters_dir),
+                   "--port-file", str(port_file), "--max-tokens", str(max_tokens)]
+        self.process = subprocess.Popen([*command, *(["--threads", str(threads)] if threads else [])],
+                                        stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 600
+        while not port_file.is_file():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the {kind} server did not start")
+            time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def run_server(kind: str, adapters_dir: Path, port_file: Path, max_tokens: int) -> None:
+    """The server process: tailor's app on the batching engine, or the naive app (with the adapters swapped per
+    request for kind "naive-adapters")."""
+    model_ref = resolve_base_model("smollm2-135m-instruct")
+    adapters = {folder.name: str(folder) for folder in sorted(adapters_dir.iterdir()) if folder.is_dir()}
+    if kind == "tailor":
+        engine = Engine(model_ref, adapters=adapters, dtype=DTYPE, max_new_tokens=max_tokens, max_batch_size=16,
+                        max_queue=64)
+        # no answer cache: the same questions come back at every level, and a cached answer decodes nothing
+        app = create_app(engine, ServeConfig(cache_size=0, feedback_db=":memory:", request_log=None),
+                         root=adapters_dir.parent)
+    else:
+        app = naive_app(model_ref, DTYPE, adapters if kind == "naive-adapters" else {})
+    sock = bind_socket("127.0.0.1", 0)
+    port_file.with_suffix(".tmp").write_text(str(sock.getsockname()[1]))
+    port_file.with_suffix(".tmp").rename(port_file)  # whole, or not there
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int,
+                      stream: bool) -> tuple[int, float]:
+    """(completion tokens, seconds to the first answer text) of one greedy request."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens}
+    start = time.perf_counter()
+    if not stream:
+        response = await client.post(f"{url}/v1/chat/completions", json=body)
+        response.raise_for_status()
+        return response.json()["usage"]["completion_tokens"], time.perf_counter() - start
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    first, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if first is None and any(c["delta"].get("content") for c in event.get("choices", [])):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return tokens, first if first is not None else time.perf_counter() - start
+
+
+async def load(url: str, models: list[str], prompts: list[str], clients: int, per_client: int, max_tokens: int,
+               stream: bool) -> dict:
+    """`clients` concurrent clients, each sending `per_client` requests in turn; aggregate tokens/s and TTFT."""
+    results: list[tuple[int, float]] = []
+
+    async def client_loop(index: int, client: httpx.AsyncClient) -> None:
+        for k in range(per_client):
+            n = index * per_client + k
+            results.append(await one_request(client, url, models[n % len(models)], prompts[n % len(prompts)],
+                                              max_tokens, stream))
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
+        seconds = time.perf_counter() - start
+    tokens = sum(t for t, _ in results)
+    ttft = sorted(f for _, f in results)
+    return {"clients": clients, "requests": len(results), "output_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 2),
+            "ttft_p50_s": round(statistics.median(ttft), 3),
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Fewer requests and shorter answers (minutes).")
+    parser.add_argument("--max-tokens", type=int, default=None, help="Answer cap (default 48, quick 24).")
+    parser.add_argument("--requests-per-client", type=int, default=None, help="Default 2 (quick: 1; 1 client: 4).")
+    parser.add_argument("--threads", type=int, default=None, help=(
+        "torch threads (default: torch's own). On a CPU shared with other work use 1: OpenMP threads spinning "
+        "against other processes made 2 threads up to 8x slower than 1 there."))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--serve", choices=["tailor", "naive", "naive-adapters"], help=argparse.SUPPRESS)
+    parser.add_argument("--adapters-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return run_server(args.serve, args.adapters_dir, args.port_file, args.max_tokens)
+    max_tokens = args.max_tokens or (24 if args.quick else 48)
+    per_client = args.requests_per_client or (1 if args.quick else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_ref = resolve_base_model("smollm2-135m-instruct")
+    prompts = questions()
+    report: dict = {"model": "smollm2-135m-instruct", "dtype": "bf16", "quick": args.quick, "max_tokens": max_tokens,
+                    "requests_per_client": per_client, "torch_threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "note": "loopback HTTP, each server in its own process, one after the other; greedy decoding; "
+                            "timings on a CPU shared with other work vary between runs"}
+
+    def per(clients: int) -> int:
+        return max(per_client, 4) if clients == 1 else per_client  # one client alone needs a few requests
+
+    with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
+        adapters_dir = Path(tmp) / "adapters"
+        names = list(random_adapters(model_ref, adapters_dir, ADAPTERS))
+        steps = progress.add_task("serving benchmark", total=2 * len(CONCURRENCY) + 2)
+        server = Server("tailor", adapters_dir, max_tokens, args.threads)
+        asyncio.run(load(server.url, ["base"], prompts, 2, 1, 4, True))  # warm-up
+        tailor_levels = {}
+        for clients in CONCURRENCY:
+            progress.update(steps, description=f"tailor, {clients} clients")
+            tailor_levels[clients] = asyncio.run(load(server.url, ["base"], prompts, clients, per(clients),
+                                                      max_tokens, True))
+            progress.advance(steps)
+        progress.update(steps, description="tailor, 4 adapters mixed, 8 clients")
+        tailor_mixed = asyncio.run(load(server.url, names, prompts, 8, per_client, max_tokens, True))
+        progress.advance(steps)
+        server.stop()
+
+        naive = Server("naive", adapters_dir, max_tokens, args.threads)
+        asyncio.run(load(naive.url, ["base"], prompts, 1, 1, 4, False))
+        naive_levels = {}
+        for clients in CONCURRENCY:
+            progress.update(steps, description=f"naive, {clients} clients")
+            naive_levels[clients] = asyncio.run(load(naive.url, ["base"], prompts, clients, per(clients),
+                                                     max_tokens, False))
+            progress.advance(steps)
+        naive.stop()
+        progress.update(steps, description="naive, 4 adapters swapped, 8 clients")
+        swapping = Server("naive-adapters", adapters_dir, max_tokens, args.threads)
+        naive_mixed = asyncio.run(load(swapping.url, names, prompts, 8, per_client, max_tokens, False))
+        swapping.stop()
+        progress.advance(steps)
+
+    def ratio(a: dict, b: dict) -> float:
+        return round(a["tokens_per_second"] / b["tokens_per_second"], 2)
+
+    report["levels"] = [{"clients": c, "tailor": tailor_levels[c], "naive": naive_levels[c],
+                         "throughput_ratio": ratio(tailor_levels[c], naive_levels[c])} for c in CONCURRENCY]
+    report["mixed_adapters"] = {"adapters": ADAPTERS, "clients": 8, "tailor_mixed_batch": tailor_mixed,
+                                "naive_swapping": naive_mixed}
+    report["throughput_ratio_8_clients"] = ratio(tailor_levels[8], naive_levels[8])
+    report["mixed_adapter_ratio"] = ratio(tailor_mixed, naive_mixed)
+    report["single_stream_ratio"] = ratio(tailor_levels[1], naive_levels[1])
+    report["ttft_p50_s"] = tailor_levels[8]["ttft_p50_s"]
+    report["ttft_p99_s"] = tailor_levels[8]["ttft_p99_s"]
+    report["goals"] = {"throughput_ratio_8_clients": 5, "mixed_adapter_ratio": 2, "single_stream_ratio": 1}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"{'clients':>8} {'tailor tok/s':>13} {'naive tok/s':>12} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9}")
+    for level in report["levels"]:
+        t, n = level["tailor"], level["naive"]
+        print(f"{level['clients']:>8} {t['tokens_per_second']:>13} {n['tokens_per_second']:>12} "
+              f"{level['throughput_ratio']:>6} {t['ttft_p50_s']:>9} {t['ttft_p99_s']:>9}")
+    for key, goal in report["goals"].items():
+        print(f"{key}: {report[key]} (goal >= {goal})")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The running batch of one model: its rows' KV cache, attention mask and next position ids.
+
+Rows are left-padded: every row's newest token sits in the last column, so one decoding step feeds one token per row
+and reads the last logits of every row. Padding columns are masked out (attention mask 0), and position ids count
+only a row's real tokens, so a row's logits are the same as when it runs alone.
+
+transformers 5 keeps the cache as `DynamicCache.layers[i].keys / .values`, each [batch, kv_heads, columns, head_dim];
+rows join by left-padding both caches to the same width and concatenating on the batch axis, and leave by indexing.
+Written by hand because no library exposes a batch that rows can join and leave between steps on a plain HF model
+(vLLM does, with its own model code and GPU kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+def left_pad(rows: list[torch.Tensor], pad_value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack sequences of different lengths ([length, ...] each) right-aligned: [rows, width, ...] and mask
+    [rows, width]."""
+    width = max(row.shape[0] for row in rows)
+    first = rows[0]
+    out = first.new_full((len(rows), width, *first.shape[1:]), pad_value)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=first.device)
+    for i, row in enumerate(rows):
+        out[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return out, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[rows, width] position ids: 0 at each row's first real token; padding gets 0 (it is masked anyway)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+class DecodeBatch:
+    """The rows one model is decoding, in the same order as their cache rows."""
+
+    def __init__(self):
+        self.rows: list[Any] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, columns], 1 where the cache holds a real token
+        self.next_positions: torch.Tensor | None = None  # [rows], the position id of each row's next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, rows: list[Any], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add freshly prefilled rows (their own cache and mask, left-padded) to the running batch."""
+        positions = mask.sum(1)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_positions = list(rows), cache, mask, positions
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        old_layers, new_layers = _tensors(self.cache), _tensors(cache)
+        merged = [(torch.cat([_pad_columns(k0, width), _pad_columns(k1, width)]),
+                   torch.cat([_pad_columns(v0, width), _pad_columns(v1, width)]))
+                  for (k0, v0), (k1, v1) in zip(old_layers, new_layers)]
+        self.cache = DynamicCache(ddp_cache_data=merged)
+        self.mask = torch.cat([_pad_columns(self.mask, width, dim=1), _pad_columns(mask, width, dim=1)])
+        self.next_positions = torch.cat([self.next_positions, positions])
+        self.rows.extend(rows)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (finished and cancelled ones leave), then drop columns that are padding in every
+        remaining row, so a long reply that left does not keep the others' steps wide."""
+        if len(indices) == len(self.rows):
+            return
+        if not indices:
+            self.__init__()
+            return
+        index = torch.tensor(indices, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        first = int(self.mask.any(0).nonzero()[0])  # the first column some row still uses
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+        self.next_positions = self.next_positions.index_select(0, index)
+        self.rows = [self.rows[i] for i in indices]
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention mask [rows, columns + 1] and position ids [rows, 1] for feeding one more token per row."""
+        ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        positions = self.next_positions[:, None]
+        self.next_positions = self.next_positions + 1
+        return self.mask, positions
+
+
+def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Left-pad `tensor` with zeros along `dim` to `width` columns (cache: dim 2; mask: dim 1)."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -1,0 +1,183 @@
+"""Optional engines behind the same interface as `tailor.serve.engine.Engine` (`model_names`, `stream`, `complete`,
+`add_adapter`, `remove_adapter`, `Generation` replies), for when a faster runtime is installed:
+
+- `VllmEngine`: vLLM's async engine (GPU): paged attention, continuous batching, multi-LoRA (`serve.engine: vllm`);
+- `LlamaCppEngine`: llama-cpp-python on a GGUF file (CPU), one request at a time (`serve.engine: llama_cpp`).
+
+Each imports its package only when constructed, so tailor imports and runs without them. Prompt profiles,
+prompt-tuning adapters and per-request timeouts are the built-in engine's; these engines refuse what they cannot do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from pathlib import Path
+
+from tailor.errors import TailorError
+from tailor.serve.engine import _END, Generation, UnknownModelError, UnsupportedRequestError
+
+
+def _require(package: str, pip_name: str, key: str):
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise TailorError(f"serve.engine: {key} needs the package {pip_name} (pip install {pip_name})") from None
+
+
+class _ThreadedEngine:
+    """Shared parts: the served names, and a Generation fed from a worker."""
+
+    base_name = "base"
+    revision = 0  # these engines serve a fixed set of models: cached answers never go stale
+
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self._adapters]
+
+    def _check(self, model: str) -> None:
+        if model not in self.model_names():
+            raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
+
+    def complete(self, model: str, prompt: str, **sampling) -> Generation:
+        self._check(model)
+        return self._start(model, {"prompt": prompt}, **sampling)
+
+    def stream(self, model: str, messages: list[dict], **sampling) -> Generation:
+        self._check(model)
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self._start(model, {"messages": messages}, **sampling)
+
+
+class VllmEngine(_ThreadedEngine):
+    """vLLM's AsyncLLM on its own event loop thread; LoRA adapters become per-request `LoRARequest`s."""
+
+    def __init__(self, base_model: str, adapters: dict[str, str] | None = None, max_new_tokens: int = 256,
+                 system_prompt: str = "", max_batch_size: int = 16, **_):
+        vllm = _require("vllm", "vllm", "vllm")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+
+        self._lora_request = LoRARequest
+        self._vllm = vllm
+        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
+        self._adapters: dict[str, object] = {}
+        self._ids = itertools.count(1)
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="tailor-vllm", daemon=True).start()
+        args = AsyncEngineArgs(model=base_model, enable_lora=True, max_num_seqs=max_batch_size, max_loras=8)
+        self._engine = vllm.AsyncLLMEngine.from_engine_args(args)
+        self.tokenizer = asyncio.run_coroutine_threadsafe(self._engine.get_tokenizer(), self._loop).result()
+        for name, folder in (adapters or {}).items():
+            self.add_adapter(name, folder)
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder")
+        self._adapters[name] = self._lora_request(name, next(self._ids), str(folder))
+
+    def remove_adapter(self, name: str) -> None:
+        self._check(name)
+        self._adapters.pop(name)
+
+    def _start(self, model: str, request: dict, *, max_tokens=None, temperature=1.0, top_p=1.0, stop=None,
+               seed=None, timeout=None) -> Generation:
+        prompt = request.get("prompt") or self.tokenizer.apply_chat_template(
+            request["messages"], add_generation_prompt=True, tokenize=False)
+        params = self._vllm.SamplingParams(max_tokens=max_tokens or self.max_new_tokens, temperature=temperature,
+                                           top_p=top_p, stop=stop or None, seed=seed)
+        generation = Generation(model, len(self.tokenizer(prompt)["input_ids"]))
+        request_id = f"tailor-{next(self._ids)}"
+
+        async def run() -> None:
+            sent = ""
+            try:
+                async for out in self._engine.generate(prompt, params, request_id,
+                                                       lora_request=self._adapters.get(model)):
+                    if generation.cancelled:
+                        await self._engine.abort(request_id)
+                        generation.finish_reason = "cancelled"
+                        break
+                    choice = out.outputs[0]
+                    if choice.text[len(sent):]:
+                        generation._deltas.put(choice.text[len(sent):])
+                        sent = choice.text
+                    generation.completion_tokens = len(choice.token_ids)
+                    generation.finish_reason = choice.finish_reason
+            except Exception as exc:  # noqa: BLE001 - handed to the reader
+                generation._deltas.put(exc)
+            generation._deltas.put(_END)
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        if timeout:
+            self._loop.call_soon_threadsafe(self._loop.call_later, timeout, future.cancel)
+        return generation
+
+
+class LlamaCppEngine(_ThreadedEngine):
+    """llama-cpp-python on a GGUF file; one request at a time (its high-level API does not batch requests)."""
+
+    def __init__(self, base_model: str, adapters: dict[str, str] | None = None, max_new_tokens: int = 256,
+                 system_prompt: str = "", context_length: int = 2048, **_):
+        llama_cpp = _require("llama_cpp", "llama-cpp-python", "llama_cpp")
+        if not str(base_model).endswith(".gguf") or not Path(base_model).is_file():
+            raise TailorError(f"base_model: the llama_cpp engine needs a .gguf file (found {base_model})")
+        if adapters:
+            raise TailorError("serve.engine: llama_cpp serves the GGUF model alone; export the customized model "
+                              "to GGUF and serve that file")
+        self._llm = llama_cpp.Llama(model_path=str(base_model), n_ctx=context_length, verbose=False)
+        self._adapters: dict[str, str] = {}
+        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
+        self._lock = threading.Lock()
+
+    def add_adapter(self, name: str, folder: str | Path) -> None:
+        raise UnsupportedRequestError("serve.engine llama_cpp does not load adapters at runtime", param="name")
+
+    def remove_adapter(self, name: str) -> None:
+        self._check(name)
+
+    def _start(self, model: str, request: dict, *, max_tokens=None, temperature=1.0, top_p=1.0, stop=None,
+               seed=None, timeout=None) -> Generation:
+        options = {"max_tokens": max_tokens or self.max_new_tokens, "temperature": temperature, "top_p": top_p,
+                   "stop": stop or None, "seed": seed, "stream": True}
+        prompt_tokens = len(self._llm.tokenize((request.get("prompt") or "").encode()) or [])
+        generation = Generation(model, prompt_tokens)
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    if "prompt" in request:
+                        chunks = self._llm.create_completion(request["prompt"], **options)
+                    else:
+                        chunks = self._llm.create_chat_completion(request["messages"], **options)
+                    for chunk in chunks:
+                        if generation.cancelled:
+                            generation.finish_reason = "cancelled"
+                            break
+                        choice = chunk["choices"][0]
+                        text = choice.get("text") or choice.get("delta", {}).get("content") or ""
+                        if text:
+                            generation.completion_tokens += 1
+                            generation._deltas.put(text)
+                        if choice.get("finish_reason"):
+                            generation.finish_reason = choice["finish_reason"]
+            except Exception as exc:  # noqa: BLE001 - handed to the reader
+                generation._deltas.put(exc)
+            generation._deltas.put(_END)
+
+        threading.Thread(target=run, daemon=True).start()
+        return generation
+
+
+def create_engine(kind: str, base_model: str, **options):
+    """The engine `serve.engine` names."""
+    if kind == "vllm":
+        return VllmEngine(base_model, **options)
+    if kind == "llama_cpp":
+        return LlamaCppEngine(base_model, **options)
+    from tailor.serve.engine import Engine
+
+    return Engine(base_model, **options)

@@ -1,0 +1,150 @@
+"""The chat page in headless Chromium (Playwright, Debian's /usr/bin/chromium): it lists the models, streams an
+answer, switches models, and a thumbs-down with a correction lands in the feedback database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+
+import pytest
+import torch
+import uvicorn
+
+from tailor.config import ServeConfig
+from tailor.serve.app import bind_socket, create_app
+from tailor.serve.engine import Engine
+
+pytestmark = pytest.mark.browser
+CHROMIUM = os.environ.get("TAILOR_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # a zero B is a no-op adapter; make it change the answers
+            torch.nn.init.normal_(weight, std=1.0)
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, adapter_dir):
+    torch.set_num_threads(1)  # tiny matmuls: more threads only synchronize
+    # answers long enough to outrun the output filter's held-back tail, so the page sees many deltas
+    engine = Engine(tiny_model_dir, adapters={"city.v1": adapter_dir}, dtype=torch.float32, max_new_tokens=60)
+    yield engine
+    engine.shutdown()
+
+
+def start(engine, config: ServeConfig, root) -> tuple[uvicorn.Server, str]:
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, root), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("page")
+    server, url = start(engine, ServeConfig(), root)
+    yield url, root
+    server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: `make setup` installs it (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def ask(page, text: str) -> str:
+    """Send a message; return the final answer, after checking it arrived in several streamed pieces."""
+    before = page.locator(".msg.assistant").count()
+    page.evaluate("""() => {
+        window.updates = 0;
+        new MutationObserver(() => window.updates++).observe(document.getElementById("log"),
+                                                             {childList: true, subtree: true, characterData: true});
+    }""")
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    answer = page.locator(".msg.assistant").nth(before)
+    page.wait_for_function(f"() => document.querySelectorAll('.msg.assistant.pending').length === 0 && "
+                           f"document.querySelectorAll('.msg.assistant').length > {before}")
+    assert page.evaluate("window.updates") > 3  # text arrived piece by piece, not all at once
+    return answer.inner_text()
+
+
+def test_chat_streams_switches_models_and_sends_feedback(page, served):
+    url, root = served
+    page.goto(url)
+    page.wait_for_function("() => document.querySelectorAll('#model option').length >= 2")
+    assert page.locator("#model option").all_inner_texts() == ["base", "city.v1"]
+    assert page.locator("#api-key").is_hidden()  # this server needs no key
+
+    first = ask(page, "When is the library open?")
+    assert first.strip()
+    page.select_option("#model", "city.v1")
+    second = ask(page, "And on Sundays?")
+    assert second.strip()
+
+    turn = page.locator(".turn").last
+    turn.get_by_role("button", name="thumbs down").click()
+    turn.get_by_label("correction").fill("The library is closed on Sundays.")
+    turn.get_by_role("button", name="Send feedback").click()
+    page.wait_for_function("() => document.querySelector('.turn:last-of-type .feedback span')"
+                           "?.textContent.startsWith('Thanks')")
+    with sqlite3.connect(root / "feedback.db") as db:
+        rows = db.execute("SELECT model, rating, correction, answer FROM feedback").fetchall()
+    assert len(rows) == 1
+    model, rating, correction, answer = rows[0]
+    assert (model, rating, correction) == ("city.v1", "down", "The library is closed on Sundays.")
+    assert answer.strip() == second.strip()
+
+
+def test_sources_in_an_answer_are_listed(page, served):
+    page.goto(served[0])
+    listed = page.evaluate("""() => {
+        const turn = document.createElement("div");
+        showSources(turn, "City Hall opens at 8.\\nSources: city-hall.md, hours.pdf");
+        return [...turn.querySelectorAll(".sources li")].map((item) => item.textContent);
+    }""")
+    assert listed == ["city-hall.md", "hours.pdf"]
+
+
+def test_a_server_with_keys_asks_for_one(page, engine, tmp_path):
+    from tailor.serve.security import create_key
+
+    key = create_key(tmp_path / "keys.json", "page", ["chat"])
+    server, url = start(engine, ServeConfig(api_key_file="keys.json"), tmp_path)
+    try:
+        page.goto(url)
+        page.wait_for_selector("#api-key", state="visible")
+        assert page.locator("#model option").count() == 0  # nothing listed without a key
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("() => document.querySelectorAll('#model option').length === 2")
+        assert ask(page, "Is the pool open?").strip()
+    finally:
+        server.should_exit = True
