@@ -1,8 +1,12 @@
-"""Export on tiny trained runs: merged weights answer like adapter-on-base, prompt-learning methods are refused,
-the int8 export loads and generates, and a failed verification writes nothing."""
+"""Export on tiny trained runs: merged weights answer like adapter-on-base, prompt-learning methods are refused and
+exported as prompt artifacts instead, prompt tables travel with the weights, the int8 export loads and generates, and
+a failed verification or a corrupted artifact writes nothing."""
+
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from tailor.config import validate_config
@@ -11,7 +15,7 @@ from tailor.models.base import load_tokenizer
 from tailor.models.export import (EXPORT_INFO, INT8_WEIGHTS, VerifyFailed, export_run, load_int8, load_reference,
                                   read_trained_run)
 from tailor.train.run import run_training
-from tailor.workspace import read_json, write_jsonl
+from tailor.workspace import file_sha256, read_json, write_json, write_jsonl
 
 FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("How much is a parking permit?", "A parking permit costs $45 per year.")]
@@ -78,18 +82,47 @@ def test_failed_verification_writes_nothing(lora_run, tmp_path):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_prompt_tuning_export_is_refused(tiny_model_dir, tmp_path):
-    run = train_run(tmp_path, tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 4, "init": "random"})
-    with pytest.raises(TailorError, match="prompt_tuning: cannot be merged; export the adapter with its prompt "
-                                          "table instead"):
+def test_prompt_learning_is_refused_and_exported_as_prompts(tiny_model_dir, tmp_path):
+    run = train_run(tmp_path, tiny_model_dir, "p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16})
+    for fmt in ("merged", "gguf"):
+        with pytest.raises(TailorError, match="p_tuning: cannot be merged .* export the adapter with its prompt "
+                                              "table instead: `tailor export .* --format prompt`"):
+            export_run(run, fmt)
+    assert not (run / "export").exists()
+    result = export_run(run, "prompt")
+    assert result.folder == run / "export" / "prompt"
+    assert {"adapter/adapter_config.json", "prompt_table.safetensors", "prompt_table.json", "PROMPTS.md"} <= \
+        set(result.files)
+    assert result.files["prompt_table.safetensors"] == file_sha256(run / "prompt_table.safetensors")
+    readme = (result.folder / "PROMPTS.md").read_text()
+    assert "p-tuning's prompt table" in readme and "cannot be merged" in readme
+    assert read_json(result.folder / EXPORT_INFO)["prompt_artifacts"] == ["prompt_table.json",
+                                                                          "prompt_table.safetensors", "adapter"]
+
+
+def test_prompt_tables_travel_with_a_weights_export(lora_run, tmp_path):
+    run = shutil.copytree(lora_run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
+    save_file({"default": torch.zeros(4, 64)}, str(run / "prompt_table.safetensors"))
+    write_json(run / "prompt_table.json", {"default": {"base_model": "tiny"}})
+    result = export_run(run, "merged", tmp_path / "out")
+    assert {"model.safetensors", "prompt_table.safetensors", "prompt_table.json", "PROMPTS.md"} <= set(result.files)
+
+
+def test_corrupted_artifact_writes_nothing(lora_run, tmp_path):
+    run = shutil.copytree(lora_run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    registered = {"adapter/adapter_model.safetensors": file_sha256(weights)}
+    weights.write_bytes(b"\x00" * 16 + weights.read_bytes()[16:])  # the header is destroyed
+    with pytest.raises(TailorError, match="checksum mismatch with the registry .*nothing was written"):
+        export_run(run, "merged", expected_checksums=registered)
+    with pytest.raises(TailorError, match="the artifact is corrupted and cannot be loaded .*nothing was written"):
         export_run(run, "merged")
     assert not (run / "export").exists()
 
 
 def test_bad_format_and_foreign_out_folder(lora_run, tmp_path):
-    with pytest.raises(TailorError, match="gguf: not yet supported"):
-        export_run(lora_run, "gguf")
-    with pytest.raises(TailorError, match="unknown format 'onnx'"):
+    with pytest.raises(TailorError, match="unknown format 'onnx' \\(formats: merged, int8, gguf, gguf-q8_0, "
+                                          "prompt\\)"):
         export_run(lora_run, "onnx")
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(TailorError, match="exists and is not a tailor export"):

@@ -169,3 +169,24 @@ def test_cli_diff_and_clean_errors(runs, tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "error: city has no version 9 (versions: 1, 2)"
     assert json.dumps(stages(registry)) == before
+
+
+def test_promoting_or_rolling_back_onto_a_corrupted_artifact_changes_nothing(registry, runs, tmp_path):
+    first, second = shutil.copytree(runs[0], tmp_path / "one"), shutil.copytree(runs[1], tmp_path / "two")
+    registry.register_run(first, "city")
+    registry.register_run(second, "city")
+    registry.promote("city", 1, "production")
+    registry.promote("city", 2, "production")
+    weights = first / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # truncated after registration
+    before = stages(registry), len(registry.history("city"))
+    with pytest.raises(TailorError, match=f"city@1: checksum mismatch for {weights}"):
+        registry.rollback("city")
+    assert (stages(registry), len(registry.history("city"))) == before
+    registry.register_run(first, "city")  # a fresh registration records the new checksums…
+    (first / "adapter" / "adapter_config.json").write_text("{}")  # …and then v3's config is overwritten
+    with pytest.raises(TailorError, match="city@3: checksum mismatch for .*adapter_config.json"):
+        registry.promote("city", 3, "staging")
+    registry.register_run(shutil.copytree(runs[1], tmp_path / "four"), "city")
+    registry.promote("city", 4, "staging")  # an intact version still moves
+    assert stages(registry) == {1: "archived", 2: "production", 3: "candidate", 4: "staging"}

@@ -7,13 +7,23 @@
   tokenizer and `model.int8.pt` (the quantized state dict); `load_int8(folder)` rebuilds the model from the config,
   quantizes the same modules and loads the state dict.
 
+- `gguf` / `gguf-q8_0`: the merged model as one GGUF file for llama.cpp (f16 or Q8_0 weights, tokenizer and chat
+  template inside; see models/gguf.py). `--verify` runs the golden prompts through llama.cpp itself
+  when llama-cpp-python is installed (`make llama-cpp`), else through transformers' GGUF reader.
+- `prompt`: what prompt-learning methods and prompt profiles leave: the PEFT adapter (virtual tokens), the run's
+  prompt table and its prompt profile, copied with a README saying what each file is and how it loads.
+
 Methods that only prepend learned virtual tokens (prompt_tuning, p_tuning, prefix_tuning) change no weight, so there
-is nothing to merge: they are refused with a clear message. Every export is written to a temporary folder beside
-the target, verified there when asked, and renamed into place, so a failed export or verification leaves nothing.
+is nothing to merge: they are refused with a clear message that points to `--format prompt`. A run's prompt table
+and prompt profile travel with every export (copied next to the weights, described in PROMPTS.md). Every export is
+written to a temporary folder beside the target, verified there when asked, and renamed into place, so a failed
+export or verification leaves nothing.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +38,18 @@ from tailor.methods.registry import Method
 from tailor.models.base import load_model, load_tokenizer, resolve_base_model
 from tailor.workspace import MANIFEST, atomic_dir, file_sha256, now_iso, read_json, write_json
 
-FORMATS = ("merged", "int8", "gguf")
-SUPPORTED_FORMATS = ("merged", "int8")
+FORMATS = ("merged", "int8", "gguf", "gguf-q8_0", "prompt")
+GGUF_FORMATS = {"gguf": "f16", "gguf-q8_0": "q8_0"}  # format → GGUF weight type
 EXPORT_INFO = "export.json"
+PROMPTS_README = "PROMPTS.md"
+LOADERS = {
+    "merged": "transformers.AutoModelForCausalLM.from_pretrained(folder)",
+    "int8": "tailor.models.export.load_int8(folder)",
+    "gguf": "llama_cpp.Llama(model_path=folder/model.gguf) or llama.cpp's llama-cli -m folder/model.gguf",
+    "gguf-q8_0": "llama_cpp.Llama(model_path=folder/model.gguf) or llama.cpp's llama-cli -m folder/model.gguf",
+    "prompt": "see PROMPTS.md: peft.PeftModel.from_pretrained(base, folder/adapter); the prompt table with "
+              "safetensors; the profile with tailor.methods.prompt.load_profile(folder/prompt)",
+}
 INT8_WEIGHTS = "model.int8.pt"
 MERGED_TOLERANCE = 1e-3  # fp32 merge: only summation order differs, so logits agree to ~1e-5
 GOLDEN_PROMPTS = (
@@ -56,7 +75,8 @@ class TrainedRun:
         return artifact_dir(self.run_dir, self.method)
 
 
-def read_trained_run(run_dir: Path | str) -> TrainedRun:
+def read_trained_run(run_dir: Path | str, *, weights: bool = True) -> TrainedRun:
+    """The run's method, config and base model; with `weights`, the run must hold trained weights to export."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / MANIFEST
     manifest = read_json(manifest_path) if manifest_path.is_file() else {}
@@ -67,9 +87,11 @@ def read_trained_run(run_dir: Path | str) -> TrainedRun:
     method = registry.get(trained.get("method") or config.train.method, key="train.method")
     base_ref = resolve_base_model(trained.get("base_model") or config.base_model, root=run_dir.parent)
     run = TrainedRun(run_dir, method, config, base_ref)
+    if not weights:
+        return run
     if not method.trains:
-        raise TailorError(f"{method.name}: changes no weights, so there is no model to export; serve its profile "
-                          f"{run.artifact} with the base model (`tailor serve`)")
+        raise TailorError(f"{method.name}: changes no weights, so there is no model to export; export its profile "
+                          f"with --format prompt, or serve it with the base model (`tailor serve`)")
     marker = "config.json" if method.artifact == "model" else "adapter_config.json"
     if not (run.artifact / marker).is_file():
         raise TailorError(f"{run.artifact}: no trained {method.name} artifact ({marker} missing)")
@@ -82,20 +104,31 @@ def check_mergeable(run: TrainedRun) -> None:
         return
     import peft
 
-    adapter_config = peft.PeftConfig.from_pretrained(str(run.artifact))
+    try:
+        adapter_config = peft.PeftConfig.from_pretrained(str(run.artifact))
+    except (ValueError, OSError, TypeError) as exc:
+        raise TailorError(f"{run.artifact}/adapter_config.json: unreadable, the artifact is corrupted "
+                          f"({str(exc).splitlines()[0]}); nothing was written") from None
     if adapter_config.is_prompt_learning:
-        raise TailorError(f"{run.method.name}: cannot be merged; export the adapter with its prompt table instead "
-                          f"({run.artifact} loads with peft on the base model)")
+        raise TailorError(f"{run.method.name}: cannot be merged (its virtual tokens are inputs, not weights); export "
+                          f"the adapter with its prompt table instead: `tailor export {run.run_dir} --format prompt`")
 
 
 def load_reference(run: TrainedRun):
-    """The run's model as training left it: adapter on base (or the full model), fp32, on the CPU, eval mode."""
-    if run.method.artifact == "model":
-        return load_model(str(run.artifact), dtype=torch.float32).cpu().eval()
-    import peft
+    """The run's model as training left it: adapter on base (or the full model), fp32, on the CPU, eval mode.
+    A damaged artifact file (truncated, bit-flipped header, wrong shapes) is reported as such, not as a traceback."""
+    from safetensors import SafetensorError
 
-    base = load_model(run.base_ref, dtype=torch.float32).cpu()
-    return peft.PeftModel.from_pretrained(base, str(run.artifact)).eval()
+    try:
+        if run.method.artifact == "model":
+            return load_model(str(run.artifact), dtype=torch.float32).cpu().eval()
+        import peft
+
+        base = load_model(run.base_ref, dtype=torch.float32).cpu()
+        return peft.PeftModel.from_pretrained(base, str(run.artifact)).eval()
+    except (SafetensorError, RuntimeError, ValueError, OSError) as exc:
+        raise TailorError(f"{run.artifact}: the artifact is corrupted and cannot be loaded "
+                          f"({str(exc).splitlines()[0][:200]}); nothing was written") from None
 
 
 def merged_model(run: TrainedRun):
@@ -159,6 +192,9 @@ class VerifyReport:
     logit_diffs: list[float]  # per prompt: max |reference logit - export logit| over positions and vocabulary
     tolerance: float | None  # None: report only
     problems: list[str] = field(default_factory=list)
+    # gguf: whether the GGUF reader's tokenizer turns each templated prompt into the same ids as transformers'
+    tokenizer_match: list[bool] = field(default_factory=list)
+    reader: str | None = None  # gguf: "llama.cpp", or "transformers" (its GGUF loader) without llama-cpp-python
 
     @property
     def exact_match(self) -> float:
@@ -226,20 +262,75 @@ def default_folder(run_dir: Path, fmt: str) -> Path:
     return Path(run_dir) / "export" / fmt
 
 
+def prompt_artifacts(run: TrainedRun) -> dict[str, Path]:
+    """What the run holds besides weights that a deployment needs: the prompt-learning adapter (for --format
+    prompt), the p_tuning prompt table with its index, and the prompt profile. Name in the export → source."""
+    from tailor.methods.artifacts import PROMPT_DIR
+    from tailor.methods.p_tuning import PROMPT_INDEX, PROMPT_TABLE
+    from tailor.methods.prompt import PROFILE_FILE
+
+    found: dict[str, Path] = {}
+    for name in (PROMPT_TABLE, PROMPT_INDEX):
+        if (run.run_dir / name).is_file():
+            found[name] = run.run_dir / name
+    if (run.run_dir / PROMPT_DIR / PROFILE_FILE).is_file():
+        found[PROMPT_DIR] = run.run_dir / PROMPT_DIR
+    return found
+
+
+def _describe_prompts(run: TrainedRun, copied: dict[str, Path], adapter: bool) -> str:
+    """PROMPTS.md: what each copied prompt file is and how to use it."""
+    lines = [f"# Prompt artifacts of {run.run_dir.name}", "",
+             f"Exported by `tailor export` from `{run.run_dir.resolve()}` (method `{run.method.name}`, base model "
+             f"`{run.base_ref}`). These are not weights: they are inputs the base model is given.", ""]
+    if adapter:
+        lines += ["- `adapter/`: the PEFT prompt-learning adapter (learned virtual-token embeddings). Load it on the "
+                  "base model: `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+                  "\"adapter\")`. It cannot be merged into the weights: the tokens are prepended to every input."]
+    if "prompt_table.safetensors" in copied:
+        lines += ["- `prompt_table.safetensors` + `prompt_table.json`: p-tuning's prompt table, one tensor "
+                  "[num_virtual_tokens, hidden] per task name (the index gives each task's base model and date). "
+                  "Prepend a task's rows to the input embeddings (`inputs_embeds`) to run that task; "
+                  "`safetensors.torch.load_file` reads it."]
+    if "prompt" in copied:
+        lines += ["- `prompt/`: a prompt profile (`profile.json`: system prompt, k, chain-of-thought flag, embedding "
+                  "model, the training question/answer pairs; `embeddings.safetensors`: the questions' normalized "
+                  "embeddings). `tailor.methods.prompt.load_profile(folder)` loads it and `apply_profile` inserts the "
+                  "k nearest examples as earlier turns of a conversation."]
+    return "\n".join(lines) + "\n"
+
+
+def _copy_prompts(run: TrainedRun, folder: Path, *, adapter: bool = False) -> dict[str, Path]:
+    copied = prompt_artifacts(run)
+    if adapter:
+        shutil.copytree(run.artifact, folder / "adapter")
+    for name, source in copied.items():
+        if source.is_dir():
+            shutil.copytree(source, folder / name)
+        else:
+            shutil.copy2(source, folder / name)
+    if copied or adapter:
+        (folder / PROMPTS_README).write_text(_describe_prompts(run, copied, adapter), encoding="utf-8")
+    return copied
+
+
 def export_run(run_dir: Path | str, fmt: str, out: Path | str | None = None, *, verify: bool = False,
-               tolerance: float | None = MERGED_TOLERANCE) -> ExportResult:
+               tolerance: float | None = MERGED_TOLERANCE, expected_checksums: dict[str, str] | None = None
+               ) -> ExportResult:
     """Export the run's model as `fmt` into `out` (default RUN/export/FORMAT); with `verify`, compare it with the
     adapter on the base before it is moved into place. `tolerance` bounds the logit difference (None: report only).
+    `expected_checksums` (registry artifact path → sha256) are checked before anything is read.
     """
     if fmt not in FORMATS:
-        raise TailorError(f"--format: unknown format '{fmt}' (formats: {', '.join(SUPPORTED_FORMATS)})")
-    if fmt == "gguf":
-        raise TailorError("--format gguf: not yet supported; export --format merged and convert that folder with "
-                          "llama.cpp's convert_hf_to_gguf.py")
-    run = read_trained_run(run_dir)
+        raise TailorError(f"--format: unknown format '{fmt}' (formats: {', '.join(FORMATS)})")
+    run = read_trained_run(run_dir, weights=fmt != "prompt")
     target = Path(out) if out is not None else default_folder(run.run_dir, fmt)
     if target.exists() and not (target / EXPORT_INFO).is_file():
         raise TailorError(f"--out {target}: exists and is not a tailor export; choose another folder")
+    if expected_checksums:
+        check_checksums(run.run_dir, expected_checksums)
+    if fmt == "prompt":
+        return _export_prompts(run, target)
     check_mergeable(run)  # before the base model is read
 
     tokenizer = load_tokenizer(run.base_ref)
@@ -247,21 +338,106 @@ def export_run(run_dir: Path | str, fmt: str, out: Path | str | None = None, *, 
     if fmt == "int8":
         model = quantize_int8(model)
     with atomic_dir(target) as tmp:  # a failed verify writes nothing
-        (save_int8 if fmt == "int8" else save_merged)(model, tokenizer, tmp)
+        gguf_counts = None
+        if fmt in GGUF_FORMATS:
+            from tailor.models.gguf import GGUF_FILE, write_gguf
+
+            with tempfile.TemporaryDirectory() as tokenizer_dir:  # the converter reads merges from tokenizer.json
+                tokenizer.save_pretrained(tokenizer_dir)
+                gguf_counts = write_gguf(model, tokenizer, Path(tokenizer_dir), tmp / GGUF_FILE, GGUF_FORMATS[fmt],
+                                         name=f"{run.run_dir.name} ({run.method.name})")
+        else:
+            (save_int8 if fmt == "int8" else save_merged)(model, tokenizer, tmp)
         del model
         report = None
         if verify:  # the saved files are what gets checked, loaded the way a user loads them
-            report = verify_export(load_reference(run), load_export(tmp, fmt), tokenizer, fmt,
-                                   system_prompt=run.config.system_prompt, tolerance=tolerance)
+            if fmt in GGUF_FORMATS:
+                report = verify_gguf(load_reference(run), tmp / GGUF_FILE, tokenizer, fmt,
+                                     system_prompt=run.config.system_prompt, tolerance=tolerance)
+            else:
+                report = verify_export(load_reference(run), load_export(tmp, fmt), tokenizer, fmt,
+                                       system_prompt=run.config.system_prompt, tolerance=tolerance)
             if not report.passed:
                 raise VerifyFailed(report)
-        files = {path.name: file_sha256(path) for path in sorted(tmp.iterdir()) if path.is_file()}
+        copied = _copy_prompts(run, tmp)
+        files = {path.relative_to(tmp).as_posix(): file_sha256(path) for path in sorted(tmp.rglob("*"))
+                 if path.is_file()}
         write_json(tmp / EXPORT_INFO, {
             "format": fmt, "run": str(run.run_dir.resolve()), "method": run.method.name, "base_model": run.base_ref,
             "created_at": now_iso(), "files": files, "verify": report.to_dict() if report else None,
-            "load": ("tailor.models.export.load_int8(folder)" if fmt == "int8"
-                     else "transformers.AutoModelForCausalLM.from_pretrained(folder)")})
+            "prompt_artifacts": sorted(copied), "gguf_tensor_types": gguf_counts, "load": LOADERS[fmt]})
     return ExportResult(target, fmt, run.method.name, files, report)
+
+
+def _export_prompts(run: TrainedRun, target: Path) -> ExportResult:
+    """--format prompt: the prompt-learning adapter, prompt table and profile, with PROMPTS.md."""
+    import peft
+
+    adapter = False
+    if (run.artifact / "adapter_config.json").is_file():
+        adapter = peft.PeftConfig.from_pretrained(str(run.artifact)).is_prompt_learning
+    if not adapter and not prompt_artifacts(run):
+        raise TailorError(f"--format prompt: {run.run_dir} has no prompt-learning adapter, prompt table or prompt "
+                          f"profile; export its weights with --format merged, int8 or gguf")
+    with atomic_dir(target) as tmp:
+        copied = _copy_prompts(run, tmp, adapter=adapter)
+        files = {path.relative_to(tmp).as_posix(): file_sha256(path) for path in sorted(tmp.rglob("*"))
+                 if path.is_file()}
+        write_json(tmp / EXPORT_INFO, {
+            "format": "prompt", "run": str(run.run_dir.resolve()), "method": run.method.name,
+            "base_model": run.base_ref, "created_at": now_iso(), "files": files, "verify": None,
+            "prompt_artifacts": sorted(copied) + (["adapter"] if adapter else []), "load": LOADERS["prompt"]})
+    return ExportResult(target, "prompt", run.method.name, files, None)
+
+
+def check_checksums(run_dir: Path, expected: dict[str, str]) -> None:
+    """Every registered artifact file must still have its sha256; a changed or missing one stops the export."""
+    for relative, digest in expected.items():
+        path = Path(run_dir) / relative
+        if not path.is_file():
+            raise TailorError(f"{path}: registered artifact file is missing; nothing was written")
+        if file_sha256(path) != digest:
+            raise TailorError(f"{path}: checksum mismatch with the registry (registered sha256 {digest[:12]}…); the "
+                              f"artifact is corrupted or changed after registration; nothing was written")
+
+
+def verify_gguf(reference, gguf_path: Path, tokenizer, fmt: str, *, system_prompt: str, tolerance: float | None,
+                prompts: tuple[str, ...] = GOLDEN_PROMPTS, max_new_tokens: int = 24) -> VerifyReport:
+    """The golden prompts decoded greedily by adapter-on-base (transformers, fp32) and by a GGUF reader (llama.cpp, or
+    transformers' GGUF loader where llama-cpp-python is not installed) reading the file: exact-match rate, and the largest logit difference on prompt + reference answer. Both read the same
+    token ids (the chat template applied by transformers); whether llama.cpp's own tokenizer splits the prompt text
+    the same way is recorded in `tokenizer_match`."""
+    from tailor.models.gguf import open_gguf_reader
+    from tailor.train.examples import chat_ids
+
+    llm = open_gguf_reader(gguf_path)
+    stop_ids = {tokenizer.eos_token_id}
+    report = VerifyReport(fmt, list(prompts), [], [], [], [], tolerance, reader=llm.reader)
+    for prompt in prompts:
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+        ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
+        input_ids = torch.tensor([ids])  # [1, prompt tokens]
+        with torch.no_grad():
+            output = reference.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answer = output[0, len(ids):].tolist()
+        llama_answer = llm.greedy(ids, max_new_tokens, stop_ids)
+        sequence = ids + answer
+        with torch.no_grad():
+            expected = reference(input_ids=torch.tensor([sequence])).logits[0].float().numpy()  # [tokens, vocab]
+        found = llm.logits(sequence)
+        report.logit_diffs.append(float(abs(expected - found[:, :expected.shape[1]]).max()))
+        report.reference_answers.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+        report.export_answers.append(tokenizer.decode(llama_answer, skip_special_tokens=True).strip())
+        report.matches.append(answer == llama_answer)
+        text = tokenizer.decode(ids)
+        report.tokenizer_match.append(llm.tokenize(text) == ids)
+    del llm
+    if tolerance is not None and report.max_logit_diff > tolerance:
+        report.problems.append(f"largest logit difference {report.max_logit_diff:.3g} exceeds the tolerance "
+                               f"{tolerance:g}")
+    return report
 
 
 class VerifyFailed(TailorError):

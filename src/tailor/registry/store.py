@@ -1,7 +1,8 @@
 """Register runs, move versions between stages, roll production back, resolve "NAME@production" to a version.
 
 Every change runs in one database transaction that validates before it writes, so bad input (an unknown version,
-an unknown stage, a transition that is not allowed) changes nothing. Stage changes are appended to the audit log
+an unknown stage, a transition that is not allowed, an artifact whose files no longer match their registered
+checksums when it would go to staging or production) changes nothing. Stage changes are appended to the audit log
 in the same transaction as the change itself.
 """
 
@@ -188,6 +189,8 @@ class Registry:
             if stage not in TRANSITIONS[target.stage]:
                 raise TailorError(f"{target.label} is in {target.stage}; from there it can go to "
                                   f"{', '.join(TRANSITIONS[target.stage])} (not {stage})")
+            if stage in ("staging", "production"):
+                verify_artifacts(target)  # a corrupted artifact must never go live; raising here changes nothing
             changes = []
             if stage == "production":
                 for previous in self._in_stage(session, name, "production"):
@@ -212,6 +215,7 @@ class Registry:
                 raise TailorError(f"{name}: no earlier production version to roll back to "
                                   f"({current_version.label} is the first)")
             restored = session.get(ModelVersion, earlier[-1])
+            verify_artifacts(restored)  # rolling back onto a corrupted artifact would take the model down
             note = reason or "rollback"
             self._move(session, current_version, "archived", "rollback", who, note)
             self._move(session, restored, "production", "rollback", who, note)
