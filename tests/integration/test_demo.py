@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -70,9 +71,16 @@ def test_openai_client_streams_from_tailor_serve(demo_run):
         stream = client.chat.completions.create(
             model="lora", stream=True, temperature=0, max_tokens=40,
             messages=[{"role": "user", "content": "What are the opening hours of City Hall?"}])
-        chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        events = list(stream)
+        chunks = [c.choices[0].delta.content or "" for c in events if c.choices]
         answer = "".join(chunks)
         assert len([c for c in chunks if c]) > 3 and answer.strip()
+        # feedback on that answer is stored in the run folder with the answer it rates
+        ack = httpx.post(f"http://127.0.0.1:{port}/v1/feedback", timeout=10,
+                         json={"response_id": events[0].id, "rating": "up"})
+        assert ack.status_code == 200 and ack.json()["model"] == "lora"
+        with sqlite3.connect(out / "feedback.db") as db:
+            assert db.execute("SELECT answer, rating FROM feedback").fetchall() == [(answer, "up")]
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert page.status_code == 200 and "<html" in page.text.lower()
     finally:

@@ -7,6 +7,13 @@ import sys
 import typer
 
 from tailor.cli import demo, export, init, models, serving, stages, tune
+from tailor.cli import data as data_commands  # noqa: F401 - registers `data synth` and `data inspect`
+from tailor.cli.ab import ab_app
+from tailor.cli.alignment import feedback_app, reward_app
+from tailor.cli.compare import compare as compare_command
+from tailor.cli.estimate import estimate as estimate_command
+from tailor.cli.prune import prune as prune_command
+from tailor.cli.keys import keys_app
 from tailor.cli.common import err_console
 from tailor.errors import TailorError
 
@@ -19,11 +26,18 @@ app.command()(stages.train)
 app.command("eval")(stages.evaluate)
 app.command()(tune.tune)
 app.command()(stages.methods)
+app.command("compare")(compare_command)
 app.command()(serving.chat)
 app.command()(serving.serve)
 app.command()(demo.demo)
 app.add_typer(models.models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(ab_app, name="ab")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(reward_app, name="reward")
 app.command("export")(export.export)
+app.command("estimate")(estimate_command)
+app.command("prune")(prune_command)
 
 
 def _quiet_libraries() -> None:

@@ -7,7 +7,6 @@ runs stay inspectable (`tailor eval -r RUN/compare/lora`) and a rerun replaces o
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from rich.table import Table
 from tailor.cli.common import OverridesArgument, RunOption, WorkspaceOption, console, open_workspace, run_folder
 from tailor.config import TailorConfig, apply_overrides, validate_config
 from tailor.errors import TailorError
+from tailor.workspace import link_or_copy
 
 COMPARE_DIR = "compare"
 LINKED = ("data/train.jsonl", "data/eval.jsonl", "corpus.jsonl")
@@ -44,13 +44,7 @@ def link_run_data(run_dir: Path, method_dir: Path) -> None:
         source, target = run_dir / relative, method_dir / relative
         if not source.is_file():
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        try:
-            target.symlink_to(source.resolve())
-        except OSError:
-            shutil.copyfile(source, target)
+        link_or_copy(source, target)
 
 
 def folder_bytes(folder: Path) -> int:

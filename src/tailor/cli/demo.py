@@ -89,4 +89,4 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
     if not no_serve:
         from tailor.serve.app import serve
 
-        serve(build_engine(config, root, out), "127.0.0.1", port)
+        serve(build_engine(config, root, out), "127.0.0.1", port, config=config.serve, root=root, state_dir=out)

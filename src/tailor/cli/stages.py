@@ -21,19 +21,50 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
                                                        "(default: ingest.pii in tailor.yaml, off)."),
            pii_keep: list[str] = typer.Option(None, "--pii-keep", help="Regex of findings to keep as written, e.g. "
                                               "'@maplewood\\.gov$' (repeatable; adds to ingest.pii_keep)."),
+           crawl: list[str] = typer.Option(None, "--crawl", help="Crawl this site from a page or sitemap .xml URL "
+                                           "(repeatable; same site only, robots.txt honoured) into RUN/crawl/, "
+                                           "resumable, and ingest the pages."),
+           max_pages: int = typer.Option(50, "--max-pages", min=1, help="Crawl at most this many pages."),
+           max_depth: int = typer.Option(2, "--max-depth", min=0, help="Follow links at most this deep."),
+           delay: float = typer.Option(1.0, "--delay", min=0.0, help="Seconds between requests to one site."),
            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
-    """Read documents (txt, md, html, pdf) into normalized, deduplicated chunks in corpus.jsonl; --pii replaces
-    personal data."""
+    """Read documents (txt, md, html, pdf, docx, csv/tsv, json/jsonl records, chat logs) or crawled web pages into
+    normalized, cleaned, deduplicated chunks in corpus.jsonl; --pii replaces personal data."""
+    from tailor.data.ingest import Cleaning
     from tailor.data.ingest import ingest as run_ingest
 
-    config, root = open_workspace(workspace, [f"ingest.pii={pii}"] if pii else [], required=not sources)
+    config, root = open_workspace(workspace, [f"ingest.pii={pii}"] if pii else [], required=not (sources or crawl))
     run_dir = run_folder(root, run)
-    names = [str(s) for s in sources] if sources else [str(root / s) for s in config.sources]
+    names = [str(s) for s in sources] if sources else [] if crawl else [str(root / s) for s in config.sources]
     output = output or run_dir / "corpus.jsonl"
+    source_names = {}
+    if crawl:
+        from tailor.data.crawl import crawl as run_crawl
+
+        crawl_dir = run_dir / "crawl"
+        crawled = run_crawl(list(crawl), crawl_dir, max_pages=max_pages, max_depth=max_depth, delay=delay,
+                            on_page=None if no_progress else lambda url: console.print(f"  crawled {url}",
+                                                                                       highlight=False))
+        console.print(f"[green]crawled[/] {len(crawled.pages)} pages into {crawl_dir}"
+                      + (f"; {crawled.remaining} more queued (rerun to continue)" if crawled.remaining else ""),
+                      highlight=False, soft_wrap=True)
+        for url, reason in crawled.skipped:
+            console.print(f"  [yellow]skipped[/] {url}: {reason}", highlight=False, soft_wrap=True)
+        if not crawled.pages:
+            raise TailorError(f"--crawl: no page could be fetched from {', '.join(crawl)}")
+        source_names = {str(crawl_dir / name): url for url, name in crawled.pages.items()}
+        names.append(str(crawl_dir))
     summary = run_ingest(names, output, chunk_chars=config.ingest.chunk_chars,
                          chunk_overlap=config.ingest.chunk_overlap, min_chars=config.ingest.min_chars,
                          pii=config.ingest.pii, pii_keep=config.ingest.pii_keep + list(pii_keep or []),
-                         near_dup_threshold=config.ingest.near_dup_threshold, progress=not no_progress)
+                         near_dup_threshold=config.ingest.near_dup_threshold,
+                         text_field=config.ingest.text_field, speaker_roles=config.ingest.speaker_roles,
+                         cleaning=Cleaning(boilerplate_min_docs=config.ingest.boilerplate_min_docs,
+                                           boilerplate_share=config.ingest.boilerplate_share,
+                                           max_symbol_ratio=config.ingest.max_symbol_ratio,
+                                           max_repeated_ngrams=config.ingest.max_repeated_ngrams,
+                                           languages=tuple(config.ingest.languages)),
+                         source_names=source_names, progress=not no_progress)
     write_json(output.with_name(output.stem + ".report.json"), summary.to_dict())
     if output.parent == run_dir:
         update_manifest(run_dir, "ingest", outputs=[output],
@@ -55,6 +86,10 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
                       + (f"; {kept} kept by ingest.pii_keep" if kept else ""))
     for path, reason in summary.skipped:
         console.print(f"  [yellow]skipped[/] {path}: {reason}")
+    if summary.boilerplate_lines:
+        console.print(f"  boilerplate: {summary.boilerplate_lines} lines repeated across documents removed")
+    for label, reason in summary.filtered:
+        console.print(f"  [yellow]filtered[/] {label}: {reason}", highlight=False, soft_wrap=True)
     for warning in summary.warnings:
         console.print(f"  [yellow]warning[/] {warning}")
 
@@ -62,16 +97,31 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
 @data_app.command("build")
 def data_build(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption,
                run: Path = RunOption) -> None:
-    """Question/answer files (CSV or JSONL) → chat records in RUN/data/train.jsonl and eval.jsonl."""
+    """Q/A, Alpaca, ShareGPT, OpenAI chat or transcript files → chat records in RUN/data/train.jsonl, eval.jsonl
+    (test.jsonl); also classification, preference and pre-training data when configured (data.*)."""
+    from rich.markup import escape
+
     from tailor.data.build import build_chat_data
 
     config, root = open_workspace(workspace, overrides)
     run_dir = run_folder(root, run)
     summary = build_chat_data(config, root, run_dir)
-    console.print(f"[green]data[/] {summary.train} training and {summary.eval} evaluation records → "
-                  f"{run_dir / 'data'}")
-    for problem in summary.too_long + summary.duplicates:
-        console.print(f"  [yellow]dropped[/] {problem}")
+    test = f" and {summary.test} test" if summary.test else ""
+    console.print(f"[green]data[/] {summary.train} training, {summary.eval} evaluation{test} records → "
+                  f"{run_dir / 'data'}", soft_wrap=True, highlight=False)
+    for problem in summary.too_long + summary.duplicates + summary.leaked:
+        console.print(f"  [yellow]dropped[/] {escape(problem)}", soft_wrap=True, highlight=False)
+    classification = summary.extra.get("classification")
+    if classification:
+        console.print(f"  classification: {classification['train']} train, {classification['eval']} eval, "
+                      f"{classification['test']} test over {len(classification['labels'])} labels", highlight=False)
+        for problem in classification["duplicates"] + classification["leaked"]:
+            console.print(f"  [yellow]dropped[/] {escape(problem)}", soft_wrap=True, highlight=False)
+    if "preference_pairs" in summary.extra:
+        console.print(f"  preference pairs: {summary.extra['preference_pairs']}", highlight=False)
+    if "pretrain_blocks" in summary.extra:
+        blocks = summary.extra["pretrain_blocks"]
+        console.print(f"  pre-training blocks: {blocks['train']} train, {blocks['eval']} eval", highlight=False)
 
 
 @data_app.command("validate")
@@ -84,9 +134,16 @@ def data_validate(files: list[Path] = typer.Argument(..., help="Chat JSONL or qu
                                                  help="Report records longer than this (loads a tokenizer)."),
                   tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer folder for the token count "
                                                  "(default: the configured base model's)."),
+                  labels: str = typer.Option(None, "--labels", help="Comma-separated label set of classification "
+                                             "records {text, label} (default: data.labels in tailor.yaml, if any)."),
+                  eval_files: list[Path] = typer.Option(None, "--eval", help="Held-out file(s): also checked for "
+                                                        "leakage, copies or near copies of training examples."),
+                  leak_threshold: float = typer.Option(0.8, "--leak-threshold", min=0.01, max=1.0,
+                                                       help="Similarity (word 3-gram Jaccard) that counts as leakage."),
                   workspace: Path = WorkspaceOption,
                   show: int = typer.Option(50, "--show", min=0, help="Print at most this many problems.")) -> None:
-    """Check every record: JSON, keys, roles and their order, content, assistant turn, tokens, duplicates."""
+    """Check every record: JSON, keys, roles and their order, content, assistant turn, tokens, labels, duplicates,
+    train/eval leakage."""
     from tailor.data.validate import OPENAI_CHECKS, validate_files, write_valid
 
     if skip_invalid and output is None:
@@ -100,7 +157,16 @@ def data_validate(files: list[Path] = typer.Argument(..., help="Chat JSONL or qu
         config, root = open_workspace(workspace, [], required=False)
         max_tokens = max_tokens or config.data.max_tokens
         count_tokens = _token_counter(tokenizer, config, root)
-    report = validate_files(files, count_tokens=count_tokens, max_tokens=max_tokens)
+    if labels is not None:
+        label_set = [label.strip() for label in labels.split(",") if label.strip()]
+        if not label_set:
+            raise TailorError("--labels: give the labels separated by commas, e.g. --labels billing,outage")
+    else:
+        label_set = open_workspace(workspace, [], required=False)[0].data.labels or None
+    if skip_invalid and eval_files:
+        raise TailorError("--skip-invalid writes one file; validate the held-out file apart, or drop --eval")
+    report = validate_files(files, count_tokens=count_tokens, max_tokens=max_tokens, labels=label_set,
+                            eval_paths=eval_files or [], leak_threshold=leak_threshold)
     for problem in report.problems[:show]:
         console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
     if len(report.problems) > show:
@@ -172,21 +238,25 @@ def evaluate(overrides: list[str] = OverridesArgument, workspace: Path = Workspa
                  "Exit 1 when the customized model scores below VALUE (token_f1, exact_match, rouge_l, bleu, "
                  "adherence; 0-1); MODEL.METRIC=VALUE names the model, e.g. base.token_f1=0.2. Repeatable.")),
              no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
-    """Base and customized model on the held-out questions: token F1, exact match, ROUGE-L, BLEU, eval loss,
-    perplexity and eval.rules adherence → RUN/eval/report.json and report.html."""
+    """Models side by side (base and customized, or eval.models) on the held-out questions: token F1, exact match,
+    ROUGE-L, BLEU, eval loss, perplexity, eval.rules adherence; classification sets, judge, probes when configured
+    → RUN/eval/report.json and report.html."""
     from tailor.cli.common import err_console
     from tailor.evaluate.gates import failed_gates, parse_gates
-    from tailor.evaluate.harness import report_table, run_eval
+    from tailor.evaluate.harness import plan_eval, report_table, run_eval
     from tailor.evaluate.report import REPORT_HTML
     from tailor.methods.artifacts import trained_method
 
     config, root = open_workspace(workspace, overrides)
     run_dir = run_folder(root, run)
-    customized = trained_method(config, run_dir)
-    # before any model loads: a typo in a CI gate must not cost a full evaluation
-    gates = parse_gates(list(fail_under or []), models=["base", customized], customized=customized,
-                        has_rules=bool(config.eval.rules))
-    report = run_eval(config, root, run_dir, show_progress=not no_progress)
+    # before any model loads: eval files, model folders, endpoints and a typo in a CI gate are checked first
+    plan = plan_eval(config, root, run_dir)
+    names = [spec.name for spec in plan.specs]
+    if not config.eval.models and trained_method(config, run_dir) not in names:  # not trained yet: gate fails later
+        names.append(trained_method(config, run_dir))
+    gates = parse_gates(list(fail_under or []), models=names, customized=plan.customized if config.eval.models
+                        else trained_method(config, run_dir), has_rules=bool(config.eval.rules))
+    report = run_eval(config, root, run_dir, show_progress=not no_progress, plan=plan)
     console.print(report_table(report))
     # soft_wrap: a path cut across lines cannot be copied
     console.print(f"report: {run_dir / 'eval' / 'report.json'}", soft_wrap=True, highlight=False)

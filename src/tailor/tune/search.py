@@ -20,7 +20,7 @@ from typing import Any
 from tailor.config import TailorConfig, apply_overrides, dump_config
 from tailor.errors import TailorError
 from tailor.tune.space import check_values, config_with, grid, params_to_values, sample
-from tailor.workspace import atomic_write_text
+from tailor.workspace import atomic_write_text, link_or_copy
 
 TUNE_DIR = "tune"
 BEST_CONFIG = "best.yaml"
@@ -244,16 +244,8 @@ def _same_point(study, trial):
 
 def _link_data(run_dir: Path, trial_dir: Path) -> None:
     """Trials reuse RUN/data/*.jsonl; a symlink where the file system allows it, else a copy."""
-    data = trial_dir / "data"
-    data.mkdir(parents=True, exist_ok=True)
     for source in sorted((run_dir / "data").glob("*.jsonl")):
-        target = data / source.name
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        try:
-            target.symlink_to(source.resolve())
-        except OSError:
-            shutil.copyfile(source, target)
+        link_or_copy(source, trial_dir / "data" / source.name)
 
 
 def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, source: str = "tailor.yaml",
