@@ -6,35 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import threading
-import time
 
 import pytest
 import torch
-import uvicorn
 
 from tailor.config import ServeConfig
-from tailor.serve.app import bind_socket, create_app
 from tailor.serve.engine import Engine
+from tests.unit.test_serve import adapter_dir, start_server  # noqa: F401 (adapter_dir: a fixture)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("TAILOR_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> str:
-    import peft
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(1)
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:  # a zero B is a no-op adapter; make it change the answers
-            torch.nn.init.normal_(weight, std=1.0)
-    folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +27,10 @@ def engine(tiny_model_dir, adapter_dir):
     engine.shutdown()
 
 
-def start(engine, config: ServeConfig, root) -> tuple[uvicorn.Server, str]:
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, root), log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 @pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
-    server, url = start(engine, ServeConfig(), root)
+    server, url = start_server(engine, config=ServeConfig(), root=root)
     yield url, root
     server.should_exit = True
 
@@ -137,7 +107,7 @@ def test_a_server_with_keys_asks_for_one(page, engine, tmp_path):
     from tailor.serve.security import create_key
 
     key = create_key(tmp_path / "keys.json", "page", ["chat"])
-    server, url = start(engine, ServeConfig(api_key_file="keys.json"), tmp_path)
+    server, url = start_server(engine, config=ServeConfig(api_key_file="keys.json"), root=tmp_path)
     try:
         page.goto(url)
         page.wait_for_selector("#api-key", state="visible")

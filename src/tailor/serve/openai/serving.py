@@ -194,15 +194,18 @@ async def chat_request(services: Services, request: ChatCompletionRequest, calle
     return await _chat_whole(services, answer, generation, hit, key)
 
 
+async def _whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
+                 key: str | None) -> tuple[str, str | None, int, int]:
+    """The whole filtered reply (from the cache or the engine), recorded: text, finish reason and token counts."""
+    text = hit.text if hit else await run_in_threadpool(_collect, services, answer, generation)
+    reason, prompt_tokens, completion_tokens = _outcome(generation, hit)
+    await run_in_threadpool(_finish, services, answer, text, reason, prompt_tokens, completion_tokens, key)
+    return text, reason, prompt_tokens, completion_tokens
+
+
 async def _chat_whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
                       key: str | None) -> ChatCompletion:
-    if hit:
-        text, reason, prompt_tokens, completion_tokens = (hit.text, hit.finish_reason, hit.prompt_tokens,
-                                                          hit.completion_tokens)
-    else:
-        text = await run_in_threadpool(_collect, services, answer, generation)
-        reason, prompt_tokens, completion_tokens = _outcome(generation, None)
-    await run_in_threadpool(_finish, services, answer, text, reason, prompt_tokens, completion_tokens, key)
+    text, reason, prompt_tokens, completion_tokens = await _whole(services, answer, generation, hit, key)
     return ChatCompletion(id=answer.id, model=answer.model, usage=_usage(prompt_tokens, completion_tokens),
                           choices=[Choice(message=AssistantMessage(content=text), finish_reason=reason)])
 
@@ -285,12 +288,7 @@ async def completion_request(services: Services, request: CompletionRequest, cal
 
 async def _completion_whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
                             key: str | None) -> Completion:
-    if hit:
-        text = hit.text
-    else:
-        text = await run_in_threadpool(_collect, services, answer, generation)
-    reason, prompt_tokens, completion_tokens = _outcome(generation, hit)
-    await run_in_threadpool(_finish, services, answer, text, reason, prompt_tokens, completion_tokens, key)
+    text, reason, prompt_tokens, completion_tokens = await _whole(services, answer, generation, hit, key)
     return Completion(id=answer.id, model=answer.model, usage=_usage(prompt_tokens, completion_tokens),
                       choices=[CompletionChoice(text=text, finish_reason=reason)])
 
