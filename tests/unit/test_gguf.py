@@ -1,5 +1,5 @@
-"""GGUF export on the tiny model: a GGUF reader — llama.cpp when llama-cpp-python is installed (`make llama-cpp`),
-else transformers' own GGUF loader — loads the file and computes the model's logits, so tensor names, the q/k
+"""GGUF export on the tiny model: llama.cpp itself (llama-cpp-cffi's prebuilt build, which `make setup` installs, or
+llama-cpp-python) loads the file and computes the model's logits, so tensor names, the q/k
 permutation and the hyperparameters are right; its tokenizer splits text like the model's; the metadata carries the
 chat template; `--verify` compares with adapter-on-base; bad input writes nothing."""
 
@@ -75,6 +75,7 @@ def test_gguf_reader_generates_like_the_model(written):
     model, tokenizer, folder, _ = written
     ids = tokenizer(TEXT).input_ids
     llm = open_gguf_reader(folder / "f16.gguf")
+    assert llm.reader == "llama.cpp"  # `make setup` installs a prebuilt llama.cpp: the file is checked by its runtime
     answer = llm.greedy(ids, 6, stop_ids=set())
     with torch.no_grad():
         expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,

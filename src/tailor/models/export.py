@@ -9,7 +9,7 @@
 
 - `gguf` / `gguf-q8_0`: the merged model as one GGUF file for llama.cpp (f16 or Q8_0 weights, tokenizer and chat
   template inside; see models/gguf.py). `--verify` runs the golden prompts through llama.cpp itself
-  when llama-cpp-python is installed (`make llama-cpp`), else through transformers' GGUF reader.
+  (llama-cpp-python, or llama-cpp-cffi's prebuilt build), else through transformers' GGUF reader.
 - `prompt`: what prompt-learning methods and prompt profiles leave: the PEFT adapter (virtual tokens), the run's
   prompt table and its prompt profile, copied with a README saying what each file is and how it loads.
 
@@ -194,7 +194,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     # gguf: whether the GGUF reader's tokenizer turns each templated prompt into the same ids as transformers'
     tokenizer_match: list[bool] = field(default_factory=list)
-    reader: str | None = None  # gguf: "llama.cpp", or "transformers" (its GGUF loader) without llama-cpp-python
+    reader: str | None = None  # gguf: "llama.cpp", or "transformers" (its GGUF loader) without a llama.cpp binding
 
     @property
     def exact_match(self) -> float:

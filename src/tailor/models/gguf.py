@@ -272,8 +272,142 @@ class LlamaCppGGUF:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
-def open_gguf_reader(path: Path):
-    """llama.cpp when llama-cpp-python is installed (`make llama-cpp`), else transformers' GGUF reader."""
+def _llama_cpp_cffi_path() -> Path | None:
+    """Where llama-cpp-cffi's CPU extension is, without importing its package."""
     import importlib.util
 
-    return LlamaCppGGUF(path) if importlib.util.find_spec("llama_cpp") else TransformersGGUF(path)
+    spec = importlib.util.find_spec("llama")
+    folders = spec.submodule_search_locations or [] if spec else []
+    return next((path for folder in folders for path in Path(folder).glob("_llama_cpp_cpu*.so")), None)
+
+
+def _llama_cpp_cffi():
+    """llama.cpp's C API from llama-cpp-cffi's prebuilt CPU module. Its wheels carry llama.cpp compiled (glibc 2.27+),
+    so CI runs llama.cpp's own loader, tokenizer and kernels without compiling it (llama-cpp-python builds from
+    source: over 20 minutes on 2 cores). The extension is loaded by file because the package's `__init__` imports
+    its hub, CUDA and Vulkan helpers, whose pins (transformers < 5) tailor cannot install; the module itself needs
+    none of them."""
+    import importlib.util
+
+    found = _llama_cpp_cffi_path()
+    if found is None:
+        raise TailorError("--verify for gguf in llama.cpp needs llama-cpp-cffi (`make setup` installs it) or "
+                          "llama-cpp-python")
+    module_spec = importlib.util.spec_from_file_location("_llama_cpp_cpu", found)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.lib, module.ffi
+
+
+class LlamaCppCffiGGUF:
+    """llama.cpp on the file through its C API (llama-cpp-cffi), behind the same three calls: decode with logits
+    at every position (`llama_get_logits_ith`), greedy steps on those raw logits, and llama.cpp's tokenizer."""
+
+    reader = "llama.cpp"
+
+    def __init__(self, path: Path, *, n_ctx: int = 512):
+        import os
+
+        self.lib, self.ffi = lib, ffi = _llama_cpp_cffi()
+        threads = max(1, min(4, len(os.sched_getaffinity(0)) // 2))  # see open_llama: spinning threads
+        with _quiet_stderr():  # llama.cpp logs every tensor it loads
+            lib.llama_backend_init()
+            model_params = lib.llama_model_default_params()
+            model_params.n_gpu_layers = 0
+            self.model = lib.llama_model_load_from_file(str(path).encode(), model_params)
+            if self.model == ffi.NULL:
+                raise TailorError(f"{path}: llama.cpp cannot load the file")
+            params = lib.llama_context_default_params()
+            params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_ctx, n_ctx
+            params.n_threads, params.n_threads_batch = threads, threads
+            self.ctx = lib.llama_init_from_model(self.model, params)
+        if self.ctx == ffi.NULL:
+            lib.llama_model_free(self.model)
+            raise TailorError(f"{path}: llama.cpp cannot create a context for the file")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab, self.n_ctx = lib.llama_vocab_n_tokens(self.vocab), n_ctx
+
+    def __del__(self):
+        if getattr(self, "ctx", None) is not None:
+            self.lib.llama_free(self.ctx)
+            self.lib.llama_model_free(self.model)
+            self.ctx = None
+
+    def _decode(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
+        """Feed `ids` at positions start…; the logits of every fed position (all_logits) or of the last one."""
+        lib, ffi = self.lib, self.ffi
+        if start + len(ids) > self.n_ctx:
+            raise TailorError(f"llama.cpp: {start + len(ids)} tokens exceed the context of {self.n_ctx}")
+        batch = lib.llama_batch_init(len(ids), 0, 1)
+        try:
+            batch.n_tokens = len(ids)
+            for i, token in enumerate(ids):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if all_logits or i == len(ids) - 1 else 0
+            if lib.llama_decode(self.ctx, batch) != 0:
+                raise TailorError("llama.cpp: llama_decode failed")
+        finally:
+            lib.llama_batch_free(batch)
+        rows = range(len(ids)) if all_logits else [len(ids) - 1]
+        return np.stack([np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(self.ctx, i), 4 * self.n_vocab),
+                                       dtype=np.float32).copy() for i in rows])
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy decoding on llama.cpp's raw logits (argmax per step), like `llama_greedy`."""
+        self.lib.llama_kv_cache_clear(self.ctx)
+        row = self._decode(prompt_ids, 0, all_logits=False)[-1]
+        answer: list[int] = []
+        while len(answer) < max_new_tokens:
+            token = int(np.argmax(row))
+            answer.append(token)
+            if token in stop_ids:
+                break
+            row = self._decode([token], len(prompt_ids) + len(answer) - 1, all_logits=False)[-1]
+        return answer
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.lib.llama_kv_cache_clear(self.ctx)
+        return self._decode(ids, 0, all_logits=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        tokens = self.ffi.new(f"llama_token[{room}]")
+        # add_special False (the templated prompt carries its own), parse_special True (<|im_start|> is one token)
+        count = self.lib.llama_tokenize(self.vocab, data, len(data), tokens, room, False, True)
+        if count < 0:
+            raise TailorError("llama.cpp: tokenizing the prompt failed")
+        return [tokens[i] for i in range(count)]
+
+
+class _quiet_stderr:
+    """Silence file descriptor 2 (C code writing directly to it) for the duration of a block."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        import os
+
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def open_gguf_reader(path: Path):
+    """llama.cpp when a binding is installed — llama-cpp-python (`make llama-cpp`) or llama-cpp-cffi (`make setup`:
+    prebuilt) — else transformers' GGUF reader."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp"):
+        return LlamaCppGGUF(path)
+    if _llama_cpp_cffi_path() is not None:
+        return LlamaCppCffiGGUF(path)
+    return TransformersGGUF(path)
