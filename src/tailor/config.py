@@ -59,6 +59,13 @@ class IngestConfig(Section):
     speaker_roles: dict[str, Literal["system", "user", "assistant"]] = Field(default_factory=dict, description=(
         "Chat logs: speaker name -> role, e.g. {'Agent Maria': assistant}; unmapped speakers are placed by words "
         "in their name (agent, support, bot / customer, caller), else the first to speak is the user."))
+    workers: int = Field(1, ge=1, description=(
+        "Processes reading and normalizing files in parallel (`tailor ingest --workers`); the corpus is the same "
+        "for any number."))
+    max_record_chars: int = Field(1_000_000, ge=1000, description=(
+        "Text and Markdown files longer than this are read as a stream and cut at paragraph breaks into records "
+        "of at most this many characters, so memory is bounded by this, not by the file; a stretch this long "
+        "without any line break or space is refused as not prose."))
 
 
 class DataConfig(Section):

@@ -27,13 +27,16 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
            max_pages: int = typer.Option(50, "--max-pages", min=1, help="Crawl at most this many pages."),
            max_depth: int = typer.Option(2, "--max-depth", min=0, help="Follow links at most this deep."),
            delay: float = typer.Option(1.0, "--delay", min=0.0, help="Seconds between requests to one site."),
+           workers: int = typer.Option(None, "--workers", min=1, help="Processes reading files in parallel "
+                                       "(default: ingest.workers in tailor.yaml, 1); the corpus is the same."),
            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
     """Read documents (txt, md, html, pdf, docx, csv/tsv, json/jsonl records, chat logs) or crawled web pages into
     normalized, cleaned, deduplicated chunks in corpus.jsonl; --pii replaces personal data."""
     from tailor.data.ingest import Cleaning
     from tailor.data.ingest import ingest as run_ingest
 
-    config, root = open_workspace(workspace, [f"ingest.pii={pii}"] if pii else [], required=not (sources or crawl))
+    overrides = ([f"ingest.pii={pii}"] if pii else []) + ([f"ingest.workers={workers}"] if workers else [])
+    config, root = open_workspace(workspace, overrides, required=not (sources or crawl))
     run_dir = run_folder(root, run)
     names = [str(s) for s in sources] if sources else [] if crawl else [str(root / s) for s in config.sources]
     output = output or run_dir / "corpus.jsonl"
@@ -64,7 +67,8 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
                                            max_symbol_ratio=config.ingest.max_symbol_ratio,
                                            max_repeated_ngrams=config.ingest.max_repeated_ngrams,
                                            languages=tuple(config.ingest.languages)),
-                         source_names=source_names, progress=not no_progress)
+                         source_names=source_names, workers=config.ingest.workers,
+                         max_record_chars=config.ingest.max_record_chars, progress=not no_progress)
     write_json(output.with_name(output.stem + ".report.json"), summary.to_dict())
     if output.parent == run_dir:
         update_manifest(run_dir, "ingest", outputs=[output],

@@ -10,6 +10,8 @@ import unicodedata
 # Zero-width (non-)joiners stay: Persian, Indic scripts and emoji sequences need them.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\u00ad\ufeff\u180e"))
 _LINE_BREAKS = re.compile(r"\r\n|[\r\v\x85\u2028]")
+# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; a regex drops them at C speed (newline, tab stay)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _PAGE_BREAKS = re.compile(r"[ \t]*[\f\u2029][ \t]*")
 _INNER_SPACE_RUN = re.compile(r"(?<=\S)[ \t]{2,}|(?<=\S)\t")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
@@ -25,7 +27,7 @@ def normalize_text(text: str) -> str:
     text = _LINE_BREAKS.sub("\n", text)
     text = _PAGE_BREAKS.sub("\n\n", text)
     text = text.translate(_INVISIBLE)
-    text = "".join(char for char in text if char in "\n\t" or unicodedata.category(char) != "Cc")
+    text = _CONTROLS.sub("", text)
     text = _INNER_SPACE_RUN.sub(" ", text)
     text = _TRAILING_SPACE.sub("", text)
     text = _BLANK_LINES.sub("\n\n", text)
@@ -35,6 +37,8 @@ def normalize_text(text: str) -> str:
 # --- boilerplate, quality and language ----------------------------------------------------------------------------
 
 _WORDS = re.compile(r"\w+")
+_SPACES = re.compile(r"\s+")
+_NOT_ALNUM = re.compile(r"[\W_]+")
 
 
 def line_key(line: str) -> str:
@@ -52,9 +56,11 @@ def quality_problem(text: str, *, max_symbol_ratio: float, max_repeated_ngrams: 
     """Why a document is not prose worth training on, or None. Two of the Gopher rules (Rae et al., 2021):
     too many symbols (markup debris, tables of numbers, encoded data) and too much repetition (spam, menus and
     generated filler repeated down the page)."""
-    visible = [char for char in text if not char.isspace()]
+    # counted with regular expressions at C speed: \s is exactly str.isspace and [\W_] exactly "not str.isalnum"
+    visible = len(_SPACES.sub("", text))
     if visible:
-        symbols = sum(1 for char in visible if not char.isalnum()) / len(visible)
+        alphanumeric = len(_NOT_ALNUM.sub("", text))
+        symbols = (visible - alphanumeric) / visible
         if symbols > max_symbol_ratio:
             return f"{symbols:.0%} of its characters are symbols (ingest.max_symbol_ratio={max_symbol_ratio})"
     words = _WORDS.findall(text.lower())

@@ -8,17 +8,27 @@ as the same document, and before chunking, so no chunk can carry half of an emai
 
 One bad file never stops the batch: it is listed in `IngestSummary.skipped` with the reason and the rest goes on.
 The corpus is written atomically, so a run that fails leaves the previous `corpus.jsonl` as it was.
+
+With `workers` > 1, reading and normalizing (the per-file work) runs in worker processes; results are taken in file
+order, and everything that needs the whole corpus - pseudonyms consistent across files, boilerplate, duplicates -
+stays in this process, so the corpus is the same bytes for any number of workers. Memory is bounded by the record,
+not the corpus: text files stream in records of at most `max_record_chars`, a file's documents beyond SPOOL_CHARS
+wait on disk, and the second pass reads the spooled documents back one at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +40,7 @@ from tailor.data.chunk import chunk_text
 from tailor.data.clean import detect_language, line_key, normalize_text, quality_problem, remove_lines
 from tailor.data.dedup import Cluster, Deduplicator
 from tailor.data.pii import PiiRedactor
-from tailor.data.readers import Document, ReaderOptions, ReaderWarning, read_document, supported_extensions
+from tailor.data.readers import ReaderOptions, ReaderWarning, extension_of, read_document, supported_extensions
 from tailor.errors import TailorError
 from tailor.workspace import write_jsonl
 
@@ -88,7 +98,8 @@ def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: in
            min_chars: int = 20, pii: str | None = None, pii_keep: Sequence[str] = (),
            near_dup_threshold: float | None = 0.85, text_field: str | None = None,
            speaker_roles: dict[str, str] | None = None, cleaning: Cleaning | None = None,
-           source_names: dict[str, str] | None = None, progress: bool = True) -> IngestSummary:
+           source_names: dict[str, str] | None = None, workers: int = 1, max_record_chars: int = 1_000_000,
+           progress: bool = True) -> IngestSummary:
     """Read every supported file under `sources` into chunk records written to `output` (JSON lines).
 
     Folders are searched recursively in sorted order; hidden files and folders (`.git`, `.DS_Store`) are ignored.
@@ -101,6 +112,9 @@ def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: in
     `speaker_roles`: chat-log speaker name -> user/assistant/system.
     `cleaning`: boilerplate-line removal, quality and language filters (see `Cleaning`).
     `source_names`: file path -> the name its records get as `source` (a crawled page's URL).
+    `workers`: processes reading and normalizing files in parallel; the output is the same for any number.
+    `max_record_chars`: text and Markdown files longer than this are cut (at paragraph breaks) into records of at
+    most this many characters, each read and kept in memory alone.
 
     `pii`: None (off), "redact", "mask" or "pseudonymize"; findings matching a `pii_keep` regex stay as written.
     `near_dup_threshold`: documents at least this similar (Jaccard over word 5-grams) to an earlier one are
@@ -115,7 +129,12 @@ def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: in
     redactor = PiiRedactor(pii, keep=pii_keep) if pii else None
     from tailor.data.chatlog import check_speaker_roles
 
-    options = ReaderOptions(text_field=text_field, speaker_roles=check_speaker_roles(speaker_roles or {}))
+    if workers < 1:
+        raise TailorError(f"ingest.workers must be at least 1 (found {workers})")
+    if max_record_chars < 1000:
+        raise TailorError(f"ingest.max_record_chars must be at least 1000 (found {max_record_chars})")
+    options = ReaderOptions(text_field=text_field, speaker_roles=check_speaker_roles(speaker_roles or {}),
+                            max_record_chars=max_record_chars)
     names = {os.path.realpath(path): name for path, name in (source_names or {}).items()}
     dedup = Deduplicator(near_dup_threshold)
     output = Path(output)
@@ -124,7 +143,7 @@ def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: in
     with _file_progress(len(files), enabled=progress) as advance:
         records = _records(files, summary, sources, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
                            min_chars=min_chars, redactor=redactor, dedup=dedup, advance=advance, options=options,
-                           cleaning=cleaning or Cleaning(), names=names)
+                           cleaning=cleaning or Cleaning(), names=names, workers=workers)
         # _records raises after the last file when nothing came out; write_jsonl then discards its temporary file
         summary.records = write_jsonl(output, records)
     return summary
@@ -152,12 +171,11 @@ def _collect_files(sources: Sequence[str | Path], exclude: Path) -> tuple[list[P
             continue
         if real not in chosen or (chosen[real].is_symlink() and not path.is_symlink()):
             chosen[real] = path
-    extensions = set(supported_extensions())
     files, skipped = [], []
     for path in candidates:
         if chosen.get(os.path.realpath(path)) is not path:
             continue
-        if path.suffix.lower() in extensions:
+        if extension_of(path) is not None:
             files.append(path)
         else:
             kind = f"'{path.suffix.lower()}'" if path.suffix else "no extension"
@@ -168,16 +186,19 @@ def _collect_files(sources: Sequence[str | Path], exclude: Path) -> tuple[list[P
 def _records(files: list[Path], summary: IngestSummary, sources: Sequence[str | Path], *, chunk_chars: int,
              chunk_overlap: int, min_chars: int, redactor: PiiRedactor | None, dedup: Deduplicator,
              advance: Callable[[str], None], options: ReaderOptions, cleaning: Cleaning,
-             names: dict[str, str]) -> Iterator[dict]:
+             names: dict[str, str], workers: int) -> Iterator[dict]:
     written = 0
     try:
-        documents = _file_records(files, summary, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
-                                  min_chars=min_chars, redactor=redactor, dedup=dedup, advance=advance,
-                                  options=options, names=names)
-        for record in _clean_records(documents, summary, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
-                                     min_chars=min_chars, dedup=dedup, cleaning=cleaning):
-            written += 1
-            yield record
+        with tempfile.TemporaryDirectory(prefix="tailor-ingest-") as spool_dir:
+            # a partial of a module-level function: picklable, so worker processes can run it
+            read = functools.partial(read_normalized, options=options, spool_dir=spool_dir,
+                                     detect=cleaning.detect_language)
+            texts = _read_files(files, names, read, workers, advance)
+            documents = _file_records(texts, summary, min_chars=min_chars, redactor=redactor)
+            for record in _clean_records(documents, summary, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
+                                         min_chars=min_chars, dedup=dedup, cleaning=cleaning):
+                written += 1
+                yield record
     finally:  # the summary is complete even when a failure stops the run early
         summary.duplicates = list(dedup.exact_duplicates)
         summary.near_duplicates = dedup.near_clusters()
@@ -187,48 +208,182 @@ def _records(files: list[Path], summary: IngestSummary, sources: Sequence[str | 
         raise TailorError(_nothing_written(sources, summary))
 
 
-def _file_records(files: list[Path], summary: IngestSummary, *, chunk_chars: int, chunk_overlap: int,
-                  min_chars: int, redactor: PiiRedactor | None, dedup: Deduplicator,
-                  advance: Callable[[str], None], options: ReaderOptions, names: dict[str, str]) -> Iterator[dict]:
-    for path in files:
-        name = names.get(os.path.realpath(path)) or _display(path)
-        advance(name)
-        # read under the short name, so readers' messages name the file as the summary does
-        documents = _read_file(Path(_display(path)), name, summary, options)
-        if documents is None:
+# --- per file: read and normalize, in this process or in worker processes ---------------------------------------------
+
+@dataclass
+class FileText:
+    """One file's documents, normalized (what a worker sends back), or why the file was skipped.
+
+    A file's documents stay in memory up to SPOOL_CHARS characters and go to a temporary JSON-lines file beyond,
+    so a huge file costs disk, not memory; a file that fails half-way is dropped whole, never as a fragment."""
+    path: str
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    documents: list[dict] = field(default_factory=list)
+    spool: str | None = None
+    _chars: int = 0
+
+    def add(self, document: dict, spool_dir: str) -> None:
+        if self.spool is None and self._chars + len(document["text"]) <= SPOOL_CHARS:
+            self.documents.append(document)
+            self._chars += len(document["text"])
+            return
+        if self.spool is None:
+            handle, self.spool = tempfile.mkstemp(dir=spool_dir, suffix=".jsonl")
+            os.close(handle)
+        with open(self.spool, "a", encoding="utf-8") as out:
+            out.write(json.dumps(document, ensure_ascii=False) + "\n")
+
+    def discard(self) -> None:
+        self.documents = []
+        if self.spool is not None:
+            os.unlink(self.spool)
+            self.spool = None
+
+    def __iter__(self) -> Iterator[dict]:
+        yield from self.documents
+        if self.spool is not None:
+            try:
+                with open(self.spool, encoding="utf-8") as spooled:
+                    for line in spooled:
+                        yield json.loads(line)
+            finally:
+                self.discard()
+
+
+# A file's documents beyond this many characters are spooled to disk (see FileText).
+SPOOL_CHARS = 4_000_000
+
+
+def read_normalized(path: str, name: str, *, options: ReaderOptions, spool_dir: str, detect: bool) -> FileText:
+    """Read one file into normalized documents. Runs in worker processes: it only reads, normalizes and (`detect`)
+    guesses each document's language, which the parent reuses when it leaves the text unchanged; everything that
+    needs the whole corpus (personal-data pseudonyms, boilerplate, duplicates) happens in the parent."""
+    result = FileText(path)
+    reason = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReaderWarning)
+        try:
+            for document in read_document(Path(path), options):
+                messages = None if document.messages is None else [
+                    dict(message, content=normalize_text(message["content"])) for message in document.messages]
+                text = normalize_text(document.text)
+                result.add({"text": text, "page": document.page, "line": document.line, "column": document.column,
+                            "title": document.title, "messages": messages,
+                            **({"lang": detect_language(text)} if detect else {})}, spool_dir)
+        except TailorError as exc:
+            reason = str(exc).removeprefix(f"{path}: ").removeprefix(f"{name}: ")
+        except Exception as exc:  # noqa: BLE001 - a library choking on one odd file must not end the batch
+            reason = f"could not read ({type(exc).__name__}: {exc})"
+    for warning in caught:
+        if issubclass(warning.category, ReaderWarning):
+            result.warnings.append(str(warning.message))
+        else:  # not ours to swallow
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if reason is not None:
+        result.discard()
+        result.reason = reason
+    return result
+
+
+def _read_files(files: list[Path], names: dict[str, str], read: Callable[[str, str], FileText], workers: int,
+                advance: Callable[[str], None]) -> Iterator[tuple[str, FileText]]:
+    """(name, FileText) for every file, in the order of `files` whatever the number of workers, so the corpus is
+    the same bytes with 1 or N workers."""
+    jobs = [(_display(path), names.get(os.path.realpath(path)) or _display(path)) for path in files]
+    if workers == 1 or len(jobs) < 2:
+        for path, name in jobs:
+            advance(name)
+            # read under the short name, so readers' messages name the file as the summary does
+            yield name, read(path, name)
+        return
+    # spawn, not fork: the parent runs a progress-bar thread, and forking a threaded process can deadlock
+    context = multiprocessing.get_context("spawn")
+    window = 4 * workers  # files read ahead: keeps workers busy while memory holds only a few files' text
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+    pending: deque = deque()
+    next_job = 0
+    try:
+        while pending or next_job < len(jobs):
+            while len(pending) < window and next_job < len(jobs):
+                path, name = jobs[next_job]
+                pending.append((path, name, pool.submit(read, path, name)))
+                next_job += 1
+            path, name, future = pending.popleft()
+            advance(name)
+            try:
+                yield name, future.result()
+            except BrokenProcessPool:
+                # A worker died (a crash inside a parsing library, or killed for memory). Which file did it is
+                # unknown, so this file and those in flight are read again, each alone, and only that file is lost.
+                pool.shutdown(cancel_futures=True)
+                yield name, _read_alone(read, path, name, context)
+                for path, name, _ in pending:
+                    advance(name)
+                    yield name, _read_alone(read, path, name, context)
+                pending.clear()
+                pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _read_alone(read: Callable[[str, str], FileText], path: str, name: str, context) -> FileText:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(read, path, name).result()
+        except BrokenProcessPool:
+            return FileText(path, reason="the process reading it stopped abruptly (a crash in a parsing library, "
+                                         "or out of memory)")
+
+
+def _file_records(texts: Iterator[tuple[str, FileText]], summary: IngestSummary, *, min_chars: int,
+                  redactor: PiiRedactor | None) -> Iterator[dict]:
+    """Documents of every readable file, personal data replaced (here, in one process, so a pseudonym is the same
+    in every file); files without usable text go to `summary.skipped`."""
+    for name, text_of_file in texts:
+        summary.warnings += text_of_file.warnings
+        if text_of_file.reason is not None:
+            summary.skipped.append((name, text_of_file.reason))
             continue
-        texts = [(document, normalize_text(document.text)) for document in documents]
-        if redactor is not None:
-            texts = [(document, redactor.apply(text)[0]) for document, text in texts]
-        if not any(text for _, text in texts):
-            summary.skipped.append((name, "empty file" if path.stat().st_size == 0 else "no text found"))
-            continue
-        if all(len(text) < min_chars for _, text in texts):
-            longest = max(len(text) for _, text in texts)
-            summary.skipped.append((name, f"only {longest} characters of text (min_chars={min_chars})"))
-            continue
-        summary.files_read += 1
-        too_short = []  # pages: a file whose every document is too short was skipped above
-        for document, text in texts:
-            label = name if document.page is None else f"{name} (page {document.page})"
-            label = label if document.line is None else f"{name}:{document.line}"
+        any_text, longest, too_short, kept = False, 0, [], 0
+        for document in text_of_file:
+            text = document["text"]
+            if redactor is not None:
+                text = redactor.apply(text)[0]
+                if text != document["text"]:
+                    document.pop("lang", None)  # guessed on the text before; guessed again on this one
+            any_text = any_text or bool(text)
             if len(text) < min_chars:
-                too_short.append(str(document.page) if document.line is None else f"line {document.line}")
+                longest = max(longest, len(text))
+                if text:
+                    too_short.append(str(document["page"]) if document["line"] is None
+                                     else f"line {document['line']}")
                 continue
-            title = redactor.apply(document.title)[0] if redactor is not None and document.title else document.title
-            messages = None
-            if document.messages is not None:
-                messages = [dict(message, content=normalize_text(message["content"])) for message in
-                            document.messages]
-                if redactor is not None:
-                    messages = [dict(m, content=redactor.apply(m["content"])[0]) for m in messages]
-            yield {"label": label, "source": name, "page": document.page, "line": document.line, "title": title,
-                   "text": text, "messages": messages}
-        if too_short:
-            kind = "page" if too_short[0][0].isdigit() else "record"
-            summary.warnings.append(f"{name}: {kind}{'s' if len(too_short) > 1 else ''} {', '.join(too_short[:10])}"
-                                    f"{' …' if len(too_short) > 10 else ''} shorter than min_chars={min_chars}; "
-                                    f"dropped")
+            label = name if document["page"] is None else f"{name} (page {document['page']})"
+            label = label if document["line"] is None else f"{name}:{document['line']}"
+            label = label if document["column"] is None else f"{label}:{document['column']}"
+            title = document["title"]
+            if redactor is not None and title:
+                title = redactor.apply(title)[0]
+            messages = document["messages"]
+            if redactor is not None and messages is not None:
+                messages = [dict(m, content=redactor.apply(m["content"])[0]) for m in messages]
+            kept += 1
+            yield {"label": label, "source": name, "page": document["page"], "line": document["line"],
+                   "column": document["column"], "title": title, "text": text, "messages": messages,
+                   **({"lang": document["lang"]} if "lang" in document else {})}
+        if not any_text:
+            empty = os.path.getsize(text_of_file.path) == 0
+            summary.skipped.append((name, "empty file" if empty else "no text found"))
+        elif not kept:
+            summary.skipped.append((name, f"only {longest} characters of text (min_chars={min_chars})"))
+        else:
+            summary.files_read += 1
+            if too_short:
+                kind = "page" if too_short[0][0].isdigit() else "record"
+                summary.warnings.append(f"{name}: {kind}{'s' if len(too_short) > 1 else ''} "
+                                        f"{', '.join(too_short[:10])}{' …' if len(too_short) > 10 else ''} shorter "
+                                        f"than min_chars={min_chars}; dropped")
 
 
 def _clean_records(documents: Iterator[dict], summary: IngestSummary, *, chunk_chars: int, chunk_overlap: int,
@@ -263,6 +418,7 @@ def _clean_records(documents: Iterator[dict], summary: IngestSummary, *, chunk_c
                     if removed:
                         summary.boilerplate_lines += removed
                         text = remove_lines(text, lambda key: hash(key) in boilerplate)
+                        document.pop("lang", None)  # the text changed: its language is guessed again below
                     if len(text) < min_chars:
                         summary.filtered.append((label, "only lines repeated across documents (menus, footers)"))
                         continue
@@ -271,7 +427,9 @@ def _clean_records(documents: Iterator[dict], summary: IngestSummary, *, chunk_c
                 if problem is not None:
                     summary.filtered.append((label, problem))
                     continue
-            lang = detect_language(text) if cleaning.detect_language else None
+            lang = None
+            if cleaning.detect_language:
+                lang = document["lang"] if "lang" in document else detect_language(text)
             if cleaning.languages and lang not in cleaning.languages:
                 summary.filtered.append((label, f"language {lang or 'unknown'} (ingest.languages: "
                                                 f"{', '.join(cleaning.languages)})"))
@@ -286,8 +444,10 @@ def _clean_records(documents: Iterator[dict], summary: IngestSummary, *, chunk_c
                     "title": document["title"]}
             if cleaning.detect_language:
                 base["lang"] = lang
+            # records cut from one very long line of a text file are told apart by their column
             place = f"{name}\0{document['page'] or ''}" + (f"\0{document['line']}" if document["line"] is not None
-                                                           else "")
+                                                           else "") \
+                + (f"\0:{document['column']}" if document["column"] is not None else "")
             if document["messages"] is not None:  # a conversation stays whole: a chunk of one is no conversation
                 yield {"id": _sha256(f"{place}\00")[:16], "text": text, **base, "chunk": 0, "char_start": 0,
                        "char_end": len(text), "sha256": _sha256(text), "messages": document["messages"]}
@@ -298,30 +458,12 @@ def _clean_records(documents: Iterator[dict], summary: IngestSummary, *, chunk_c
                        "char_start": start, "char_end": end, "sha256": _sha256(chunk)}
 
 
-def _read_file(path: Path, name: str, summary: IngestSummary, options: ReaderOptions) -> list[Document] | None:
-    """All documents of one file, or None (with the reason in summary.skipped) when it cannot be read."""
-    documents, reason = None, None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ReaderWarning)
-        try:
-            # whole file at once: a file that fails half-way contributes nothing rather than a fragment
-            documents = list(read_document(path, options))
-        except TailorError as exc:
-            reason = str(exc).removeprefix(f"{path}: ").removeprefix(f"{name}: ")
-        except Exception as exc:  # noqa: BLE001 - a library choking on one odd file must not end the batch
-            reason = f"could not read ({type(exc).__name__}: {exc})"
-    for warning in caught:
-        if issubclass(warning.category, ReaderWarning):
-            summary.warnings.append(str(warning.message))
-        else:  # not ours to swallow
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    if reason is not None:
-        summary.skipped.append((name, reason))
-    return documents
-
-
 def _nothing_written(sources: Sequence[str | Path], summary: IngestSummary) -> str:
     names = ", ".join(map(str, sources))
+    if summary.filtered and not summary.skipped:
+        label, reason = summary.filtered[0]
+        more = f" and {len(summary.filtered) - 1} more" if len(summary.filtered) > 1 else ""
+        return f"{names}: no text to write; every document was filtered out ({label}: {reason}{more})"
     if not summary.skipped and not summary.duplicates:
         return f"{names}: no documents found (supported: {', '.join(supported_extensions())})"
     reasons = [f"{path}: {reason}" for path, reason in summary.skipped[:5]]

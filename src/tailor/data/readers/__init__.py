@@ -5,11 +5,12 @@ from tailor.data.readers.registry import (
     Reader,
     ReaderOptions,
     ReaderWarning,
+    extension_of,
     read_document,
     reader_for,
     register_reader,
     supported_extensions,
 )
 
-__all__ = ["Document", "Reader", "ReaderOptions", "ReaderWarning", "read_document", "reader_for", "register_reader",
-           "supported_extensions"]
+__all__ = ["Document", "Reader", "ReaderOptions", "ReaderWarning", "extension_of", "read_document", "reader_for",
+           "register_reader", "supported_extensions"]

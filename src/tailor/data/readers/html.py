@@ -22,8 +22,7 @@ from lxml import etree
 
 from tailor.data.readers.markdown import table_to_text
 from tailor.data.readers.registry import Document, register_reader
-from tailor.data.readers.text import decode_text
-from tailor.errors import TailorError
+from tailor.data.readers.text import decode_text, read_bytes
 
 # Never content. A <header>/<footer> inside <article> or <main> holds the article's own title or notes, so only the
 # page-level ones go.
@@ -39,6 +38,10 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
 # <meta charset="x">, <meta http-equiv="Content-Type" content="text/html; charset=x"> or <?xml encoding="x"?>
 _DECLARED_CHARSET = re.compile(rb"<meta[^>]*charset\s*=\s*[\"']?([\w.:-]+)|<\?xml[^>]*encoding\s*=\s*[\"']([\w.:-]+)",
                                re.IGNORECASE)
+
+# Main-content extraction needs the whole page as a tree (several times its size in memory): larger files are
+# refused rather than risk the machine's memory; real pages are far smaller.
+MAX_PAGE_BYTES = 64 * 2**20
 
 # trafilatura logs every page it finds no content in; the fallback below handles those pages
 logging.getLogger("trafilatura").setLevel(logging.CRITICAL)
@@ -177,14 +180,11 @@ class _ContentText(HTMLParser):
 
 
 def read_html(path: Path) -> Iterator[Document]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TailorError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    data = read_bytes(path, MAX_PAGE_BYTES)
     declared = _DECLARED_CHARSET.search(data[:4096])
     charset = (declared.group(1) or declared.group(2)).decode("ascii") if declared else None
     text, title = html_to_text(decode_text(data, path, declared=charset))
     yield Document(text=text, source=str(path), title=title)
 
 
-register_reader([".html", ".htm"], read_html)
+register_reader([".html", ".htm", ".html.gz", ".htm.gz"], read_html)

@@ -14,9 +14,8 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 from markdown_it.tree import SyntaxTreeNode
 
-from tailor.data.readers.registry import Document, register_reader
-from tailor.data.readers.text import decode_text
-from tailor.errors import TailorError
+from tailor.data.readers.registry import Document, ReaderOptions, register_reader
+from tailor.data.readers.text import read_parts
 
 _PARSER = MarkdownIt("commonmark").enable(["table", "strikethrough"])
 # YAML front matter (Jekyll, Hugo, MkDocs): metadata, not prose
@@ -102,13 +101,11 @@ def _inline_text(node: SyntaxTreeNode) -> str:
     return "".join(_inline_text(child) for child in node.children)
 
 
-def read_markdown(path: Path) -> Iterator[Document]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TailorError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    text, title = markdown_to_text(decode_text(data, path))
-    yield Document(text=text, source=str(path), title=title)
+def read_markdown(path: Path, options: ReaderOptions) -> Iterator[Document]:
+    # A file over max_record_chars is parsed a record at a time (cut at blank lines), so it is never in memory
+    # whole; a code block with blank lines that straddles a cut then reads as paragraphs, a fair price for files
+    # that size.
+    yield from read_parts(path, options, convert=markdown_to_text)
 
 
-register_reader([".md", ".markdown"], read_markdown)
+register_reader([".md", ".markdown", ".md.gz"], read_markdown)

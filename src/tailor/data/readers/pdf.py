@@ -2,6 +2,11 @@
 
 A page without a text layer (a scanned image) yields nothing and is reported; a file that is encrypted, damaged
 beyond repair or has no text at all raises with the reason.
+
+pypdf opens the file (encryption, damage and repairs, the title) and PDFium (pypdfium2) extracts each page's text.
+PDFium places word breaks by the glyphs' positions; pypdf decides them from the font's declared space width, and on
+PDFs typeset by TeX, whose word gaps are pen moves rather than space characters, it runs words together whenever
+that width is off ("Hereareafewbasicmethods" on every justified line of Debian Reference's PDF).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pypdfium2
 from pypdf import PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
 
@@ -22,6 +28,8 @@ from tailor.errors import TailorError
 # "recom-\nmendation" -> "recommendation": PDFs keep the typesetter's hyphenation. Only between lower-case letters,
 # so "COVID-\n19" and "Jean-\nPaul" keep their hyphen.
 _HYPHENATED_BREAK = re.compile(r"(?<=[a-z])-\n(?=[a-z])")
+# PDFium marks a hyphen it found at a line end as U+FFFE and drops the line break: "distri\ufffebution"
+_PDFIUM_HYPHEN = "\ufffe"
 
 
 @contextmanager
@@ -66,19 +74,25 @@ def read_pdf(path: Path) -> Iterator[Document]:
             raise TailorError(f"{path}: damaged, truncated or not a PDF ({_describe(exc)})") from None
         if page_count == 0:
             raise TailorError(f"{path}: damaged or empty PDF (no pages found)")
+        try:
+            pages = pypdfium2.PdfDocument(path)  # PDFium tries the empty password itself
+        except pypdfium2.PdfiumError as exc:
+            raise TailorError(f"{path}: damaged, truncated or not a PDF ({_describe(exc)})") from None
 
         empty_pages, failed_pages = [], []
-        for number in range(1, page_count + 1):
-            try:
-                text = pdf.pages[number - 1].extract_text() or ""
-            except Exception as exc:  # noqa: BLE001 - one broken page must not lose the rest of the document
-                failed_pages.append(f"{number} ({_describe(exc)})")
-                continue
-            text = _HYPHENATED_BREAK.sub("", text)
-            if not text.strip():
-                empty_pages.append(number)
-                continue
-            yield Document(text=text, source=str(path), page=number, title=title)
+        try:
+            for number in range(1, min(page_count, len(pages)) + 1):
+                try:
+                    text = _page_text(pages, number - 1)
+                except Exception as exc:  # noqa: BLE001 - one broken page must not lose the rest of the document
+                    failed_pages.append(f"{number} ({_describe(exc)})")
+                    continue
+                if not text.strip():
+                    empty_pages.append(number)
+                    continue
+                yield Document(text=text, source=str(path), page=number, title=title)
+        finally:
+            pages.close()
 
     if len(empty_pages) + len(failed_pages) == page_count:
         if failed_pages:
@@ -96,6 +110,20 @@ def read_pdf(path: Path) -> Iterator[Document]:
         more = f" and {len(repairs) - 1} more" if len(repairs) > 1 else ""
         warnings.warn(f"{path}: damaged PDF read in recovery mode ({repairs[0]}{more}); check the text",
                       ReaderWarning, stacklevel=2)
+
+
+def _page_text(pages: pypdfium2.PdfDocument, index: int) -> str:
+    page = pages[index]
+    try:
+        text_page = page.get_textpage()
+        try:
+            text = text_page.get_text_range()
+        finally:
+            text_page.close()
+    finally:
+        page.close()
+    text = text.replace("\r\n", "\n").replace(_PDFIUM_HYPHEN, "")
+    return _HYPHENATED_BREAK.sub("", text)
 
 
 def _title(pdf: PdfReader) -> str | None:

@@ -13,7 +13,6 @@ used (invalid JSON, no text) is reported as `file:line` with a ReaderWarning and
 
 from __future__ import annotations
 
-import codecs
 import csv
 import json
 import sys
@@ -23,11 +22,12 @@ from pathlib import Path
 
 from tailor.data import chatlog
 from tailor.data.readers.registry import Document, ReaderOptions, ReaderWarning, register_reader
-from tailor.data.readers.text import decode_text
+from tailor.data.readers.text import MAX_LINE_CHARS, decode_text, decoded_lines, open_bytes, read_bytes
 from tailor.errors import TailorError
 
 TEXT_KEYS = ("text", "content", "body", "document", "article", "abstract", "description", "message", "answer")
 TITLE_KEYS = ("title", "subject", "heading", "name")
+MAX_JSON_BYTES = 256 * 2**20  # a JSON array is parsed whole; larger files should be JSON lines, read a line at a time
 MAX_WARNINGS = 20  # per file: a thousand broken lines say nothing twenty do not
 # the csv module refuses fields over 128 KiB by default; a long document in one cell is still a document
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -155,8 +155,17 @@ def _chain(first: list, rest: Iterator) -> Iterator:
 
 
 def _json_lines(path: Path, warn: _Warnings) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+    with open_bytes(path) as handle:
+        line_no = 0
+        while True:
+            # bounded: a file that is one 200 MB line is refused, not loaded
+            raw = handle.readline(MAX_LINE_CHARS + 1)
+            if not raw:
+                break
+            line_no += 1
+            if len(raw) > MAX_LINE_CHARS:
+                raise TailorError(f"{path}:{line_no}: a line longer than {MAX_LINE_CHARS:,} bytes; records this "
+                                  f"long are not supported")
             if not raw.strip():
                 continue
             if b"\x00" in raw:
@@ -188,9 +197,7 @@ def read_json(path: Path, options: ReaderOptions) -> Iterator[Document]:
     """A JSON array of records, an object holding one such array (`{"data": [...]}`), or one record. Read whole:
     JSON has no record boundaries to stream by. `line` is the record's number in the array."""
     try:
-        data = json.loads(decode_text(path.read_bytes(), path))
-    except OSError as exc:
-        raise TailorError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        data = json.loads(decode_text(read_bytes(path, MAX_JSON_BYTES), path))
     except json.JSONDecodeError as exc:
         raise TailorError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(data, dict) and chatlog.conversation_turns(data) is None and record_text(data, options) is None:
@@ -206,37 +213,19 @@ def read_json(path: Path, options: ReaderOptions) -> Iterator[Document]:
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    # decoded like text files: UTF-8/16 with BOM, legacy and mixed encodings (Excel's "Unicode text" is UTF-16)
+    reader = csv.DictReader(decoded_lines(path), delimiter=delimiter)
     try:
-        head = path.read_bytes()[:65536] if path.stat().st_size <= 65536 else _head(path)
-    except OSError as exc:
-        raise TailorError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    decode_text(head, path)  # raises on binary data; the encoding is decided below
-    encoding = "utf-8-sig"
-    try:
-        codecs.decode(head, "utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 4:  # not just a character cut at the sample's end
-            encoding = "cp1252"
-            warnings.warn(f"{path}: not valid UTF-8 (byte {exc.start}), decoded as cp1252", ReaderWarning,
-                          stacklevel=3)
-    with open(path, newline="", encoding=encoding, errors="replace") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        try:
-            if not reader.fieldnames:
-                return
-            for row in reader:
-                # the key None holds fields beyond the header (an unquoted delimiter); keep them as text
-                extra = row.pop(None, None)
-                if extra:
-                    row["_extra"] = delimiter.join(extra)
-                yield reader.line_num, {key: value for key, value in row.items() if value is not None}
-        except csv.Error as exc:
-            raise TailorError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(65536)
+        if not reader.fieldnames:
+            return
+        for row in reader:
+            # the key None holds fields beyond the header (an unquoted delimiter); keep them as text
+            extra = row.pop(None, None)
+            if extra:
+                row["_extra"] = delimiter.join(extra)
+            yield reader.line_num, {key: value for key, value in row.items() if value is not None}
+    except csv.Error as exc:
+        raise TailorError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def read_csv(path: Path, options: ReaderOptions) -> Iterator[Document]:

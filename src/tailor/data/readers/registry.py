@@ -31,6 +31,7 @@ class Document:
     title: str | None = None
     line: int | None = None  # 1-based line (JSON lines), row (CSV) or record number (a JSON array) it starts at
     messages: tuple[dict, ...] | None = None  # chat logs: the conversation as {role, content} turns
+    column: int | None = None  # 1-based, for a record cut from inside a very long line of a text file (text.py)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ReaderOptions:
     """What record and chat-log readers need to know; `ingest.*` in tailor.yaml fills it."""
     text_field: str | None = None  # field holding the text of a JSON/CSV record; None: text, content, body, ...
     speaker_roles: dict[str, str] = field(default_factory=dict)  # chat logs: speaker name -> user or assistant
+    max_record_chars: int = 1_000_000  # text and Markdown files are cut into records of at most this many characters
 
 class ReaderWarning(UserWarning):
     """Part of a file could not be read (an empty PDF page, a damaged file read in recovery mode)."""
@@ -80,12 +82,23 @@ def supported_extensions() -> list[str]:
     return sorted(_READERS)
 
 
+def extension_of(path: Path | str) -> str | None:
+    """The registered extension `path` is read by: a double one such as '.txt.gz' first, else its last suffix;
+    None when no reader handles it."""
+    _load_all()
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    for extension in ("".join(suffixes[-2:]), "".join(suffixes[-1:])):
+        if extension in _READERS:
+            return extension
+    return None
+
+
 def reader_for(path: Path | str) -> Reader:
     """The reader for `path`'s extension (case-insensitive); an unsupported extension raises."""
-    _load_all()
-    extension = Path(path).suffix.lower()
-    if extension not in _READERS:
-        found = f"'{extension}'" if extension else "no extension"
+    extension = extension_of(path)
+    if extension is None:
+        suffix = Path(path).suffix.lower()
+        found = f"'{suffix}'" if suffix else "no extension"
         raise TailorError(f"{path}: unsupported file type ({found}; supported: {', '.join(sorted(_READERS))})")
     return _READERS[extension]
 
@@ -93,6 +106,6 @@ def reader_for(path: Path | str) -> Reader:
 def read_document(path: Path | str, options: ReaderOptions | None = None) -> Iterator[Document]:
     """Read one file with the reader registered for its extension."""
     read = reader_for(path)
-    if Path(path).suffix.lower() in _TAKES_OPTIONS:
+    if extension_of(path) in _TAKES_OPTIONS:
         return read(Path(path), options=options or ReaderOptions())
     return read(Path(path))
