@@ -333,9 +333,14 @@ class TuneConfig(Section):
         "null: 20, or the whole grid with the grid sampler."))
     sampler: Literal["grid", "random", "bayesian"] = Field("bayesian", description=(
         "grid: every combination; random: independent draws; bayesian: TPE, which models good and bad trials."))
-    pruner: Literal["median", "hyperband", "none"] = Field("median", description=(
-        "Stop a trial early when its eval loss trails: median of earlier trials at the same step, or Hyperband "
-        "(successive halving in several brackets)."))
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = Field("median", description=(
+        "Stop a trial early when its eval loss trails: median of earlier completed trials at the same step, "
+        "successive halving (only the best third of the trials at a rung goes on), or Hyperband (successive "
+        "halving in several brackets)."))
+    pruner_warmup_steps: int | None = Field(None, ge=0, description=(
+        "Steps every trial trains before the pruner may stop it (successive halving and Hyperband: the first "
+        "rung); null: a third of the configured run's steps, at least one report interval. Early eval losses "
+        "mostly rank learning rates by speed, not by where they end."))
     report_every: int = Field(0, ge=0, description=(
         "Steps between the eval losses every trial reports to the pruner; 0: train.eval_every, else a quarter of "
         "the configured run's steps."))

@@ -1,4 +1,4 @@
-"""Answer metrics against hand-computed values and the reference libraries; guideline rules; --fail-under parsing.
+"""Answer metrics against hand-computed values and the reference libraries; guideline rules (gates: test_gates.py).
 
 No model here: these run in milliseconds. The tiny-model evaluation is in test_eval_report.py.
 """
@@ -9,7 +9,6 @@ import pytest
 
 from tailor.config import validate_config
 from tailor.errors import TailorError
-from tailor.evaluate.gates import Gate, failed_gates, parse_gates
 from tailor.evaluate.metrics import corpus_bleu, exact_match, normalize_answer, rouge_l, sentence_bleu, token_f1
 from tailor.evaluate.rules import adherence, broken_rules
 
@@ -146,46 +145,3 @@ def test_bad_rules_name_the_key(rule, message):
     with pytest.raises(TailorError) as error:
         validate_config({"eval": {"rules": [RULES[0], rule]}})
     assert message in str(error.value)
-
-
-# ---- --fail-under ----------------------------------------------------------------------------------------------
-
-def parse(*specs, has_rules=True):
-    return parse_gates(list(specs), models=["base", "lora"], customized="lora", has_rules=has_rules)
-
-
-def test_gates_parse_model_and_default():
-    assert parse("token_f1=0.5", "base.rouge_l=0.25", " bleu = 0.1", "adherence=1") == [
-        Gate("lora", "token_f1", 0.5), Gate("base", "rouge_l", 0.25), Gate("lora", "bleu", 0.1),
-        Gate("lora", "adherence", 1.0)]
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("token_f1", "expected METRIC=VALUE or MODEL.METRIC=VALUE"),
-    ("=0.5", "expected METRIC=VALUE"),
-    ("token_f1=", "expected METRIC=VALUE"),
-    ("tokenf1=0.5", "unknown metric 'tokenf1' (gates: token_f1, exact_match, rouge_l, bleu, adherence)"),
-    ("eval_loss=2", "eval_loss is lower-is-better"),
-    ("qlora.token_f1=0.5", "unknown model 'qlora' (this run evaluates: base, lora)"),
-    ("token_f1=high", "VALUE must be a number between 0 and 1 (found 'high')"),
-    ("bleu=25", "bleu is between 0 and 1, so VALUE must be too (found 25)"),
-])
-def test_bad_gates_are_one_clear_line(spec, message):
-    with pytest.raises(TailorError) as error:
-        parse(spec)
-    assert f"--fail-under '{spec}'" in str(error.value) and message in str(error.value)
-    assert "\n" not in str(error.value)
-
-
-def test_adherence_gate_needs_rules():
-    with pytest.raises(TailorError, match="adherence needs guideline checks in eval.rules"):
-        parse("adherence=0.9", has_rules=False)
-
-
-def test_failed_gates_lines():
-    report = {"models": {"base": {"token_f1": 0.2, "bleu": 0.05}, "lora": {"token_f1": 0.41, "bleu": 0.3}}}
-    gates = parse("token_f1=0.5", "bleu=0.3", "base.token_f1=0.1", "base.bleu=0.06")
-    assert failed_gates(report, gates) == ["lora.token_f1 0.41 < 0.5", "base.bleu 0.05 < 0.06"]
-    only_base = {"models": {"base": {"token_f1": 0.2}}}
-    assert failed_gates(only_base, parse("token_f1=0.1")) == [
-        "lora.token_f1 not evaluated (the run has no trained lora artifact) < 0.1"]

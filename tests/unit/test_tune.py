@@ -88,7 +88,7 @@ def test_pruned_trials_stop_training_early_and_count_as_finished(workspace, monk
     import tailor.tune.search
 
     # a pruner that stops every trial at its second report, so the test does not depend on noisy losses
-    monkeypatch.setattr(tailor.tune.search, "_pruner", lambda config, every: optuna.pruners.ThresholdPruner(
+    monkeypatch.setattr(tailor.tune.search, "_pruner", lambda config, every, warmup: optuna.pruners.ThresholdPruner(
         upper=0.0, n_warmup_steps=2))
     with pytest.raises(TailorError, match="no trial of study 'tiny' completed"):
         tune(workspace, "tune.trials=2", "train.max_steps=4")
@@ -119,6 +119,9 @@ def test_two_worker_processes_share_one_study(workspace):
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
+    for worker in workers:  # a hung worker must not outlive the test
+        if worker.is_alive():
+            worker.terminate()
     assert [worker.exitcode for worker in workers] == [0, 0]
     counts = [finished_by.get(timeout=5) for _ in workers]
     assert all(count >= 1 for count in counts), counts  # both workers did some of the work
@@ -170,3 +173,42 @@ def test_a_repeated_point_is_not_trained_again(workspace):
     assert first.user_attrs["steps"] == 3 and second.user_attrs["steps"] == 0
     assert second.user_attrs["repeats"] == 0 and second.value == first.value
     assert not (workspace / "run" / "tune" / "trial-1" / "adapter").exists()
+
+
+def test_median_pruner_waits_for_the_warm_up_and_never_prunes_the_last_step(workspace):
+    # a finished trial whose eval loss is 0 at every step: every new trial trails it, so the pruner decides at the
+    # first step it is allowed to
+    data = apply_overrides(yaml.safe_load((workspace / "tailor.yaml").read_text()),
+                           ["tune.pruner=median", "tune.startup_trials=1", "train.max_steps=4"])
+    config = validate_config(data)
+    study = open_study(config, workspace / "run")
+    study.add_trial(optuna.trial.create_trial(
+        params={"train.learning_rate": 1e-3, "methods.lora.r": 4},
+        distributions={"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                       "methods.lora.r": optuna.distributions.IntDistribution(2, 8, step=2)},
+        value=0.0, intermediate_values={step: 0.0 for step in range(1, 5)}))
+
+    result = run_tune(validate_config(apply_overrides(data, ["tune.trials=2", "tune.pruner_warmup_steps=2"])),
+                      data, workspace, workspace / "run")
+    warmed = result.study.trials[1]
+    assert warmed.state == optuna.trial.TrialState.PRUNED
+    assert sorted(warmed.intermediate_values) == [1, 2] and warmed.user_attrs["steps"] == 2  # not at step 1
+
+    # a warm-up as long as the run: the last step is reported but the trial finishes and is evaluated
+    result = run_tune(validate_config(apply_overrides(data, ["tune.trials=3", "tune.pruner_warmup_steps=4"])),
+                      data, workspace, workspace / "run")
+    last = result.study.trials[2]
+    assert last.state == optuna.trial.TrialState.COMPLETE and last.user_attrs["steps"] == 4
+    assert sorted(last.intermediate_values) == [1, 2, 3, 4] and last.value > 0
+
+
+def test_default_warm_up_is_a_third_of_the_run(workspace):
+    from tailor.tune.search import _pruner, pruner_warmup
+
+    data = yaml.safe_load((workspace / "tailor.yaml").read_text())
+    config = validate_config(apply_overrides(data, ["train.max_steps=12"]))
+    assert pruner_warmup(config, 8, every=2) == 4
+    assert pruner_warmup(validate_config(apply_overrides(data, ["train.max_steps=3"])), 8, every=2) == 2
+    assert pruner_warmup(validate_config(apply_overrides(data, ["tune.pruner_warmup_steps=0"])), 8, every=2) == 0
+    halving = _pruner(validate_config(apply_overrides(data, ["tune.pruner=successive_halving"])), 2, 4)
+    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)

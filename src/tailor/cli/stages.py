@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -239,8 +240,15 @@ def train(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceO
 
 def evaluate(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption, run: Path = RunOption,
              fail_under: list[str] = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help=(
-                 "Exit 1 when the customized model scores below VALUE (token_f1, exact_match, rouge_l, bleu, "
-                 "adherence; 0-1); MODEL.METRIC=VALUE names the model, e.g. base.token_f1=0.2. Repeatable.")),
+                 "Exit 1 when the customized model scores below VALUE on a higher-is-better metric of report.json "
+                 "(token_f1, exact_match, rouge_l, bleu, adherence, rule.NAME, classification.SET.accuracy|"
+                 "macro_f1|roc_auc, judge.mean_score|win_rate, forgetting.accuracy); MODEL.METRIC=VALUE names the "
+                 "model, e.g. base.token_f1=0.2. Repeatable.")),
+             # Annotated, so that a direct call (tests, other commands) gets None rather than the OptionInfo
+             fail_over: Annotated[list[str] | None, typer.Option("--fail-over", metavar="METRIC=VALUE", help=(
+                 "Exit 1 when a lower-is-better metric is above VALUE (eval_loss, perplexity, judge.loss_rate, "
+                 "bias.output_divergence|changed_rate|score_gap|max_score_gap, forgetting.drop). "
+                 "Repeatable."))] = None,
              no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
     """Models side by side (base and customized, or eval.models) on the held-out questions: token F1, exact match,
     ROUGE-L, BLEU, eval loss, perplexity, eval.rules adherence; classification sets, judge, probes when configured
@@ -258,16 +266,17 @@ def evaluate(overrides: list[str] = OverridesArgument, workspace: Path = Workspa
     names = [spec.name for spec in plan.specs]
     if not config.eval.models and trained_method(config, run_dir) not in names:  # not trained yet: gate fails later
         names.append(trained_method(config, run_dir))
-    gates = parse_gates(list(fail_under or []), models=names, customized=plan.customized if config.eval.models
-                        else trained_method(config, run_dir), has_rules=bool(config.eval.rules))
+    gates = parse_gates(list(fail_under or []), list(fail_over or []), models=names,
+                        customized=plan.customized if config.eval.models else trained_method(config, run_dir),
+                        eval_config=config.eval)
     report = run_eval(config, root, run_dir, show_progress=not no_progress, plan=plan)
     console.print(report_table(report))
     # soft_wrap: a path cut across lines cannot be copied
     console.print(f"report: {run_dir / 'eval' / 'report.json'}", soft_wrap=True, highlight=False)
     console.print(f"html report: {run_dir / 'eval' / REPORT_HTML}", soft_wrap=True, highlight=False)
-    failures = failed_gates(report, gates)
-    for line in failures:
-        err_console.print(f"[bold red]--fail-under:[/] {line}", highlight=False, soft_wrap=True)
+    failures = failed_gates(report, gates, config.eval)
+    for gate, line in failures:
+        err_console.print(f"[bold red]{gate.option}:[/] {line}", highlight=False, soft_wrap=True)
     if failures:
         raise typer.Exit(1)
     if gates:

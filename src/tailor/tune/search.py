@@ -61,7 +61,8 @@ def storage_url(config: TailorConfig, run_dir: Path) -> str:
     return f"sqlite:///{(tune_dir / STUDY_DB).resolve()}"
 
 
-def open_study(config: TailorConfig, run_dir: Path, *, worker: int = 0, report_every: int = 1):
+def open_study(config: TailorConfig, run_dir: Path, *, worker: int = 0, report_every: int = 1,
+               warmup_steps: int = 0):
     """Create the study, or load it when it exists (`load_if_exists`): that is what makes resuming work.
 
     `worker` numbers the processes of one `--n-jobs` run; each seeds its sampler differently.
@@ -93,7 +94,7 @@ def open_study(config: TailorConfig, run_dir: Path, *, worker: int = 0, report_e
     # workers of one run add their number, so they do not all propose the same values
     seed = config.tune.seed + len(study.trials) + 7919 * worker
     study.sampler = _sampler(config, seed)
-    study.pruner = _pruner(config, report_every)
+    study.pruner = _pruner(config, report_every, warmup_steps)
     return study
 
 
@@ -115,15 +116,31 @@ def report_interval(config: TailorConfig, n_train: int) -> int:
     return config.tune.report_every or config.train.eval_every or max(1, total_steps(n_train, config.train) // 4)
 
 
-def _pruner(config: TailorConfig, every: int):
+def pruner_warmup(config: TailorConfig, n_train: int, every: int) -> int:
+    """Steps a trial trains before it may be pruned: tune.pruner_warmup_steps, else a third of the configured run.
+
+    Without a warm-up the first report decides, and a first report mostly ranks learning rates by how fast they
+    start (a high one drops fastest, then overshoots), which is not where they end."""
+    from tailor.train.loop import total_steps
+
+    if config.tune.pruner_warmup_steps is not None:
+        return config.tune.pruner_warmup_steps
+    return max(every, total_steps(n_train, config.train) // 3)
+
+
+def _pruner(config: TailorConfig, every: int, warmup: int = 0):
     import optuna
 
     if config.tune.pruner == "median":
         # the first trials only set the bar: pruning against the median of one or two trials is noise
-        return optuna.pruners.MedianPruner(n_startup_trials=min(3, config.tune.startup_trials))
+        return optuna.pruners.MedianPruner(n_startup_trials=min(3, config.tune.startup_trials),
+                                           n_warmup_steps=warmup)
+    # resources are training steps: the first rung (the smallest bracket's) is the warm-up, at least one report
+    if config.tune.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(every, warmup), reduction_factor=3)
     if config.tune.pruner == "hyperband":
-        # resources are training steps: the smallest bracket trains one report interval
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource="auto", reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=max(every, warmup), max_resource="auto",
+                                              reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -200,11 +217,13 @@ class PruningReporter:
     """The training core's `should_stop`: at each eval, report the eval loss to the trial and ask the pruner.
 
     The eval loss is negated when the objective is maximized, because the pruner compares intermediate values in
-    the study's direction: a low loss must look good to a maximizing study.
+    the study's direction: a low loss must look good to a maximizing study. The last step is reported but never
+    pruned: its training is already paid for, and a finished trial tells the sampler more than a pruned one.
     """
 
-    def __init__(self, trial, metrics_path: Path, every: int, maximize: bool):
+    def __init__(self, trial, metrics_path: Path, every: int, maximize: bool, last_step: int):
         self.trial, self.metrics_path, self.every, self.sign = trial, metrics_path, every, -1.0 if maximize else 1.0
+        self.last_step = last_step
         self.checked_step, self.pruned, self.last_loss = 0, False, float("nan")
 
     def __call__(self, step: int) -> bool:
@@ -217,7 +236,7 @@ class PruningReporter:
             return False
         self.last_loss = eval_loss
         self.trial.report(self.sign * eval_loss, step)
-        self.pruned = self.trial.should_prune()
+        self.pruned = step < self.last_step and self.trial.should_prune()
         return self.pruned
 
     def _eval_loss(self, step: int) -> float | None:
@@ -254,6 +273,7 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
     import optuna
 
     from tailor.evaluate.harness import run_eval
+    from tailor.train.loop import total_steps
     from tailor.train.run import run_training
     from tailor.tune.report import write_tune_report
 
@@ -270,10 +290,12 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
     train_path = run_dir / "data" / "train.jsonl"
     if not train_path.is_file() or not (run_dir / "data" / "eval.jsonl").is_file():
         raise TailorError(f"{run_dir / 'data'}: train.jsonl and eval.jsonl are needed; run `tailor data build`")
-    every = report_interval(config, _count_lines(train_path))
+    n_train = _count_lines(train_path)
+    every = report_interval(config, n_train)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(config, run_dir, worker=worker, report_every=every)
+    study = open_study(config, run_dir, worker=worker, report_every=every,
+                       warmup_steps=pruner_warmup(config, n_train, every))
     direction = direction_of(config)
     target = total_trials(config)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -287,6 +309,8 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
         if repeated is not None:  # TPE re-proposes points of small discrete spaces: reuse, do not retrain
             trial.set_user_attr("steps", 0)
             trial.set_user_attr("repeats", repeated.number)
+            for step, value in sorted(repeated.intermediate_values.items()):  # the pruners compare these
+                trial.report(value, step)
             if repeated.state == optuna.trial.TrialState.PRUNED:
                 raise optuna.TrialPruned(f"same values as pruned trial {repeated.number}")
             trial.set_user_attr("metrics", repeated.user_attrs.get("metrics", {}))
@@ -296,7 +320,8 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
         trial_config.train.eval_every, trial_config.train.save_every = every, 0
         trial_dir = tune_dir / f"trial-{trial.number}"
         _link_data(run_dir, trial_dir)
-        reporter = PruningReporter(trial, trial_dir / "metrics.jsonl", every, maximize=direction == "maximize")
+        reporter = PruningReporter(trial, trial_dir / "metrics.jsonl", every, maximize=direction == "maximize",
+                                   last_step=total_steps(n_train, trial_config.train))
         started = time.perf_counter()
         result = run_training(trial_config, root, trial_dir, show_progress=False, should_stop=reporter)
         trial.set_user_attr("steps", result.steps)
