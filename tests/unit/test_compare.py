@@ -85,3 +85,18 @@ def test_the_command_reports_a_bad_method_in_one_line(workspace, monkeypatch, ca
     out = capsys.readouterr()
     assert exit_info.value.code != 0 and "Traceback" not in out.err + out.out
     assert " ".join(out.err.split()).startswith("error: --methods: unknown method 'lorra' (available: prompt,")
+
+
+def test_keep_going_records_a_failed_method_and_compares_the_others(workspace):
+    root, config = workspace
+    run_dir = root / "run"
+    # from_scratch needs RUN/corpus.jsonl, which this run lacks: it stops with one line, before any model loads
+    summary = run_compare(config, root, run_dir, ["from_scratch", "prompt_tuning"], show_progress=False,
+                          latency_questions=1, keep_going=True)
+    assert list(summary["failed"]) == ["from_scratch"] and "corpus.jsonl" in summary["failed"]["from_scratch"]
+    assert [row["method"] for row in summary["methods"]] == ["prompt_tuning"] and summary["pending"] == []
+    assert summary["base"]["latency_ms"] > 0  # the base was scored with the first method that ran
+    assert json.loads((run_dir / "compare" / "compare.json").read_text())["failed"] == summary["failed"]
+    assert "from_scratch" in compare_table(summary).caption
+    with pytest.raises(TailorError, match="corpus.jsonl"):  # without keep_going the first failure stops it
+        run_compare(config, root, run_dir, ["from_scratch"], show_progress=False, latency_questions=1)

@@ -121,8 +121,12 @@ def check_methods(names: list[str]) -> None:
 
 
 def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str], *, show_progress: bool = True,
-                latency_questions: int = 5, method_overrides: dict[str, list[str]] | None = None) -> dict:
-    """Train/build and evaluate each method in RUN/compare/<method>/; writes and returns RUN/compare/compare.json."""
+                latency_questions: int = 5, method_overrides: dict[str, list[str]] | None = None,
+                keep_going: bool = False) -> dict:
+    """Train/build and evaluate each method in RUN/compare/<method>/; writes and returns RUN/compare/compare.json.
+
+    `keep_going`: a method that fails is recorded under "failed" (its one-line reason) and the next one runs, so
+    one broken method does not cost a long comparison the others."""
     from tailor.evaluate.harness import run_eval
     from tailor.methods import registry
     from tailor.methods.artifacts import artifact_dir
@@ -141,35 +145,42 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
         if not (run_dir / relative).is_file():
             raise TailorError(f"{run_dir / relative}: not found; run `tailor data build` first")
     questions = eval_questions(run_dir / "data" / "eval.jsonl", latency_questions)
-    rows, base = [], None
-    for name in names:
+    rows, base, failed, n_questions = [], None, {}, None
+    for position, name in enumerate(names):
         settings = configs[name]
         method_dir = run_dir / COMPARE_DIR / name
         link_run_data(run_dir, method_dir)
         console.print(f"[bold]{name}[/]: training in {method_dir}", highlight=False)
-        result = run_training(settings, root, method_dir, show_progress=show_progress)
-        built = isinstance(result, BuildResult)
-        # the base model is the same for every method: scored once, with the first method
-        report = run_eval(settings, root, method_dir, show_progress=show_progress, write_html=False,
-                          only_customized=base is not None)
-        scores = report["models"][name]
-        if base is None:
-            base_scores = report["models"]["base"]
-            base = CompareRow("base", base_scores["token_f1"], base_scores["exact_match"], base_scores["eval_loss"],
-                              0.0, 0, 0, answer_latency_ms(settings, root, method_dir, questions, "base"))
-        rows.append(CompareRow(
-            method=name, token_f1=scores["token_f1"], exact_match=scores["exact_match"],
-            eval_loss=scores["eval_loss"], train_seconds=round(result.seconds, 1),
-            trainable_params=0 if built else result.trainable_params,
-            artifact_bytes=folder_bytes(artifact_dir(method_dir, registry.get(name))),
-            latency_ms=answer_latency_ms(settings, root, method_dir, questions, name),
-            steps=0 if built else result.steps, run_dir=str(method_dir)))
+        try:
+            result = run_training(settings, root, method_dir, show_progress=show_progress)
+            built = isinstance(result, BuildResult)
+            # the base model is the same for every method: scored once, with the first method
+            report = run_eval(settings, root, method_dir, show_progress=show_progress, write_html=False,
+                              only_customized=base is not None)
+            scores, n_questions = report["models"][name], report["n_questions"]
+            if base is None:
+                base_scores = report["models"]["base"]
+                base = CompareRow("base", base_scores["token_f1"], base_scores["exact_match"],
+                                  base_scores["eval_loss"], 0.0, 0, 0,
+                                  answer_latency_ms(settings, root, method_dir, questions, "base"))
+            rows.append(CompareRow(
+                method=name, token_f1=scores["token_f1"], exact_match=scores["exact_match"],
+                eval_loss=scores["eval_loss"], train_seconds=round(result.seconds, 1),
+                trainable_params=0 if built else result.trainable_params,
+                artifact_bytes=folder_bytes(artifact_dir(method_dir, registry.get(name))),
+                latency_ms=answer_latency_ms(settings, root, method_dir, questions, name),
+                steps=0 if built else result.steps, run_dir=str(method_dir)))
+        except Exception as exc:  # noqa: BLE001 - with keep_going any failure is reported, not only ours
+            if not keep_going:
+                raise
+            failed[name] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TailorError) else str(exc)
+            console.print(f"[bold red]{name} failed[/]: {failed[name]}", highlight=False)
         # cheapest first: what trains least, then what trains fastest
         rows.sort(key=lambda row: (row.trainable_params, row.train_seconds))
         summary = {"created_at": now_iso(), "eval_file": str(run_dir / "data" / "eval.jsonl"),
-                   "n_questions": report["n_questions"], "latency_questions": len(questions),
-                   "base": asdict(base), "methods": [asdict(row) for row in rows],
-                   "pending": names[len(rows):]}
+                   "n_questions": n_questions, "latency_questions": len(questions),
+                   "base": asdict(base) if base else None, "methods": [asdict(row) for row in rows],
+                   "pending": names[position + 1:], **({"failed": failed} if failed else {})}
         # after every method: an interrupted comparison keeps the methods it finished
         write_json(run_dir / COMPARE_DIR / "compare.json", summary)
     return summary
@@ -181,11 +192,13 @@ def compare_table(summary: dict) -> Table:
                             ("eval loss", "right"), ("train s", "right"), ("trainable params", "right"),
                             ("artifact", "right"), ("ms / answer", "right")):
         table.add_column(column, justify=justify)
-    for row in [summary["base"], *summary["methods"]]:
+    for row in [*([summary["base"]] if summary["base"] else []), *summary["methods"]]:
         size = row["artifact_bytes"]
         table.add_row(row["method"], f"{row['token_f1']:.4f}", f"{row['exact_match']:.4f}", f"{row['eval_loss']:.4f}",
                       f"{row['train_seconds']:.1f}", f"{row['trainable_params']:,}",
                       "-" if row["method"] == "base" else _size(size), f"{row['latency_ms']:.0f}")
+    if summary.get("failed"):
+        table.caption = "failed: " + "; ".join(f"{name}: {reason}" for name, reason in summary["failed"].items())
     return table
 
 
@@ -198,6 +211,8 @@ def compare(overrides: list[str] = OverridesArgument, workspace: Path = Workspac
                 "Comma-separated methods, e.g. prompt,prompt_tuning,p_tuning,lora,full.")),
             latency_questions: int = typer.Option(5, "--latency-questions", min=1, help=(
                 "Held-out questions answered one at a time to measure latency.")),
+            keep_going: bool = typer.Option(False, "--keep-going", help=(
+                "A method that fails is reported in the table's caption and compare.json; the others still run.")),
             no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")) -> None:
     """Train (or build) several methods on the same run data, evaluate each on the same questions, and print one
     table, cheapest first → RUN/compare/compare.json. METHOD:KEY=VALUE overrides apply to one method only."""
@@ -206,6 +221,8 @@ def compare(overrides: list[str] = OverridesArgument, workspace: Path = Workspac
     run_dir = run_folder(root, run)
     names = [name.strip() for name in methods.split(",") if name.strip()]
     summary = run_compare(config, root, run_dir, names, show_progress=not no_progress,
-                          latency_questions=latency_questions, method_overrides=per_method)
+                          latency_questions=latency_questions, method_overrides=per_method, keep_going=keep_going)
     console.print(compare_table(summary))
     console.print(f"results: {run_dir / COMPARE_DIR / 'compare.json'}", soft_wrap=True, highlight=False)
+    if summary.get("failed"):
+        raise typer.Exit(1)  # a comparison with a broken method must not pass as complete in a script

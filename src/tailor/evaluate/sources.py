@@ -226,12 +226,11 @@ def open_model(spec: ModelSpec, config: TailorConfig, base_ref: str, dtype: torc
         yield LocalModel(spec.name, model, load_tokenizer(str(folder) if has_tokenizer else base_ref), model_dtype)
         return
     run_dir = Path(spec.target)
-    models = load_for_inference(config, run_dir, base_ref, dtype)
+    # every model here is read with its own tokenizer (from_scratch trains one with another vocabulary)
+    models = load_for_inference(config, run_dir, base_ref, dtype, own_tokenizers=True)
     if not models.has_artifact:
         raise TailorError(f"{spec.where}: {run_dir} has no trained {models.method} artifact; run `tailor train`")
-    tokenizer = load_tokenizer(base_ref)
-    if hasattr(models, "tokenizer_for"):  # a full model folder may carry its own (e.g. added tokens)
-        tokenizer = models.tokenizer_for(models.method, tokenizer)
+    tokenizer = models.tokenizer_for(models.method, load_tokenizer(base_ref))
     with models.use(models.method) as model:
         yield LocalModel(spec.name, model, tokenizer, dtype,
                          transform=lambda messages: models.messages_for(models.method, messages))

@@ -4,6 +4,8 @@ prefix, so the artifact never contains the MLP."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from tailor.methods.registry import Method, MethodOptions, register, require_context_room
@@ -14,6 +16,9 @@ class PrefixTuningOptions(MethodOptions):
     projection: bool = Field(False, description=(
         "Train the prefix through a two-layer MLP (steadier optimization, more weights while training)."))
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden width of that MLP (used when projection).")
+    init: Literal["zero", "random"] = Field("zero", description=(
+        "Starting prefix: zero keys and values (the model starts close to the base) or random ones (PEFT's "
+        "default, which on SmolLM2-135M raised the held-out loss from 2.0 to 7.5 before any training)."))
 
 
 def prepare(model, options: PrefixTuningOptions):
@@ -22,7 +27,8 @@ def prepare(model, options: PrefixTuningOptions):
     require_context_room(model, options.num_virtual_tokens, "methods.prefix_tuning.num_virtual_tokens")
     config = peft.PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type="CAUSAL_LM",
                                      prefix_projection=options.projection,
-                                     encoder_hidden_size=options.encoder_hidden_size)
+                                     encoder_hidden_size=options.encoder_hidden_size,
+                                     init_weights="zero" if options.init == "zero" else None)
     return peft.get_peft_model(model, config)
 
 

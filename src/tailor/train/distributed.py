@@ -1,10 +1,11 @@
 """Data-parallel training through accelerate: the same loop on one process or many (`accelerate launch`).
 
-Launched with `accelerate launch --multi_gpu --num_processes N -m tailor.cli.app train` on GPUs, or on CPUs with
-`torchrun --nproc_per_node N -m tailor.cli.app train` (gloo; accelerate's own CPU launcher needs MPI), every
-process runs the same loop: the model is wrapped for gradient sync (DDP; FSDP or DeepSpeed when the accelerate
-config names them), each process takes its share of every optimizer step's micro-batches, and only the main
-process writes files. Run without a launcher, the Accelerator is a single process and the wrappers are no-ops.
+Launched with `accelerate launch --multi_gpu --num_processes N -m tailor.cli.app train` — on GPUs (NCCL) and on CPUs
+alike (gloo): `--multi_gpu` only selects accelerate's torchrun launcher, while `--cpu` would select its simple
+launcher, which starts one process unless mpirun is installed; `torchrun --nproc_per_node N -m tailor.cli.app train`
+works too. Every process runs the same loop: the model is wrapped for gradient sync (DDP; FSDP or DeepSpeed when
+the accelerate config names them), each process takes its share of every optimizer step's micro-batches, and only
+the main process writes files. Run without a launcher, the Accelerator is a single process and the wrappers are no-ops.
 """
 
 from __future__ import annotations
