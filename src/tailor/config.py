@@ -230,7 +230,8 @@ class ServeConfig(Section):
     max_new_tokens: int = Field(256, gt=0, description="Default cap on generated tokens per request.")
     engine: Literal["tailor", "vllm", "llama_cpp"] = Field("tailor", description=(
         "Decoding engine: tailor's continuous batching on PyTorch; vllm (needs the vllm package and a GPU); "
-        "llama_cpp (llama-cpp-python; base_model must name a .gguf file; no adapters)."))
+        "llama_cpp (llama.cpp from llama-cpp-cffi, installed by `make setup`; base_model must name a .gguf "
+        "file; no adapters)."))
     max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one batch.")
     max_queue: int = Field(64, ge=0, description=(
         "Requests waiting for a batch slot; beyond it the server answers 429 with Retry-After."))

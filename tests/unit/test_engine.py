@@ -239,7 +239,7 @@ def test_prompt_table_rows_are_served_as_soft_prompts(engine, tiny_model_dir, cu
 
 
 @pytest.mark.parametrize(("kind", "package", "pip_name"), [("vllm", "vllm", "vllm"),
-                                                            ("llama_cpp", "llama_cpp", "llama-cpp-python")])
+                                                            ("llama_cpp", "llama", "llama-cpp-cffi")])
 def test_optional_engines_name_their_missing_package(kind, package, pip_name, monkeypatch):
     import sys
 

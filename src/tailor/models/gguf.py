@@ -353,17 +353,26 @@ class LlamaCppCffiGGUF:
         return np.stack([np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(self.ctx, i), 4 * self.n_vocab),
                                        dtype=np.float32).copy() for i in rows])
 
+    def start(self, prompt_ids: list[int]) -> np.ndarray:
+        """A new sequence: the prompt's last-position logits [vocab]; `step` then feeds one token at a time."""
+        self.lib.llama_kv_cache_clear(self.ctx)
+        self.position = len(prompt_ids)
+        return self._decode(prompt_ids, 0, all_logits=False)[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        self.position += 1
+        return self._decode([token], self.position - 1, all_logits=False)[-1]
+
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy decoding on llama.cpp's raw logits (argmax per step), like `llama_greedy`."""
-        self.lib.llama_kv_cache_clear(self.ctx)
-        row = self._decode(prompt_ids, 0, all_logits=False)[-1]
+        row = self.start(prompt_ids)
         answer: list[int] = []
         while len(answer) < max_new_tokens:
             token = int(np.argmax(row))
             answer.append(token)
             if token in stop_ids:
                 break
-            row = self._decode([token], len(prompt_ids) + len(answer) - 1, all_logits=False)[-1]
+            row = self.step(token)
         return answer
 
     def logits(self, ids: list[int]) -> np.ndarray:

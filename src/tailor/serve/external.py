@@ -2,7 +2,7 @@
 `add_adapter`, `remove_adapter`, `Generation` replies), for when a faster runtime is installed:
 
 - `VllmEngine`: vLLM's async engine (GPU): paged attention, continuous batching, multi-LoRA (`serve.engine: vllm`);
-- `LlamaCppEngine`: llama-cpp-python on a GGUF file (CPU), one request at a time (`serve.engine: llama_cpp`).
+- `LlamaCppEngine`: llama.cpp on a GGUF file (CPU), one request at a time (`serve.engine: llama_cpp`).
 
 Each imports its package only when constructed, so tailor imports and runs without them. Prompt profiles,
 prompt-tuning adapters and per-request timeouts are the built-in engine's; these engines refuse what they cannot do.
@@ -118,19 +118,36 @@ class VllmEngine(_ThreadedEngine):
 
 
 class LlamaCppEngine(_ThreadedEngine):
-    """llama-cpp-python on a GGUF file; one request at a time (its high-level API does not batch requests)."""
+    """llama.cpp on a GGUF file (CPU), one request at a time: llama.cpp computes the logits (through
+    `tailor.models.gguf`'s C-API reader, the prebuilt build `make setup` installs), and the built-in engine's
+    sampling and text assembly (`tailor.serve.sampling`) pick tokens and cut stop strings, so temperature, top_p,
+    seed and stop behave as on the built-in engine. The chat template and detokenizer come from the GGUF file
+    itself (transformers reads its tokenizer metadata)."""
 
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, max_new_tokens: int = 256,
                  system_prompt: str = "", context_length: int = 2048, **_):
-        llama_cpp = _require("llama_cpp", "llama-cpp-python", "llama_cpp")
-        if not str(base_model).endswith(".gguf") or not Path(base_model).is_file():
+        from tailor.models.gguf import _llama_cpp_cffi_path
+
+        if _llama_cpp_cffi_path() is None:
+            raise TailorError("serve.engine: llama_cpp needs the package llama-cpp-cffi (`make setup` installs it)")
+        path = Path(base_model)
+        if path.suffix != ".gguf" or not path.is_file():
             raise TailorError(f"base_model: the llama_cpp engine needs a .gguf file (found {base_model})")
         if adapters:
             raise TailorError("serve.engine: llama_cpp serves the GGUF model alone; export the customized model "
                               "to GGUF and serve that file")
-        self._llm = llama_cpp.Llama(model_path=str(base_model), n_ctx=context_length, verbose=False)
+        from transformers import AutoTokenizer
+
+        from tailor.models.gguf import LlamaCppCffiGGUF
+
+        self._llm = LlamaCppCffiGGUF(path, n_ctx=context_length)
+        self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        self.end_of_turn_ids = {self.tokenizer.eos_token_id} | {
+            token for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>")
+            if isinstance(token := self.tokenizer.convert_tokens_to_ids(marker), int)
+            and token != self.tokenizer.unk_token_id}
         self._adapters: dict[str, str] = {}
-        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
+        self.max_new_tokens, self.system_prompt, self.context_length = max_new_tokens, system_prompt, context_length
         self._lock = threading.Lock()
 
     def add_adapter(self, name: str, folder: str | Path) -> None:
@@ -141,31 +158,53 @@ class LlamaCppEngine(_ThreadedEngine):
 
     def _start(self, model: str, request: dict, *, max_tokens=None, temperature=1.0, top_p=1.0, stop=None,
                seed=None, timeout=None) -> Generation:
-        options = {"max_tokens": max_tokens or self.max_new_tokens, "temperature": temperature, "top_p": top_p,
-                   "stop": stop or None, "seed": seed, "stream": True}
-        prompt_tokens = len(self._llm.tokenize((request.get("prompt") or "").encode()) or [])
-        generation = Generation(model, prompt_tokens)
+        import time
+
+        import torch
+
+        from tailor.serve.engine import PromptTooLongError
+        from tailor.serve.sampling import Decoder, pick
+
+        text = request.get("prompt") or self.tokenizer.apply_chat_template(
+            request["messages"], add_generation_prompt=True, tokenize=False)
+        prompt_ids = self._llm.tokenize(text)
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            field = "prompt" if "prompt" in request else "messages"
+            raise PromptTooLongError(f"{field}: the prompt is {len(prompt_ids)} tokens; the model's context window "
+                                     f"is {self.context_length}")
+        decoder = Decoder(self.tokenizer, self.end_of_turn_ids, min(max_tokens or self.max_new_tokens, room),
+                          [s for s in stop or [] if s])
+        generation = Generation(model, len(prompt_ids))
+        generation.token_times = decoder.token_times
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        deadline = generation.created_at + timeout if timeout else None
 
         def run() -> None:
             try:
                 with self._lock:
-                    if "prompt" in request:
-                        chunks = self._llm.create_completion(request["prompt"], **options)
-                    else:
-                        chunks = self._llm.create_chat_completion(request["messages"], **options)
-                    for chunk in chunks:
-                        if generation.cancelled:
-                            generation.finish_reason = "cancelled"
+                    logits = self._llm.start(prompt_ids)
+                    while True:
+                        token = pick(torch.from_numpy(logits), temperature, top_p, generator)
+                        delta, reason = decoder.accept(token)
+                        generation.completion_tokens = len(decoder.generated)
+                        if generation.first_token_at is None:
+                            generation.first_token_at = time.monotonic()
+                        if delta:
+                            generation._deltas.put(delta)
+                        if reason is None and generation.cancelled:
+                            reason = "cancelled"
+                        elif reason is None and deadline is not None and time.monotonic() > deadline:
+                            reason, rest = "timeout", decoder._rest()
+                            if rest:
+                                generation._deltas.put(rest)
+                        if reason is not None:
+                            generation.finish_reason = reason
                             break
-                        choice = chunk["choices"][0]
-                        text = choice.get("text") or choice.get("delta", {}).get("content") or ""
-                        if text:
-                            generation.completion_tokens += 1
-                            generation._deltas.put(text)
-                        if choice.get("finish_reason"):
-                            generation.finish_reason = choice["finish_reason"]
+                        logits = self._llm.step(token)
             except Exception as exc:  # noqa: BLE001 - handed to the reader
                 generation._deltas.put(exc)
+            generation.finished_at = time.monotonic()
             generation._deltas.put(_END)
 
         threading.Thread(target=run, daemon=True).start()
