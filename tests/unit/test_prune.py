@@ -88,7 +88,9 @@ def test_magnitude_prune_direct_and_bad_input(lora_run, tmp_path):
     for kwargs, message in [({"method": "random"}, "unknown pruning method 'random'"),
                             ({"method": "magnitude", "sparsity": 1.5}, "--sparsity: 1.5 must be between 0 and 1"),
                             ({"method": "structured"}, "give --heads and/or --neurons"),
-                            ({"method": "structured", "heads": 1.0}, "--heads: 1.0 must be at least 0")]:
+                            ({"method": "structured", "heads": 1.0}, "--heads: 1.0 must be at least 0"),
+                            ({"method": "structured", "heads": 0.25}, "--heads: 0.25 removes no head; each of the 2 "
+                                                                      "key/value groups has 2 query heads")]:
         with pytest.raises(TailorError, match=message):
             prune_run(lora_run, out=tmp_path / "x", **kwargs)
         assert not (tmp_path / "x").exists()

@@ -14,6 +14,8 @@ from tailor.cli.common import OverridesArgument, RunOption, WorkspaceOption, con
 
 def _duration(hours: float) -> str:
     seconds = hours * 3600
+    if seconds < 10:  # small runs on a GPU: "0 s" would read as free
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -60,7 +62,7 @@ def estimate(overrides: list[str] = OverridesArgument, workspace: Path = Workspa
     for row in result.hardware:
         fits = "-" if row.fits_memory is None else ("yes" if row.fits_memory else "[red]no[/]")
         hardware.add_row(row.hardware, f"{row.peak_tflops:.3g}", f"{row.utilization:.0%}", _duration(row.hours),
-                         f"${row.dollars:.2f}" if row.dollars else "-", fits, row.source)
+                         (f"${row.dollars:.2f}" if row.dollars >= 0.005 else "< $0.01") if row.dollars else "-", fits, row.source)
     console.print(hardware)
     if result.past_runs:
         past = Table(title="Past runs in the registry: this estimate's rule against the measured time")

@@ -93,6 +93,10 @@ def prune_heads(model, fraction: float) -> int:
     per_group = heads // kv_heads
     drop = math.floor(per_group * fraction)
     if drop == 0:
+        if fraction > 0:  # asked for, but below one head per group: say so rather than prune nothing silently
+            raise TailorError(f"--heads: {fraction} removes no head; each of the {kv_heads} key/value groups has "
+                              f"{per_group} query heads, so the share goes in steps of 1/{per_group} "
+                              f"(--heads {math.ceil(100 / per_group) / 100} removes one per group)")
         return heads
     if drop >= per_group:
         raise TailorError(f"--heads: {fraction} would remove every query head of a key/value group")
