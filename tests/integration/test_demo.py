@@ -50,22 +50,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_tailor_serve(*args: str) -> tuple[subprocess.Popen, int]:
+    """`tailor serve ARGS --port P` in a subprocess, once /health answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tailor.cli.app", "serve", *args, "--port", str(port)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server, port
+        except httpx.HTTPError:
+            time.sleep(1)
+    server.terminate()
+    pytest.fail("tailor serve did not come up")
+
+
 def test_openai_client_streams_from_tailor_serve(demo_run):
     out, _ = demo_run
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tailor.cli.app", "serve", "--run", str(out), "--port", str(port),
-                               "-w", os.path.join(REPO, "examples", "city-services")],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_tailor_serve("--run", str(out), "-w", os.path.join(REPO, "examples", "city-services"))
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("tailor serve did not come up")
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         assert {m.id for m in client.models.list().data} >= {"base", "lora"}
         stream = client.chat.completions.create(
@@ -86,3 +90,58 @@ def test_openai_client_streams_from_tailor_serve(demo_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def tailor(*args: str, timeout: float = 900) -> str:
+    result = subprocess.run([sys.executable, "-m", "tailor.cli.app", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "COLUMNS": "250"})  # tables unwrapped
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_city_model_promoted_and_rolled_back_while_tailor_serve_runs(demo_run, tmp_path):
+    """The issue's lifecycle on the default model: the demo's run is version 1 of `city`, a second short training
+    version 2; `tailor serve --registry` follows `tailor models promote` and `rollback` without a restart."""
+    import shutil
+
+    out, _ = demo_run
+    workspace = shutil.copytree(os.path.join(REPO, "examples", "city-services"), tmp_path / "ws")
+    with open(workspace / "tailor.yaml", "a") as config:
+        config.write("registry:\n  poll_seconds: 0.5\n")
+    second = tmp_path / "run2"
+    shutil.copytree(out / "data", second / "data")
+    tailor("train", "-w", str(workspace), "--run", str(second), "--no-progress", "train.max_steps=3",
+           "train.save_every=0", "train.learning_rate=5e-3")
+    for run in (out, second):
+        tailor("models", "register", str(run), "--name", "city", "-w", str(workspace))
+    server, port = start_tailor_serve("--registry", "-w", str(workspace), "--run", str(tmp_path / "no-run"))
+    question = [{"role": "user", "content": "How do I renew a parking permit?"}]
+
+    def ask() -> str | None:
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "city", "messages": question, "temperature": 0, "max_tokens": 24})
+        return response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else None
+
+    def after(command: tuple[str, ...], differs_from: str | None) -> tuple[str, float]:
+        """Run a registry command, then wait until `city` answers something other than `differs_from`."""
+        tailor("models", *command, "-w", str(workspace), "--reason", "integration test")
+        started = time.monotonic()
+        while (answer := ask()) in (differs_from, None) and time.monotonic() - started < 60:
+            time.sleep(0.2)
+        return answer, time.monotonic() - started
+
+    try:
+        assert ask() is None  # registered, nothing in production yet: 404
+        first, seconds_1 = after(("promote", "city", "1", "--stage", "production"), None)
+        second_answer, seconds_2 = after(("promote", "city", "2", "--stage", "production"), first)
+        back, seconds_back = after(("rollback", "city"), second_answer)
+        print(f"v1 {first!r} after {seconds_1:.1f} s; v2 {second_answer!r} after {seconds_2:.1f} s; "
+              f"rollback after {seconds_back:.1f} s")
+        assert first and second_answer and second_answer != first
+        assert back == first  # version 1's answer again, from the same server process
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    history = tailor("models", "history", "city", "-w", str(workspace))
+    assert history.count("rollback") == 2 and history.count("integration test") == 5  # the audit log has it all
