@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 
-DEPARTMENT = re.compile(r"\b(?:[A-Z][a-z]+ )+(?:Department|Office|Services|Division)\b")
+# a named unit: "the fire department" and "the Parks And Recreation Department" name one, "the department" does not
+DEPARTMENT = re.compile(r"\b(?!(?:the|a|an|this|that|your|our|their|city)\b)[a-z]+ "
+                        r"(?:department|office|services|division)\b", re.IGNORECASE)
 POLITE = re.compile(r"\b(?:please|thank you|thanks|happy to help|glad to help)\b", re.IGNORECASE)
 MAX_WORDS = 60
 
