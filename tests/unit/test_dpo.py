@@ -53,3 +53,19 @@ def test_dpo_loss_falls_and_saves_a_plain_adapter(tiny_model_dir, tmp_path):
                                                str(other / "adapter"))
     moved = [n for n, p in continued.named_parameters() if "lora_" in n and not torch.equal(p, start_weights[n])]
     assert moved
+
+
+def test_full_weight_dpo_is_found_by_eval_and_export(tiny_model_dir, tmp_path):
+    """`adapter: full` saves a whole model in RUN/model/: eval, serve and export read the kind from the run's options."""
+    from tailor.evaluate.sources import run_has_artifact
+    from tailor.methods.artifacts import run_method
+    from tailor.models.export import read_trained_run
+
+    write_jsonl(tmp_path / "data" / "preferences.jsonl", PAIRS)
+    full = config(tiny_model_dir, steps=1, adapter="full")
+    run_training(full, tmp_path, tmp_path, show_progress=False)
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "adapter").exists()
+    assert run_method(full, tmp_path).artifact == "model" and run_has_artifact(full, tmp_path)
+    loaded = load_for_inference(full, tmp_path, tiny_model_dir, torch.float32)
+    assert loaded.names == ["base", "dpo"] and loaded.has_artifact
+    assert read_trained_run(tmp_path).artifact == tmp_path / "model"

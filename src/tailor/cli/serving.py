@@ -15,12 +15,11 @@ def _artifact_method(config: TailorConfig, run_dir: Path, folder: Path, artifact
     method in the config saved beside the artifact (a run may hold a prompt profile and an adapter)."""
     import yaml
 
-    from tailor.methods import registry
-    from tailor.methods.artifacts import trained_method
+    from tailor.methods.artifacts import run_method
 
-    method = trained_method(config, run_dir)
-    if registry.get(method).artifact == artifact:
-        return method
+    method = run_method(config, run_dir)
+    if method.artifact == artifact:
+        return method.name
     saved = folder / "tailor.yaml"
     saved_config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
     return (saved_config or {}).get("train", {}).get("method") or artifact

@@ -43,10 +43,9 @@ class ModelSpec:
 
 
 def run_has_artifact(config: TailorConfig, run_dir: Path) -> bool:
-    from tailor.methods import registry
-    from tailor.methods.artifacts import artifact_dir, trained_method
+    from tailor.methods.artifacts import artifact_dir, run_method
 
-    method = registry.get(trained_method(config, run_dir), key="train.method")
+    method = run_method(config, run_dir)
     folder = artifact_dir(run_dir, method)
     marker = {"adapter": "adapter_config.json", "model": "config.json", "prompt": "profile.json"}[method.artifact]
     return (folder / marker).is_file()

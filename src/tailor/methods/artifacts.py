@@ -150,6 +150,16 @@ def trained_method(config: TailorConfig, run_dir: Path) -> str:
     return trained.get("method") or config.train.method
 
 
+def run_method(config: TailorConfig, run_dir: Path) -> Method:
+    """The method that trained the run, with its artifact kind as that run's options decide it."""
+    import dataclasses
+
+    method = registry.get(trained_method(config, run_dir), key="train.method")
+    if method.artifact_for is None:
+        return method
+    return dataclasses.replace(method, artifact=method.artifact_for(config.method_options(method.name)))
+
+
 def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype: torch.dtype, *,
                        own_tokenizers: bool = False) -> InferenceModels:
     """Load the run's artifact (see `trained_method`) and the base it is compared with, in eval mode.
@@ -157,7 +167,7 @@ def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype
     A model artifact with its own vocabulary (from_scratch) must be read with `InferenceModels.tokenizer_for`;
     a caller that says so passes `own_tokenizers=True`, any other stops with one message instead of feeding it the
     base's token ids."""
-    method = registry.get(trained_method(config, run_dir), key="train.method")
+    method = run_method(config, run_dir)
     options = config.method_options(method.name)
     folder = artifact_dir(run_dir, method)
     load_options = method.load_options(options) if method.load_options else {}

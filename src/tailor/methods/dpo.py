@@ -166,4 +166,5 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
 
 
 register(Method(name="dpo", options=DpoOptions, run=run, artifact="adapter",
+                artifact_for=lambda options: "adapter" if options.adapter == "lora" else "model",
                 summary="Direct preference optimization on preference pairs (TRL's DPOTrainer), LoRA or full."))

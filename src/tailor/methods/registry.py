@@ -64,6 +64,9 @@ class Method:
     # "adapter": a standard PEFT folder RUN/adapter/ loaded on top of the base; "model": a complete model RUN/model/;
     # "prompt": a prompt profile RUN/prompt/ applied to the conversations of the unchanged base
     artifact: str = "adapter"
+    # artifact_for(options) -> the artifact kind when the options decide it (DPO: LoRA adapter or full model);
+    # read through `artifacts.run_method`, which resolves it for a run
+    artifact_for: Callable[[Any], str] | None = None
     # load_options(options) -> extra `from_pretrained` keyword arguments for the base (e.g. 4-bit quantization).
     # It runs before any weight is read, so incompatible options stop here with one clear message.
     load_options: Callable[[Any], dict] | None = None

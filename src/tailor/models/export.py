@@ -32,8 +32,7 @@ import torch
 
 from tailor.config import TailorConfig, validate_config
 from tailor.errors import TailorError
-from tailor.methods import registry
-from tailor.methods.artifacts import artifact_dir
+from tailor.methods.artifacts import artifact_dir, run_method
 from tailor.methods.registry import Method
 from tailor.models.base import load_model, load_tokenizer, resolve_base_model
 from tailor.workspace import MANIFEST, atomic_dir, file_sha256, now_iso, read_json, write_json
@@ -84,7 +83,7 @@ def read_trained_run(run_dir: Path | str, *, weights: bool = True) -> TrainedRun
     if not trained or "config" not in manifest:
         raise TailorError(f"{run_dir}: no finished training recorded in {MANIFEST}; run `tailor train` first")
     config = validate_config(manifest["config"], source=str(manifest_path))
-    method = registry.get(trained.get("method") or config.train.method, key="train.method")
+    method = run_method(config, run_dir)
     base_ref = resolve_base_model(trained.get("base_model") or config.base_model, root=run_dir.parent)
     run = TrainedRun(run_dir, method, config, base_ref)
     if not weights:
