@@ -4,10 +4,12 @@ adapter can be the starting point (and reference)."""
 import json
 
 import peft
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from tailor.config import validate_config
+from tailor.errors import TailorError
 from tailor.methods.artifacts import load_for_inference
 from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
@@ -63,6 +65,9 @@ def test_full_weight_dpo_is_found_by_eval_and_export(tiny_model_dir, tmp_path):
 
     write_jsonl(tmp_path / "data" / "preferences.jsonl", PAIRS)
     full = config(tiny_model_dir, steps=1, adapter="full")
+    with pytest.raises(TailorError, match="--resume: dpo trains in its own loop without checkpoints"):
+        run_training(full, tmp_path, tmp_path, resume=True, show_progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
     run_training(full, tmp_path, tmp_path, show_progress=False)
     assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "adapter").exists()
     assert run_method(full, tmp_path).artifact == "model" and run_has_artifact(full, tmp_path)

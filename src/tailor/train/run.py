@@ -57,6 +57,9 @@ def run_training(config: TailorConfig, root: Path, run_dir: Path, *, resume: boo
     run_dir = Path(run_dir)
     train_path = run_dir / "data" / "train.jsonl"
     if (own_loop := registry.get(config.train.method, key="train.method").run) is not None:
+        if resume:  # their loops (TRL's, PPO's, the reward model's) write no checkpoints: say so, never retrain silently
+            raise TailorError(f"--resume: {config.train.method} trains in its own loop without checkpoints; "
+                              f"run it again without --resume")
         return own_loop(config, root, run_dir, show_progress=show_progress, should_stop=should_stop)  # DPO, PPO…
     method = registry.get(config.train.method, key="train.method")
     base_ref = resolve_base_model(config.base_model, root=root)
