@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer
 from tailor.models.export import EXPORT_INFO, export_run
-from tailor.models.gguf import GGUF_FILE, open_gguf_reader, permute_rotary, pre_tokenizer_name, write_gguf
+from tailor.models.gguf import (GGUF_FILE, TransformersGGUF, open_gguf_reader, permute_rotary, pre_tokenizer_name,
+                                write_gguf)
 from tailor.workspace import read_json
 from tests.unit.test_export import train_run
 
@@ -43,9 +44,11 @@ def test_gguf_reader_computes_the_same_logits(written):
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()  # [tokens, vocab]
     for kind, tolerance in (("f16", 5e-3), ("q8_0", 5e-2)):
-        # a wrong q/k permutation, tensor name or norm epsilon shows up here as differences of order 1
-        found = open_gguf_reader(folder / f"{kind}.gguf").logits(ids)
-        assert np.abs(found - expected).max() < tolerance, kind
+        # a wrong q/k permutation, tensor name or norm epsilon shows up here as differences of order 1; the
+        # fallback reader (transformers' GGUF loader, for machines without llama.cpp) is checked the same way
+        for reader in (open_gguf_reader, TransformersGGUF):
+            found = reader(folder / f"{kind}.gguf").logits(ids)
+            assert np.abs(found - expected).max() < tolerance, (kind, reader)
 
 
 def test_metadata_carries_the_tokenizer(written):

@@ -70,6 +70,18 @@ class QueueFullError(TailorError):
         self.retry_after = retry_after
 
 
+def end_of_turn_ids(tokenizer, configured: int | list[int] | None = None) -> set[int]:
+    """Token ids that end a reply: the tokenizer's eos, the model's configured eos ids, and the chat template's
+    end-of-turn marker, which is not always the tokenizer's eos."""
+    ids = {tokenizer.eos_token_id}
+    ids.update(configured if isinstance(configured, list) else [configured])
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            ids.add(token)
+    return {i for i in ids if i is not None}
+
+
 class Generation(Iterator[str]):
     """One reply being generated. Iterating yields text deltas; when it ends, `finish_reason` is "stop" (end of
     turn or a stop string), "length" (max_tokens or the context window), "timeout" (the request's time ran out;
@@ -635,12 +647,4 @@ class Engine:
                 self._finish(request, "cancelled")
 
     def _end_of_turn_ids(self, model) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        configured = getattr(model.generation_config, "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        # chat templates end an assistant turn with their own marker, which is not always the tokenizer's eos
-        for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-            token = self.tokenizer.convert_tokens_to_ids(marker)
-            if isinstance(token, int) and token != self.tokenizer.unk_token_id:
-                ids.add(token)
-        return {i for i in ids if i is not None}
+        return end_of_turn_ids(self.tokenizer, getattr(model.generation_config, "eos_token_id", None))

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from tailor.errors import TailorError
-from tailor.serve.engine import _END, Generation, UnknownModelError, UnsupportedRequestError
+from tailor.serve.engine import _END, Generation, UnknownModelError, UnsupportedRequestError, end_of_turn_ids
 
 
 def _require(package: str, pip_name: str, key: str):
@@ -142,10 +142,7 @@ class LlamaCppEngine(_ThreadedEngine):
 
         self._llm = LlamaCppCffiGGUF(path, n_ctx=context_length)
         self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        self.end_of_turn_ids = {self.tokenizer.eos_token_id} | {
-            token for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>")
-            if isinstance(token := self.tokenizer.convert_tokens_to_ids(marker), int)
-            and token != self.tokenizer.unk_token_id}
+        self.end_of_turn_ids = end_of_turn_ids(self.tokenizer)
         self._adapters: dict[str, str] = {}
         self.max_new_tokens, self.system_prompt, self.context_length = max_new_tokens, system_prompt, context_length
         self._lock = threading.Lock()
