@@ -1,12 +1,17 @@
 """Serving throughput of tailor's batching engine against a naive server, on the default model, over loopback HTTP.
 
-    python benchmarks/serve.py [--quick] [--max-tokens 48] [--requests-per-client 2]  → benchmarks/results/serve.json
+    python benchmarks/serve.py [--quick] [--rounds 3] [--max-tokens 48] [--requests-per-client 2]
+        → benchmarks/results/serve.json
 
-Each server runs in its own process (uvicorn on 127.0.0.1, port picked free), one after the other:
+Each server runs in its own process (uvicorn on 127.0.0.1, port picked free):
 - tailor: `tailor.serve.app.create_app(Engine(...))`, continuous batching, answers streamed (server-sent events);
 - naive: a minimal FastAPI app defined here that runs `model.generate` for one request at a time (a lock), the
-  way a first server is usually written; with adapters it calls `set_adapter` before each request.
+  way a first server is usually written;
+- naive-adapters: the same with the four adapters loaded, calling `set_adapter` before each request.
 Clients are httpx coroutines, each sending its requests one after the other, greedy, the same city questions.
+All three servers stay up for the whole run, and every level runs in `--rounds` rounds that alternate between
+tailor and its baseline (ABAB…); each figure is the median over the rounds. This machine is a shared VM whose speed
+drifts by 10-30 % over minutes, so measuring one server's levels after the other's would mostly compare moments.
 
 Figures: aggregate output tokens/s at 1, 4, 8 and 16 concurrent clients for both servers
 (`throughput_ratio_8_clients`, goal >= 5); four random LoRA adapters (made here with peft, not trained) served in one
@@ -212,6 +217,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help=(
         "torch threads (default: torch's own). On a CPU shared with other work use 1: OpenMP threads spinning "
         "against other processes made 2 threads up to 8x slower than 1 there."))
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds per level; medians reported.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--serve", choices=["tailor", "naive", "naive-adapters"], help=argparse.SUPPRESS)
     parser.add_argument("--adapters-dir", type=Path, help=argparse.SUPPRESS)
@@ -230,8 +236,8 @@ def main() -> None:
     report: dict = {"model": "smollm2-135m-instruct", "dtype": "bf16", "quick": args.quick, "max_tokens": max_tokens,
                     "requests_per_client": per_client, "torch_threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "note": "loopback HTTP, each server in its own process, one after the other; greedy decoding; "
-                            "timings on a CPU shared with other work vary between runs"}
+                    "note": "loopback HTTP, each server in its own process, all up at once; rounds alternate between "
+                            "tailor and its baseline and each figure is the median round; greedy decoding"}
 
     def per(clients: int) -> int:
         return max(per_client, 4) if clients == 1 else per_client  # one client alone needs a few requests
@@ -239,34 +245,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
         adapters_dir = Path(tmp) / "adapters"
         names = list(random_adapters(model_ref, adapters_dir, ADAPTERS))
-        steps = progress.add_task("serving benchmark", total=2 * len(CONCURRENCY) + 2)
-        server = Server("tailor", adapters_dir, max_tokens, args.threads)
-        asyncio.run(load(server.url, ["base"], prompts, 2, 1, 4, True))  # warm-up
-        tailor_levels = {}
-        for clients in CONCURRENCY:
-            progress.update(steps, description=f"tailor, {clients} clients")
-            tailor_levels[clients] = asyncio.run(load(server.url, ["base"], prompts, clients, per(clients),
-                                                      max_tokens, True))
-            progress.advance(steps)
-        progress.update(steps, description="tailor, 4 adapters mixed, 8 clients")
-        tailor_mixed = asyncio.run(load(server.url, names, prompts, 8, per_client, max_tokens, True))
-        progress.advance(steps)
-        server.stop()
+        servers = {kind: Server(kind, adapters_dir, max_tokens, args.threads)
+                   for kind in ("tailor", "naive", "naive-adapters")}
+        try:
+            # warm-up: first shapes, thread pools
+            asyncio.run(load(servers["tailor"].url, ["base"], prompts, 2, 1, 4, True))
+            asyncio.run(load(servers["naive"].url, ["base"], prompts, 1, 1, 4, False))
+            asyncio.run(load(servers["naive-adapters"].url, names, prompts, 1, 1, 4, False))
+            plan = [(f"{clients} clients", ("tailor", "naive"), ["base"], clients, per(clients))
+                    for clients in CONCURRENCY]
+            plan.append(("4 adapters, 8 clients", ("tailor", "naive-adapters"), names, 8, per_client))
+            steps = progress.add_task("serving benchmark", total=len(plan) * args.rounds * 2)
+            measured: dict[tuple[str, str], list[dict]] = {}
+            for label, kinds, models, clients, requests in plan:
+                for round_ in range(args.rounds):
+                    for kind in kinds if round_ % 2 == 0 else reversed(kinds):
+                        progress.update(steps, description=f"{kind}, {label}, round {round_ + 1}")
+                        measured.setdefault((label, kind), []).append(asyncio.run(load(
+                            servers[kind].url, models, prompts, clients, requests, max_tokens, kind == "tailor")))
+                        progress.advance(steps)
+        finally:
+            for server in servers.values():
+                server.stop()
 
-        naive = Server("naive", adapters_dir, max_tokens, args.threads)
-        asyncio.run(load(naive.url, ["base"], prompts, 1, 1, 4, False))
-        naive_levels = {}
-        for clients in CONCURRENCY:
-            progress.update(steps, description=f"naive, {clients} clients")
-            naive_levels[clients] = asyncio.run(load(naive.url, ["base"], prompts, clients, per(clients),
-                                                     max_tokens, False))
-            progress.advance(steps)
-        naive.stop()
-        progress.update(steps, description="naive, 4 adapters swapped, 8 clients")
-        swapping = Server("naive-adapters", adapters_dir, max_tokens, args.threads)
-        naive_mixed = asyncio.run(load(swapping.url, names, prompts, 8, per_client, max_tokens, False))
-        swapping.stop()
-        progress.advance(steps)
+    def median_run(label: str, kind: str) -> dict:
+        runs = measured[(label, kind)]
+        middle = sorted(runs, key=lambda run: run["tokens_per_second"])[len(runs) // 2]
+        return middle | {"tokens_per_second_rounds": [run["tokens_per_second"] for run in runs]}
+
+    tailor_levels = {c: median_run(f"{c} clients", "tailor") for c in CONCURRENCY}
+    naive_levels = {c: median_run(f"{c} clients", "naive") for c in CONCURRENCY}
+    tailor_mixed = median_run("4 adapters, 8 clients", "tailor")
+    naive_mixed = median_run("4 adapters, 8 clients", "naive-adapters")
+    report["rounds"] = args.rounds
 
     def ratio(a: dict, b: dict) -> float:
         return round(a["tokens_per_second"] / b["tokens_per_second"], 2)

@@ -103,6 +103,26 @@ def test_batched_greedy_equals_one_at_a_time_with_mixed_customizations(engine, t
         assert len(reply.token_times) == reply.completion_tokens
 
 
+def test_batches_of_one_adapter_or_none_take_the_plain_forward_and_still_match(engine, tiny_model_dir,
+                                                                             customizations):
+    """A batch whose rows agree runs with its adapter active (or the adapter layers off) instead of PEFT's per-row
+    split; switching between such batches and mixed ones must not leak one adapter into another's rows."""
+    plan = [["city", "city"], ["base"], ["parks", "parks", "parks"], ["city", "base", "parks"], ["base", "base"],
+            ["city"]]
+    routes = []
+    for names in plan:
+        with engine._cond:  # queued together: one batch
+            replies = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=6)
+                       for name, q in zip(names, QUESTIONS)]
+        texts = [reply.text() for reply in replies]
+        routes.append(engine._lora_route)
+        for name, question, text in zip(names, QUESTIONS, texts):
+            assert text == reference(tiny_model_dir, customizations.get(name), prompt_ids(engine, question), 6,
+                                     engine.end_of_turn_ids), (names, name)
+    keys = {name: engine._models[name].adapter_key for name in ("city", "parks")}
+    assert routes == [keys["city"], "__base__", keys["parks"], "mixed", "__base__", keys["city"]]
+
+
 def test_a_request_joins_a_running_batch_mid_reply(engine, tiny_model_dir, customizations):
     long = engine.stream("city", [{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_tokens=40)
     first = next(long)

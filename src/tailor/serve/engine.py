@@ -198,6 +198,7 @@ class Engine:
         # _model_lock: held by the decode thread for a whole step and by add/remove_adapter while they change
         # weights, so an adapter is swapped between steps, never during one
         self._model_lock = threading.RLock()
+        self._lora_route: str | None = None  # how the LoRA layers are set: an adapter key, BASE_ADAPTER, "mixed"
         # bumped whenever a served name changes what it answers with: cached answers of the old version go stale
         self.revision = 0
         self._cond = threading.Condition()  # guards _waiting and wakes the decode thread
@@ -283,6 +284,7 @@ class Engine:
                 key = next(self._keys)
                 try:
                     base = self._backbones["base"]
+                    self._lora_route = None  # loading changes the active adapter
                     if isinstance(base, peft.PeftModel):
                         base.load_adapter(str(folder), adapter_name=key, is_trainable=False)
                         # rows pick adapters with adapter_names, but PEFT's forward looks up the active one
@@ -376,6 +378,7 @@ class Engine:
                 self._retired.remove(custom)
                 if custom.kind == "lora":
                     base = self._backbones["base"]
+                    self._lora_route = None
                     base.delete_adapter(custom.adapter_key)
                     if not base.peft_config:  # PEFT cannot run with no adapter at all: back to the plain model
                         self._backbones["base"] = base.unload()
@@ -583,11 +586,25 @@ class Engine:
             batch.keep(self._accept(batch.rows, out.logits[:, -1]))
 
     def _adapter_args(self, model, requests: list[_Request]) -> dict:
+        """Route a batch through its LoRA adapters. PEFT's per-row path (`adapter_names`) splits every projection
+        by adapter, which made a decoding step 1.2-1.8x slower than the plain forward even when all rows agree
+        (default model, 4 adapters loaded, 1 and 8 rows); so a batch whose rows all use one adapter, or none, runs
+        the plain forward with that adapter active, or with the adapter layers off."""
         import peft
 
         if not isinstance(model, peft.PeftModel):
             return {}
-        return {"adapter_names": [r.custom.adapter_key for r in requests]}
+        keys = [r.custom.adapter_key for r in requests]
+        route = keys[0] if len(set(keys)) == 1 else "mixed"
+        if route != self._lora_route:  # switching walks every module: only when the batch's route changes
+            if route == BASE_ADAPTER:
+                model.base_model.disable_adapter_layers()
+            else:
+                model.base_model.enable_adapter_layers()
+                if route != "mixed":
+                    model.set_adapter(route, inference_mode=True)
+            self._lora_route = route
+        return {"adapter_names": keys} if route == "mixed" else {}
 
     def _accept(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token from its logits [rows, vocab] and pass it on; returns the rows that go on."""
