@@ -333,7 +333,10 @@ class TuneConfig(Section):
         "Trials the study should hold in total (resumed studies run only the missing ones); "
         "null: 20, or the whole grid with the grid sampler."))
     sampler: Literal["grid", "random", "bayesian"] = Field("bayesian", description=(
-        "grid: every combination; random: independent draws; bayesian: TPE, which models good and bad trials."))
+        "grid: every combination; random: independent draws; bayesian: TPE, which models good and bad trials. "
+        "In a space of finitely many points (categorical choices, int ranges) random and bayesian try every point "
+        "before one again: a proposal of a tried or running point becomes the nearest untried one (training is "
+        "seeded, so a second run of a point would only repeat its result)."))
     pruner: Literal["median", "successive_halving", "hyperband", "none"] = Field("median", description=(
         "Stop a trial early when its eval loss trails: median of earlier completed trials at the same step, "
         "successive halving (only the best third of the trials at a rung goes on), or Hyperband (successive "

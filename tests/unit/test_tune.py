@@ -1,5 +1,6 @@
 """`tailor tune` on the tiny model: every trial trains 2-4 steps and evaluates 3 questions with 4-token answers."""
 
+import json
 import multiprocessing
 
 import optuna
@@ -212,3 +213,91 @@ def test_default_warm_up_is_a_third_of_the_run(workspace):
     assert pruner_warmup(validate_config(apply_overrides(data, ["tune.pruner_warmup_steps=0"])), 8, every=2) == 0
     halving = _pruner(validate_config(apply_overrides(data, ["tune.pruner=successive_halving"])), 2, 4)
     assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)
+
+
+def _space(config_data, tiny_model_dir):
+    return validate_config({"base_model": tiny_model_dir, "tune": {"space": config_data}}).tune.space
+
+
+class _Proposes(optuna.samplers.BaseSampler):
+    """A base sampler that always proposes one point (what TPE does when it has settled on its best)."""
+
+    def __init__(self, point, space):
+        from tailor.tune.space import _finite
+
+        self.point, self.distributions = point, {key: _finite(dimension)[0] for key, dimension in space.items()}
+
+    def infer_relative_search_space(self, study, trial):
+        return self.distributions
+
+    def sample_relative(self, study, trial, search_space):
+        return dict(self.point)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.point[param_name]
+
+
+SMALL_SPACE = {"methods.lora.targets": {"type": "categorical", "choices": [["q_proj"], ["q_proj", "v_proj"]]},
+               "methods.lora.r": {"type": "int", "low": 2, "high": 8, "step": 2}}
+
+
+def _ask(study, space):
+    from tailor.tune.space import sample
+
+    trial = study.ask()
+    values = sample(trial, space)
+    study.tell(trial, 1.0)
+    return values
+
+
+def test_untried_first_replaces_a_tried_proposal_by_the_nearest_untried_point(tiny_model_dir):
+    from tailor.tune.space import UntriedFirst, untried_first
+
+    space = _space(SMALL_SPACE, tiny_model_dir)
+    study = optuna.create_study()
+    tried = {"methods.lora.targets": '["q_proj"]', "methods.lora.r": 4}
+    study.sampler = untried_first(_Proposes(tried, space), space, seed=0)
+    assert isinstance(study.sampler, UntriedFirst)
+    assert _ask(study, space) == {"methods.lora.targets": ["q_proj"], "methods.lora.r": 4}  # new: it stands
+    # tried now: the next proposals are the untried points nearest to it, one dimension changed by one value
+    # (a categorical's other choice, r one step up or down) before r 8 (two steps) or two changes
+    nearest = {tuple(json.dumps(v) for v in _ask(study, space).values()) for _ in range(3)}
+    assert nearest == {('["q_proj"]', "2"), ('["q_proj"]', "6"), ('["q_proj", "v_proj"]', "4")}
+    for _ in range(4):  # the rest of the 2 x 4 points, each once
+        _ask(study, space)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
+    # every point tried: the base sampler's proposal stands (the search reuses its result)
+    assert _ask(study, space) == {"methods.lora.targets": ["q_proj"], "methods.lora.r": 4}
+
+
+def test_untried_first_skips_points_other_workers_are_training(tiny_model_dir):
+    from tailor.tune.search import _sampler
+    from tailor.tune.space import sample
+
+    config = validate_config({"base_model": tiny_model_dir, "tune": {"sampler": "random", "space": SMALL_SPACE}})
+    study = optuna.create_study()
+    for worker in range(8):  # 8 workers start a trial each on the 8 points, none finished yet
+        study.sampler = _sampler(config, seed=worker)
+        sample(study.ask(), config.tune.space)
+    assert all(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
+
+
+def test_float_ranges_are_sampled_as_they_are(tiny_model_dir):
+    from tailor.tune.space import untried_first
+
+    base = optuna.samplers.RandomSampler(seed=0)
+    space = _space({**SMALL_SPACE, "train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}},
+                   tiny_model_dir)
+    assert untried_first(base, space, seed=0) is base  # a float range never repeats a value
+
+
+def test_bayesian_search_trains_each_point_of_a_small_space_once(workspace):
+    # 4 points and 4 trials: TPE alone proposes its best point again after the start-up trial
+    result = tune(workspace, "tune.sampler=bayesian", "tune.startup_trials=1", "tune.pruner=none",
+                  "train.max_steps=2", space={
+                      "train.learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]},
+                      "methods.lora.r": {"type": "categorical", "choices": [2, 4]}})
+    points = {(t.params["train.learning_rate"], t.params["methods.lora.r"]) for t in result.study.trials}
+    assert points == {(1e-3, 2), (1e-3, 4), (1e-2, 2), (1e-2, 4)}
+    assert [t.user_attrs["steps"] for t in result.study.trials] == [2, 2, 2, 2]

@@ -19,7 +19,7 @@ from typing import Any
 
 from tailor.config import TailorConfig, apply_overrides, dump_config
 from tailor.errors import TailorError
-from tailor.tune.space import check_values, config_with, grid, params_to_values, sample
+from tailor.tune.space import check_values, config_with, grid, params_to_values, sample, untried_first
 from tailor.workspace import atomic_write_text, link_or_copy
 
 TUNE_DIR = "tune"
@@ -90,12 +90,18 @@ def open_study(config: TailorConfig, run_dir: Path, *, worker: int = 0, report_e
     if study.direction.name.lower() != direction_of(config):
         raise TailorError(f"tune.direction: the study '{study.study_name}' in {url} was created to "
                           f"{study.direction.name.lower()}; use another tune.study name to {direction_of(config)}")
+    configure_study(study, config, worker=worker, report_every=report_every, warmup_steps=warmup_steps)
+    return study
+
+
+def configure_study(study, config: TailorConfig, *, worker: int = 0, report_every: int = 1,
+                    warmup_steps: int = 0) -> None:
+    """Give an opened study tailor's sampler and pruner (benchmarks/tune_replay.py replays studies with it)."""
     # a resumed study reseeds with its trial count, so it does not propose its first trials again; parallel
     # workers of one run add their number, so they do not all propose the same values
     seed = config.tune.seed + len(study.trials) + 7919 * worker
     study.sampler = _sampler(config, seed)
     study.pruner = _pruner(config, report_every, warmup_steps)
-    return study
 
 
 def _sampler(config: TailorConfig, seed: int):
@@ -104,8 +110,9 @@ def _sampler(config: TailorConfig, seed: int):
     if config.tune.sampler == "grid":
         return optuna.samplers.GridSampler(grid(config.tune.space), seed=seed)
     if config.tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.tune.startup_trials)
+        return untried_first(optuna.samplers.RandomSampler(seed=seed), config.tune.space, seed)
+    return untried_first(optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.tune.startup_trials),
+                         config.tune.space, seed)
 
 
 def report_interval(config: TailorConfig, n_train: int) -> int:
@@ -261,6 +268,26 @@ def _same_point(study, trial):
     return None
 
 
+def reuse_same_point(study, trial) -> float | None:
+    """The result of a finished trial at this trial's values (0 steps), or None when the point is new.
+
+    A point comes again once every point of a finite space is tried (UntriedFirst avoids it before): its result
+    is reused, not retrained. A repeat of a pruned trial is pruned again (raises optuna.TrialPruned)."""
+    import optuna
+
+    repeated = _same_point(study, trial)
+    if repeated is None:
+        return None
+    trial.set_user_attr("steps", 0)
+    trial.set_user_attr("repeats", repeated.number)
+    for step, value in sorted(repeated.intermediate_values.items()):  # the pruners compare these
+        trial.report(value, step)
+    if repeated.state == optuna.trial.TrialState.PRUNED:
+        raise optuna.TrialPruned(f"same values as pruned trial {repeated.number}")
+    trial.set_user_attr("metrics", repeated.user_attrs.get("metrics", {}))
+    return float(repeated.value)
+
+
 def _link_data(run_dir: Path, trial_dir: Path) -> None:
     """Trials reuse RUN/data/*.jsonl; a symlink where the file system allows it, else a copy."""
     for source in sorted((run_dir / "data").glob("*.jsonl")):
@@ -305,16 +332,9 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
 
     def objective(trial) -> float:
         values = sample(trial, space, grid_space)
-        repeated = _same_point(study, trial)
-        if repeated is not None:  # TPE re-proposes points of small discrete spaces: reuse, do not retrain
-            trial.set_user_attr("steps", 0)
-            trial.set_user_attr("repeats", repeated.number)
-            for step, value in sorted(repeated.intermediate_values.items()):  # the pruners compare these
-                trial.report(value, step)
-            if repeated.state == optuna.trial.TrialState.PRUNED:
-                raise optuna.TrialPruned(f"same values as pruned trial {repeated.number}")
-            trial.set_user_attr("metrics", repeated.user_attrs.get("metrics", {}))
-            return float(repeated.value)
+        reused = reuse_same_point(study, trial)
+        if reused is not None:
+            return reused
         trial_config = config_with(data, values, f"{source} (trial {trial.number})")
         # the core computes the eval loss every `every` steps; checkpoints are not needed by a trial
         trial_config.train.eval_every, trial_config.train.save_every = every, 0

@@ -7,10 +7,13 @@ so a searched option is validated exactly like a typed one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Any
 
+import numpy as np
+import optuna
 import yaml
 
 from tailor.config import SearchDimension, TailorConfig, apply_overrides, validate_config
@@ -18,6 +21,8 @@ from tailor.errors import TailorError
 
 # Optuna stores categorical choices as None, bool, int, float or str; others (lists of module names) travel as JSON
 _PLAIN = (type(None), bool, int, float, str)
+# a finite space larger than this is sampled as it is: listing its points would cost more than a repeat
+MAX_LISTED_POINTS = 100_000
 
 
 def as_override(key: str, value: Any) -> str:
@@ -98,3 +103,85 @@ def params_to_values(params: dict, space: dict[str, SearchDimension]) -> dict:
 
 def config_with(data: dict, values: dict, source: str) -> TailorConfig:
     return validate_config(apply_overrides(data, [as_override(k, v) for k, v in values.items()]), source)
+
+
+def _finite(dimension: SearchDimension) -> tuple[optuna.distributions.BaseDistribution, list[Any]] | None:
+    """The distribution `sample` suggests for a dimension and its values in order, when there are finitely many
+    (categorical choices, int ranges); None for a float range, whose values do not repeat."""
+    if dimension.type == "categorical":
+        points = [encode_choice(c) for c in dimension.choices]
+        return optuna.distributions.CategoricalDistribution(points), points
+    if dimension.type == "int":
+        low, high, step = int(dimension.low), int(dimension.high), int(dimension.step or 1)
+        return (optuna.distributions.IntDistribution(low, high, log=dimension.log, step=step),
+                list(range(low, high + 1, step)))
+    return None
+
+
+class UntriedFirst(optuna.samplers.BaseSampler):
+    """A sampler that does not propose a point of a finite space again while another is untried.
+
+    Training is seeded, so a point trained again gives the same result: in a small discrete space TPE proposes its
+    best point over and over (the result reused, but no progress), and each copy adds a duplicate observation that
+    narrows TPE and moves the median pruner's bar onto that point. A proposal of a tried or running point
+    (running: another worker's) becomes the untried point nearest to it: fewest changed dimensions, counting an
+    ordered dimension (int range) by how many values apart; a start-up trial becomes a random untried point. Once
+    every point is tried the base sampler's proposals stand. Float ranges are not finite: such spaces are not
+    wrapped (see `untried_first`).
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, space: dict[str, SearchDimension], seed: int | None):
+        self.base, self.rng = base, np.random.RandomState(seed)
+        finite = {key: _finite(dimension) for key, dimension in space.items()}
+        self.keys = list(space)
+        self.distributions = {key: distribution for key, (distribution, _) in finite.items()}
+        self.points = {key: points for key, (_, points) in finite.items()}
+        # an int range is ordered: its distance counts steps; categorical choices are only equal or not
+        self.steps = {key: int(space[key].step or 1) for key in self.keys if space[key].type == "int"}
+
+    def _distance(self, a: tuple, b: tuple) -> int:
+        return sum(abs(x - y) // self.steps[key] if key in self.steps else int(x != y)
+                   for key, x, y in zip(self.keys, a, b, strict=True))
+
+    def infer_relative_search_space(self, study, trial):
+        return dict(self.distributions)  # the whole point is chosen at once, in sample_relative
+
+    def sample_relative(self, study, trial, search_space):
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.RUNNING)
+        tried = {tuple(t.params.get(key) for key in self.keys)
+                 for t in study.get_trials(deepcopy=False, states=states) if t.number != trial.number}
+        base_space = self.base.infer_relative_search_space(study, trial)
+        proposal = self.base.sample_relative(study, trial, base_space) if base_space else {}
+        proposed = tuple(proposal.get(key) for key in self.keys) if set(proposal) >= set(self.keys) else None
+        if proposed is not None and proposed not in tried:
+            return proposal
+        untried = [point for point in itertools.product(*self.points.values()) if point not in tried]
+        if not untried:  # every point tried: a repeat is reused by the search at no cost
+            return proposal
+        if proposed is not None:
+            nearest = min(self._distance(proposed, point) for point in untried)
+            untried = [point for point in untried if self._distance(proposed, point) == nearest]
+        return dict(zip(self.keys, untried[self.rng.randint(len(untried))], strict=True))
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.base.reseed_rng()
+        self.rng.seed()
+
+
+def untried_first(base: optuna.samplers.BaseSampler, space: dict[str, SearchDimension],
+                  seed: int | None) -> optuna.samplers.BaseSampler:
+    """`base` wrapped in UntriedFirst when the space has finitely many points (at most MAX_LISTED_POINTS)."""
+    finite = [_finite(dimension) for dimension in space.values()]
+    if not finite or any(f is None for f in finite) or math.prod(len(f[1]) for f in finite) > MAX_LISTED_POINTS:
+        return base
+    return UntriedFirst(base, space, seed)

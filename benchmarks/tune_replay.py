@@ -1,0 +1,472 @@
+"""Replays the tune benchmark's bayesian search offline, on the cached grid's results: which search is better?
+
+    python benchmarks/tune_replay.py [--seeds 200] [--strategy NAME …] [--json OUT]   → a table of strategies
+
+`benchmarks/tune.py` trains the default model for every trial (minutes per seed), so one seed says little about a
+search strategy. Training there is deterministic: a trial at a grid point reports exactly the grid's eval losses
+(steps 2, 4, …, 12) and ends with the grid's final value. This script runs the same search in memory, with each
+trial's training replaced by those recorded numbers (`grid.values`, `grid.intermediate` of
+benchmarks/results/tune.json), and measures the same figure as the benchmark: the training steps (a pruned trial
+counts the steps it ran, a repeated point 0) until the best value, rounded to 4 decimals, is the grid's best,
+divided by the grid's steps.
+
+What is simulated is what tailor runs: the config is the benchmark's (`benchmarks/tune.py` settings on the city
+example's tailor.yaml, validated by tailor), the study gets tailor's sampler and pruner (`configure_study`, reseeded
+with `tune.seed + len(study.trials)` before every trial, as the benchmark's one-trial-per-call resumes do), trials
+are sampled by `tailor.tune.space.sample`, repeats are reused by `reuse_same_point` and the pruner is asked by
+tailor's `PruningReporter`. A strategy that is not tailor's code (the candidates compared) replaces one of those
+functions, and says which. `tailor` replays the benchmark as it is declared now. `before` is tailor before
+`UntriedFirst` (a plain TPESampler); it replays the real runs of that code trial by trial: seeds 0, 1, 2 measured
+0.3333, 0.3111, 0.3444 (`--check-seed 0 --strategy before --expect 0.3333` checks it).
+
+No model is loaded: this runs in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import optuna  # noqa: E402
+
+import tailor.tune.search as search  # noqa: E402
+import tailor.tune.space as space_module  # noqa: E402
+import tune as benchmark  # noqa: E402  (benchmarks/tune.py: its settings are what is replayed)
+from tailor.config import apply_overrides, load_raw, validate_config  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
+GOAL = 0.33
+
+LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+RANKS = [4, 8, 16]
+CATEGORICAL = {"train.learning_rate": {"type": "categorical", "choices": LEARNING_RATES},
+               "methods.lora.r": {"type": "categorical", "choices": RANKS}}
+ORDERED = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True,
+                                   "choices": LEARNING_RATES},
+           "methods.lora.r": {"type": "int", "low": 4, "high": 16, "choices": RANKS}}
+ORDERED_LOG_R = {**ORDERED, "methods.lora.r": {"type": "int", "low": 4, "high": 16, "log": True, "choices": RANKS}}
+
+
+@dataclass
+class Strategy:
+    name: str
+    summary: str
+    space: dict | None = None  # None: the space benchmarks/tune.py declares
+    overrides: list[str] = field(default_factory=list)
+    # replacements of tailor's own functions, by "module.attribute" (tailor.tune.search._sampler, …)
+    patches: dict[str, Callable] = field(default_factory=dict)
+
+
+# ---- candidate code paths that are not (or not yet) tailor's own ----
+
+def _tpe(**options) -> Callable:
+    """tailor's `_sampler` before UntriedFirst (a plain TPESampler), with TPE options of its own."""
+    def make(config, seed):
+        assert config.tune.sampler == "bayesian"
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.tune.startup_trials, **options)
+    return make
+
+
+def _index_sample(trial, space, grid_space=None):
+    """A numeric dimension with choices searched as the index of its sorted choices (suggest_int): TPE sees the
+    order of the points, evenly spaced; the stored parameter is the index."""
+    if grid_space is not None:
+        return original_sample(trial, space, grid_space)
+    values = {}
+    for key, dimension in space.items():
+        if dimension.type != "categorical" and dimension.choices is not None:
+            points = sorted(dimension.choices)
+            values[key] = points[trial.suggest_int(key, 0, len(points) - 1)]
+        else:
+            values.update(original_sample(trial, {key: dimension}))
+    return values
+
+
+original_sample = space_module.sample
+
+
+class _Snapping(optuna.samplers.BaseSampler):
+    """Candidate: the sampler proposes in the declared range (log scale when declared) and the value is moved to
+    the nearest choice before it is stored, so the study holds the values trained."""
+
+    def __init__(self, base, space):
+        self.base = base
+        self.points = {key: (sorted(d.choices), d.log) for key, d in space.items()
+                       if d.type != "categorical" and d.choices is not None}
+
+    def snap(self, name, value):
+        if name not in self.points:
+            return value
+        points, log = self.points[name]
+        where = (lambda v: math.log(v)) if log else (lambda v: v)
+        return min(points, key=lambda point: abs(where(point) - where(value)))
+
+    def infer_relative_search_space(self, study, trial):
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return {k: self.snap(k, v) for k, v in self.base.sample_relative(study, trial, search_space).items()}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.snap(param_name, self.base.sample_independent(study, trial, param_name, param_distribution))
+
+    def before_trial(self, study, trial):
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.base.reseed_rng()
+
+
+def _snapping_sampler(config, seed):
+    return _Snapping(_tpe()(config, seed), config.tune.space)
+
+
+class _Untried(optuna.samplers.BaseSampler):
+    """Candidate: in a space of finitely many points, a proposal of a point already tried (or running) is
+    replaced by the untried point nearest to it (in the order of each dimension's points; categorical: equal or
+    not), a start-up trial by a random untried point. Training is deterministic, so a repeat is pure waste."""
+
+    def __init__(self, base, space, seed, ordered: bool, index: bool):
+        import itertools
+
+        import numpy as np
+
+        self.base, self.rng = base, np.random.RandomState(seed)
+        self.keys = list(space)
+        self.points, self.distributions, self.orders = {}, {}, {}
+        for key, d in space.items():
+            if d.type == "categorical":
+                points = [space_module.encode_choice(c) for c in d.choices]
+                self.distributions[key] = optuna.distributions.CategoricalDistribution(points)
+                self.orders[key] = False
+            elif index:
+                points = list(range(len(d.choices)))
+                self.distributions[key] = optuna.distributions.IntDistribution(0, len(points) - 1)
+                self.orders[key] = True
+            else:
+                points = sorted(d.choices)
+                self.distributions[key] = optuna.distributions.CategoricalDistribution(points)
+                self.orders[key] = ordered
+            self.points[key] = points
+        if not ordered:
+            self.orders = dict.fromkeys(self.keys, False)
+        self.grid = list(itertools.product(*(self.points[k] for k in self.keys)))
+
+    def distance(self, a, b):
+        total = 0
+        for key, x, y in zip(self.keys, a, b):
+            if self.orders[key]:
+                total += abs(self.points[key].index(x) - self.points[key].index(y))
+            else:
+                total += x != y
+        return total
+
+    def infer_relative_search_space(self, study, trial):
+        return dict(self.distributions)
+
+    def sample_relative(self, study, trial, search_space):
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        tried = {tuple(t.params.get(k) for k in self.keys) for t in study.get_trials(deepcopy=False, states=states)
+                 if t.number != trial.number}
+        untried = [p for p in self.grid if p not in tried]
+        base_space = self.base.infer_relative_search_space(study, trial)
+        proposal = self.base.sample_relative(study, trial, base_space) if base_space else {}
+        point = tuple(proposal.get(k) for k in self.keys)
+        if len(proposal) == len(self.keys) and (point not in tried or not untried):
+            return proposal
+        if not untried:
+            return {}
+        if len(proposal) == len(self.keys):
+            nearest = min(self.distance(point, p) for p in untried)
+            untried = [p for p in untried if self.distance(point, p) == nearest]
+        return dict(zip(self.keys, untried[self.rng.randint(len(untried))]))
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.base.reseed_rng()
+
+
+def _untried_sampler(ordered: bool, index: bool = False, **tpe_options):
+    def make(config, seed):
+        return _Untried(_tpe(**tpe_options)(config, seed), config.tune.space, seed, ordered, index)
+    return make
+
+
+def _points_sample(trial, space, grid_space=None):
+    """Numeric choices suggested as categorical points, like the grid sampler's."""
+    if grid_space is not None:
+        return original_sample(trial, space, grid_space)
+    values = {}
+    for key, dimension in space.items():
+        if dimension.type != "categorical" and dimension.choices is not None:
+            values[key] = trial.suggest_categorical(key, sorted(dimension.choices))
+        else:
+            values.update(original_sample(trial, {key: dimension}))
+    return values
+
+
+def _reuse_unreported(study, trial):
+    """Candidate: a repeated point returns its result but reports no eval losses, so the pruners' medians and
+    rungs count each trained point once."""
+    repeated = search._same_point(study, trial)
+    if repeated is None:
+        return None
+    trial.set_user_attr("steps", 0)
+    trial.set_user_attr("repeats", repeated.number)
+    if repeated.state == optuna.trial.TrialState.PRUNED:
+        raise optuna.TrialPruned()
+    return float(repeated.value)
+
+
+def _reuse_as_no_observation(study, trial):
+    """Candidate: a repeated point is not an observation at all (state FAIL through a NaN value): neither TPE nor
+    the pruners see the same result twice."""
+    repeated = search._same_point(study, trial)
+    if repeated is None:
+        return None
+    trial.set_user_attr("steps", 0)
+    trial.set_user_attr("repeats", repeated.number)
+    return float("nan")
+
+
+def _pruner(kind: str, **options) -> Callable:
+    def make(config, every, warmup=0):
+        if kind == "median":
+            return optuna.pruners.MedianPruner(**{"n_startup_trials": min(3, config.tune.startup_trials),
+                                                  "n_warmup_steps": warmup, **options})
+        if kind == "percentile":
+            return optuna.pruners.PercentilePruner(**{"n_startup_trials": min(3, config.tune.startup_trials),
+                                                      "n_warmup_steps": warmup, **options})
+        if kind == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": max(every, warmup),
+                                                             "reduction_factor": 3, **options})
+        if kind == "hyperband":
+            return optuna.pruners.HyperbandPruner(**{"min_resource": max(every, warmup), "max_resource": "auto",
+                                                     "reduction_factor": 3, **options})
+        return optuna.pruners.NopPruner()
+    return make
+
+
+def strategies() -> list[Strategy]:
+    plain = {"tailor.tune.search._sampler": _tpe()}  # TPE as tailor ran it before UntriedFirst
+    index = {"tailor.tune.search.sample": _index_sample}
+    listed = [
+        Strategy("tailor", "the benchmark as declared now, tailor's code only (TPE in UntriedFirst)"),
+        Strategy("before", "the grid points as categorical choices, plain TPE (tailor before)", CATEGORICAL,
+                 patches=plain),
+        Strategy("before-index", "before, numeric choices searched as the index of the sorted points "
+                 "(suggest_int, ordered)", ORDERED, patches={**plain, **index}),
+        Strategy("before-snap", "before, the range sampled (log lr, linear r), snapped to the nearest choice",
+                 ORDERED, patches={"tailor.tune.search._sampler": _snapping_sampler}),
+        Strategy("before-snap-log-r", "before-snap with r on a log scale too", ORDERED_LOG_R,
+                 patches={"tailor.tune.search._sampler": _snapping_sampler}),
+        Strategy("before-independent", "before, TPE multivariate=False", CATEGORICAL,
+                 patches={"tailor.tune.search._sampler": _tpe(multivariate=False)}),
+        Strategy("before-group", "before, TPE group=True", CATEGORICAL,
+                 patches={"tailor.tune.search._sampler": _tpe(group=True)}),
+        Strategy("before-ei96", "before, TPE n_ei_candidates=96", CATEGORICAL,
+                 patches={"tailor.tune.search._sampler": _tpe(n_ei_candidates=96)}),
+        Strategy("before-unreported", "before, a repeated point reports no eval losses to the pruner",
+                 CATEGORICAL, patches={**plain, "tailor.tune.search.reuse_same_point": _reuse_unreported}),
+        Strategy("before-no-observation", "before, a repeated point is no observation (FAIL)", CATEGORICAL,
+                 patches={**plain, "tailor.tune.search.reuse_same_point": _reuse_as_no_observation}),
+        Strategy("untried-points", "UntriedFirst; numeric choices as points, nearest untried in their order",
+                 ORDERED, patches={"tailor.tune.search._sampler": _untried_sampler(True),
+                                   "tailor.tune.search.sample": _points_sample}),
+        Strategy("untried-index", "UntriedFirst over the index of the sorted choices (suggest_int)", ORDERED,
+                 patches={**index, "tailor.tune.search._sampler": _untried_sampler(True, index=True)}),
+        Strategy("untried-independent", "tailor, TPE multivariate=False", CATEGORICAL,
+                 patches={"tailor.tune.search._sampler": _untried_sampler(False, multivariate=False)}),
+    ]
+    variants = (  # (suffix, summary, overrides, pruner replacement)
+        ("startup1", "1 start-up trial", ["tune.startup_trials=1"], None),
+        ("startup3", "3 start-up trials", ["tune.startup_trials=3"], None),
+        ("warmup2", "median warm-up 2 steps", ["tune.pruner_warmup_steps=2"], None),
+        ("warmup6", "median warm-up 6 steps", ["tune.pruner_warmup_steps=6"], None),
+        ("median-after1", "median pruner after 1 trial", [], _pruner("median", n_startup_trials=1)),
+        ("median-after3", "median pruner after 3 trials", [], _pruner("median", n_startup_trials=3)),
+        ("percentile66", "percentile pruner 66 (the worst third stops)", [], _pruner("percentile", percentile=66.0)),
+        ("halving", "successive halving", ["tune.pruner=successive_halving"], None),
+        ("hyperband", "Hyperband", ["tune.pruner=hyperband"], None),
+        ("nopruner", "no pruning", ["tune.pruner=none"], None))
+    for prefix, base in (("before", plain), ("tailor", {})):
+        for suffix, summary, overrides, pruner in variants:
+            patches = {**base, **({"tailor.tune.search._pruner": pruner} if pruner else {})}
+            listed.append(Strategy(f"{prefix}-{suffix}", f"{prefix}, {summary}", CATEGORICAL, overrides, patches))
+    return listed
+
+
+# ---- the replay ----
+
+@dataclass
+class Grid:
+    values: dict[str, float]  # json.dumps(params, sort_keys=True) → final eval loss
+    intermediate: dict[str, dict[int, float]]  # … → {step: eval loss}
+    steps: int
+    best: float
+
+    @classmethod
+    def load(cls, path: Path) -> Grid:
+        grid = json.loads(path.read_text(encoding="utf-8"))["grid"]
+        intermediate = {key: {int(step): value for step, value in losses.items()}
+                        for key, losses in grid["intermediate"].items()}
+        return cls(values=grid["values"], intermediate=intermediate, steps=grid["steps"],
+                   best=min(grid["values"].values()))
+
+
+class ReplayedReporter(search.PruningReporter):
+    """tailor's reporter, reading the grid's recorded eval loss instead of a training run's metrics.jsonl."""
+
+    def __init__(self, trial, losses: dict[int, float], every: int, last_step: int):
+        super().__init__(trial, Path("unused"), every, maximize=False, last_step=last_step)
+        self.losses = losses
+
+    def _eval_loss(self, step: int) -> float | None:
+        return self.losses.get(step)
+
+
+_configs: dict[str, object] = {}
+
+
+def benchmark_config(strategy: Strategy, seed: int):
+    if strategy.name not in _configs:  # validating takes seconds (the base model is resolved): once per strategy
+        overrides, declared = benchmark.settings(False, "median")
+        data = apply_overrides(load_raw(benchmark.EXAMPLE / "tailor.yaml"),
+                               overrides + strategy.overrides + ["tune.sampler=bayesian"])
+        data.setdefault("tune", {})["space"] = strategy.space or declared
+        _configs[strategy.name] = validate_config(data, f"replay ({strategy.name})")
+    config = _configs[strategy.name]
+    return config.model_copy(update={"tune": config.tune.model_copy(update={"seed": seed})})
+
+
+def replay(strategy: Strategy, seed: int, grid: Grid) -> dict:
+    """One bayesian search as benchmarks/tune.py runs it: one trial per call on a resumed study."""
+    config = benchmark_config(strategy, seed)
+    last_step = int(config.train.max_steps)  # train.max_steps decides the length, not the record count
+    every = search.report_interval(config, n_train=0)
+    warmup = search.pruner_warmup(config, n_train=0, every=every)
+    study = optuna.create_study(direction="minimize")  # in memory: a replay leaves nothing behind
+    spent, history = 0, []
+    grid_size = len(grid.values)
+
+    def objective(trial) -> float:
+        values = search.sample(trial, config.tune.space)
+        reused = search.reuse_same_point(study, trial)
+        if reused is not None:
+            return reused
+        key = json.dumps(values, sort_keys=True)
+        reporter = ReplayedReporter(trial, grid.intermediate[key], every, last_step)
+        step = 0
+        for step in range(1, last_step + 1):  # the training core asks should_stop after every step
+            if reporter(step):
+                break
+        trial.set_user_attr("steps", step)
+        if reporter.pruned:
+            raise optuna.TrialPruned()
+        return grid.values[key]
+
+    reached = None
+    for _ in range(4 * grid_size):  # the benchmark's cap
+        search.configure_study(study, config, report_every=every, warmup_steps=warmup)
+        study.optimize(objective, n_trials=1)
+        trial = study.trials[-1]
+        spent += int(trial.user_attrs.get("steps", 0))
+        history.append((trial.state.name.lower(), trial.params, trial.user_attrs.get("steps")))
+        best = min((t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), default=math.inf)
+        if round(best, 4) <= round(grid.best, 4):
+            reached = spent
+            break
+        if spent >= grid.steps:
+            break
+    return {"fraction": round(reached / grid.steps, 4) if reached is not None else None,
+            "trials": len(history), "history": history}
+
+
+@contextlib.contextmanager
+def patched(strategy: Strategy):
+    with contextlib.ExitStack() as stack:
+        for target, replacement in strategy.patches.items():
+            stack.enter_context(mock.patch(target, replacement))
+        yield
+
+
+def summarize(strategy: Strategy, fractions: list[float | None]) -> dict:
+    # a search that never got there spent at least the grid's steps: counted as 1.0 in the mean and median
+    spent = [1.0 if f is None else f for f in fractions]
+    return {"strategy": strategy.name, "summary": strategy.summary, "seeds": len(fractions),
+            "mean": round(statistics.fmean(spent), 4), "median": round(statistics.median(spent), 4),
+            "p90": round(sorted(spent)[math.ceil(0.9 * len(spent)) - 1], 4),
+            "share_met": round(sum(f is not None and f <= GOAL for f in fractions) / len(fractions), 3),
+            "not_reached": sum(f is None for f in fractions),
+            "seed_0_1_2": fractions[:3]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=200, help="Seeds 0 … N-1 per strategy.")
+    parser.add_argument("--strategy", action="append", help="Only these strategies (repeatable).")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="The benchmark's results with the grid.")
+    parser.add_argument("--check-seed", type=int, help="Print this seed's replayed trials and fraction.")
+    parser.add_argument("--expect", type=float, help="With --check-seed: exit 1 unless the fraction is this.")
+    parser.add_argument("--json", type=Path, help="Write the table as JSON here.")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")  # experimental-option warnings of Optuna, once per sampler
+    grid = Grid.load(args.results)
+    chosen = [s for s in strategies() if not args.strategy or s.name in args.strategy]
+
+    if args.check_seed is not None:
+        for strategy in chosen:
+            with patched(strategy):
+                result = replay(strategy, args.check_seed, grid)
+            print(f"{strategy.name} seed {args.check_seed}: fraction {result['fraction']}")
+            for number, (state, params, steps) in enumerate(result["history"]):
+                print(f"  trial {number} {state}: {params} ({steps} steps)")
+            if args.expect is not None and result["fraction"] != args.expect:
+                sys.exit(f"expected {args.expect}, replayed {result['fraction']}")
+        return
+
+    rows = []
+    print(f"{'strategy':26} {'mean':>6} {'median':>6} {'p90':>6} {'<=0.33':>6} {'none':>4}  seeds 0/1/2")
+    for strategy in chosen:
+        started = time.perf_counter()
+        with patched(strategy):
+            fractions = [replay(strategy, seed, grid)["fraction"] for seed in range(args.seeds)]
+        row = summarize(strategy, fractions)
+        rows.append(row)
+        print(f"{row['strategy']:26} {row['mean']:6.3f} {row['median']:6.3f} {row['p90']:6.3f} "
+              f"{row['share_met']:6.3f} {row['not_reached']:4d}  {row['seed_0_1_2']}  "
+              f"({time.perf_counter() - started:.0f}s)", flush=True)
+    if args.json:
+        from tailor.workspace import write_json
+
+        write_json(args.json, {"grid_steps": grid.steps, "grid_best": grid.best, "goal": GOAL, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
