@@ -47,6 +47,7 @@ import tailor.tune.search as search  # noqa: E402
 import tailor.tune.space as space_module  # noqa: E402
 import tune as benchmark  # noqa: E402  (benchmarks/tune.py: its settings are what is replayed)
 from tailor.config import apply_overrides, load_raw, validate_config  # noqa: E402
+from tailor.tune.space import WrappedSampler  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
 GOAL = 0.33
@@ -99,7 +100,7 @@ def _index_sample(trial, space, grid_space=None):
 original_sample = space_module.sample
 
 
-class _Snapping(optuna.samplers.BaseSampler):
+class _Snapping(WrappedSampler):
     """Candidate: the sampler proposes in the declared range (log scale when declared) and the value is moved to
     the nearest choice before it is stored, so the study holds the values trained."""
 
@@ -124,21 +125,13 @@ class _Snapping(optuna.samplers.BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.snap(param_name, self.base.sample_independent(study, trial, param_name, param_distribution))
 
-    def before_trial(self, study, trial):
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values):
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self):
-        self.base.reseed_rng()
 
 
 def _snapping_sampler(config, seed):
     return _Snapping(_tpe()(config, seed), config.tune.space)
 
 
-class _Untried(optuna.samplers.BaseSampler):
+class _Untried(WrappedSampler):
     """Candidate: in a space of finitely many points, a proposal of a point already tried (or running) is
     replaced by the untried point nearest to it (in the order of each dimension's points; categorical: equal or
     not), a start-up trial by a random untried point. Training is deterministic, so a repeat is pure waste."""
@@ -198,17 +191,6 @@ class _Untried(optuna.samplers.BaseSampler):
             untried = [p for p in untried if self.distance(point, p) == nearest]
         return dict(zip(self.keys, untried[self.rng.randint(len(untried))]))
 
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial):
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values):
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self):
-        self.base.reseed_rng()
 
 
 def _untried_sampler(ordered: bool, index: bool = False, **tpe_options):

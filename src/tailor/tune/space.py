@@ -118,7 +118,26 @@ def _finite(dimension: SearchDimension) -> tuple[optuna.distributions.BaseDistri
     return None
 
 
-class UntriedFirst(optuna.samplers.BaseSampler):
+class WrappedSampler(optuna.samplers.BaseSampler):
+    """A sampler that changes how another one (`base`) chooses a whole point; everything else goes to `base`.
+    Optuna has no wrapper of its own for this, so the delegation is written out once here."""
+
+    base: optuna.samplers.BaseSampler
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.base.reseed_rng()
+
+
+class UntriedFirst(WrappedSampler):
     """A sampler that does not propose a point of a finite space again while another is untried.
 
     Training is seeded, so a point trained again gives the same result: in a small discrete space TPE proposes its
@@ -164,17 +183,8 @@ class UntriedFirst(optuna.samplers.BaseSampler):
             untried = [point for point in untried if self._distance(proposed, point) == nearest]
         return dict(zip(self.keys, untried[self.rng.randint(len(untried))], strict=True))
 
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial):
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values):
-        self.base.after_trial(study, trial, state, values)
-
     def reseed_rng(self):
-        self.base.reseed_rng()
+        super().reseed_rng()
         self.rng.seed()
 
 
