@@ -264,6 +264,10 @@ class ServeConfig(Section):
     aliases: dict[str, dict[str, float]] = Field({}, description=(
         "A/B splits: an alias served by several models by weight, sticky per user, e.g. "
         "{city-bot: {lora: 0.9, base: 0.1}}."))
+    adapters: dict[str, str] = Field({}, description=(
+        "More customizations served beside the run's own, served name -> folder (relative to the workspace): LoRA, "
+        "prompt-tuning, p-tuning or prefix-tuning PEFT folders, prompt profile folders, whole model folders, e.g. "
+        "{parks: runs/parks/adapter}."))
 
 
 class RegistryConfig(Section):

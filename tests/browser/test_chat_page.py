@@ -80,11 +80,15 @@ def test_chat_streams_switches_models_and_sends_feedback(page, served):
     assert second.strip()
 
     turn = page.locator(".turn").last
+    for name in ("thumbs up", "thumbs down"):  # drawn icons, visible without an emoji font
+        box = turn.get_by_role("button", name=name).locator("svg").bounding_box()
+        assert box is not None and box["width"] >= 12 and box["height"] >= 12
     turn.get_by_role("button", name="thumbs down").click()
     turn.get_by_label("correction").fill("The library is closed on Sundays.")
     turn.get_by_role("button", name="Send feedback").click()
     page.wait_for_function("() => document.querySelector('.turn:last-of-type .feedback span')"
                            "?.textContent.startsWith('Thanks')")
+    assert turn.get_by_label("correction").is_hidden()  # the box closes once the feedback is stored
     with sqlite3.connect(root / "feedback.db") as db:
         rows = db.execute("SELECT model, rating, correction, answer FROM feedback").fetchall()
     assert len(rows) == 1

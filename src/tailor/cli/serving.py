@@ -8,6 +8,7 @@ import typer
 
 from tailor.cli.common import RunOption, WorkspaceOption, console, open_workspace, run_folder
 from tailor.config import TailorConfig
+from tailor.errors import TailorError
 
 
 def _artifact_method(config: TailorConfig, run_dir: Path, folder: Path, artifact: str) -> str:
@@ -46,6 +47,26 @@ def run_profiles(config: TailorConfig, run_dir: Path) -> dict:
     return {_artifact_method(config, run_dir, folder, "prompt"): load_profile(folder)}
 
 
+def configured_adapters(config: TailorConfig, root: Path, taken: dict[str, str]) -> dict[str, str]:
+    """`serve.adapters` as served name -> absolute folder, checked before any model loads: each folder exists and
+    holds something the engine serves, and no name shadows another served name (`taken`: name -> what it is)."""
+    from tailor.methods.prompt import PROFILE_FILE
+
+    folders = {}
+    for name, path in config.serve.adapters.items():
+        key = f"serve.adapters.{name}"
+        if name in taken:
+            raise TailorError(f"{key}: the name '{name}' is taken by {taken[name]}; pick another name")
+        folder = Path(path) if Path(path).is_absolute() else Path(root) / path
+        if not folder.is_dir():
+            raise TailorError(f"{key}: {folder} does not exist (a folder, relative to the workspace)")
+        if not any((folder / marker).is_file() for marker in ("adapter_config.json", PROFILE_FILE, "config.json")):
+            raise TailorError(f"{key}: {folder} is not a PEFT adapter folder (adapter_config.json), a prompt profile "
+                              f"({PROFILE_FILE}) or a model folder (config.json)")
+        folders[name] = str(folder)
+    return folders
+
+
 def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
     from tailor.models.base import resolve_base_model
     from tailor.serve.engine import Engine
@@ -56,6 +77,12 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
         # a `full` run's whole model, decoded beside the base by the same engine
         adapters.setdefault(_artifact_method(config, run_dir, Path(run_dir) / "model", "model"),
                             str(Path(run_dir) / "model"))
+    # the engine would silently replace a served name, so a clash is refused here, before the model loads
+    taken = {"base": "the base model", **{name: "the run's customization" for name in adapters},
+             **{name: "the run's prompt profile" for name in profiles},
+             **{alias: "an A/B alias (serve.aliases)" for alias in config.serve.aliases}}
+    # listed first, so the run's own customization stays the last name (`tailor chat`'s default)
+    adapters = {**configured_adapters(config, root, taken), **adapters}
     serve_config = config.serve
     if serve_config.engine != "tailor":
         from tailor.serve.external import create_engine
@@ -112,8 +139,6 @@ def chat(run: Path = RunOption, workspace: Path = WorkspaceOption,
     engine = build_engine(config, root, run_dir if run_dir.is_dir() else None)
     name = model or engine.model_names()[-1]
     if name not in engine.model_names():
-        from tailor.errors import TailorError
-
         raise TailorError(f"--model: unknown model '{name}' (available: {', '.join(engine.model_names())})")
     console.print(f"chatting with [bold]{name}[/] (models: {', '.join(engine.model_names())}); empty line quits")
     messages: list[dict] = []  # the engine adds the workspace's system prompt
