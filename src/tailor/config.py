@@ -233,6 +233,9 @@ class ServeConfig(Section):
         "llama_cpp (llama.cpp from llama-cpp-cffi, installed by `make setup`; base_model must name a .gguf "
         "file; no adapters)."))
     max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one batch.")
+    speculative_tokens: int | None = Field(None, ge=0, description=(
+        "Draft tokens (prompt lookup) a greedy request decoding alone may check per step; 0: off; null: 4, except "
+        "for float32 weights on a CPU, where checking them costs more than it saves."))
     max_queue: int = Field(64, ge=0, description=(
         "Requests waiting for a batch slot; beyond it the server answers 429 with Retry-After."))
     request_timeout: float | None = Field(120.0, gt=0, description=(

@@ -53,8 +53,9 @@ def customizations(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, customizations) -> Engine:
+    # speculation on (float32 would leave it off): a lone greedy row checks prompt-lookup drafts in these tests
     engine = Engine(tiny_model_dir, adapters=customizations, dtype=torch.float32, max_new_tokens=12,
-                    max_batch_size=8, max_queue=8)
+                    max_batch_size=8, max_queue=8, speculative_tokens=4)
     yield engine
     engine.shutdown()
 
@@ -134,6 +135,27 @@ def test_a_request_joins_a_running_batch_mid_reply(engine, tiny_model_dir, custo
                                   engine.end_of_turn_ids)
     assert late_text == reference(tiny_model_dir, customizations["soft"], prompt_ids(engine, QUESTIONS[1]), 6,
                                   engine.end_of_turn_ids)
+
+
+def test_a_lone_greedy_request_speculates_and_answers_as_generate_does(engine, tiny_model_dir, customizations):
+    """Prompt-lookup drafts checked in one forward pass, with every kind of customization: the reply is `generate`'s,
+    draft tokens were accepted (the tiny model repeats itself) and rejected ones left the cache."""
+    before = dict(engine.stats()["speculation"])
+    for name in ("base", "city", "soft", "prefix"):
+        for question in QUESTIONS[:3]:
+            reply = engine.stream(name, [{"role": "user", "content": question}], temperature=0, max_tokens=30)
+            assert reply.text() == reference(tiny_model_dir, customizations.get(name), prompt_ids(engine, question),
+                                             30, engine.end_of_turn_ids), (name, question)
+            assert len(reply.token_times) == reply.completion_tokens
+    after = engine.stats()["speculation"]
+    steps, drafted, accepted = (after[k] - before[k] for k in ("steps", "drafted", "accepted"))
+    assert steps > 0 and 0 < accepted < drafted
+    # a stop string met inside accepted draft tokens still cuts the reply there
+    full = engine.stream("base", [{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_tokens=30).text()
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = engine.stream("base", [{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_tokens=30,
+                        stop=[stop])
+    assert cut.text() == full[:full.index(stop)] and cut.finish_reason == "stop"
 
 
 def test_complete_continues_raw_text(engine, tiny_model_dir, customizations, tokenizer):

@@ -54,7 +54,8 @@ def start_server(engine: Engine, host: str = "127.0.0.1", config: ServeConfig | 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, adapter_dir) -> Engine:
-    engine = Engine(tiny_model_dir, adapters={"city.v1": adapter_dir}, dtype=torch.float32, max_new_tokens=16)
+    engine = Engine(tiny_model_dir, adapters={"city.v1": adapter_dir}, dtype=torch.float32, max_new_tokens=16,
+                    speculative_tokens=4)  # on, as it is for bf16 weights
     yield engine
     engine.shutdown()
 
@@ -249,6 +250,13 @@ def test_metrics_report_latency_tokens_and_errors_per_model(client, url):
     assert metric(url, "tailor_inter_token_latency_seconds_count", model="city.v1") >= 1
     assert metric(url, "tailor_generated_tokens_total", model="city.v1") >= 1
     assert metric(url, "tailor_tokens_per_second_count", model="city.v1") >= 1
+    steps, drafted = metric(url, "tailor_speculative_tokens", kind="steps"), metric(url, "tailor_speculative_tokens",
+                                                                                    kind="drafted")
+    # a lone greedy request (a new question: not from the cache) checks prompt-lookup drafts; the tiny model repeats
+    client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Speculate on parks, parks?"}],
+                                   temperature=0, max_tokens=12)
+    assert metric(url, "tailor_speculative_tokens", kind="steps") > steps
+    assert metric(url, "tailor_speculative_tokens", kind="drafted") > drafted
     errors = metric(url, "tailor_errors_total", model="-", status="404")
     with pytest.raises(openai.NotFoundError):
         greedy(client, "no-such-model")

@@ -94,7 +94,8 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
     return Engine(resolve_base_model(config.base_model, root=root), adapters=adapters, profiles=profiles,
                   dtype=config.train.dtype, max_new_tokens=serve_config.max_new_tokens,
                   system_prompt=config.system_prompt, max_batch_size=serve_config.max_batch_size,
-                  max_queue=serve_config.max_queue, request_timeout=serve_config.request_timeout)
+                  max_queue=serve_config.max_queue, request_timeout=serve_config.request_timeout,
+                  speculative_tokens=serve_config.speculative_tokens)
 
 
 def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,

@@ -83,6 +83,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, root: Path | s
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(caller: Caller = Depends(metrics_scope)) -> Response:
+        services.metrics.engine_figures(engine.stats() if hasattr(engine, "stats") else {})
         return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -82,13 +82,23 @@ class DecodeBatch:
         self.next_positions = self.next_positions.index_select(0, index)
         self.rows = [self.rows[i] for i in indices]
 
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention mask [rows, columns + 1] and position ids [rows, 1] for feeding one more token per row."""
-        ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=self.mask.device)
+    def step_inputs(self, tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention mask [rows, columns + tokens] and position ids [rows, tokens] for feeding `tokens` more tokens
+        per row."""
+        ones = torch.ones(len(self.rows), tokens, dtype=self.mask.dtype, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        positions = self.next_positions[:, None]
-        self.next_positions = self.next_positions + 1
+        positions = self.next_positions[:, None] + torch.arange(tokens, device=self.mask.device)
+        self.next_positions = self.next_positions + tokens
         return self.mask, positions
+
+    def rewind(self, tokens: int) -> None:
+        """Forget the newest `tokens` columns (draft tokens of a speculative step that did not hold)."""
+        if tokens == 0 or not self.rows:
+            return
+        self.mask = self.mask[:, :-tokens]
+        self.next_positions = self.next_positions - tokens
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :-tokens], layer.values[:, :, :-tokens]
 
 
 def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -180,11 +180,13 @@ class Engine:
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, base_name: str = "base",
                  dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = "",
                  profiles: dict[str, PromptProfile] | None = None, *, max_batch_size: int = 16,
-                 max_queue: int = 64, request_timeout: float | None = None):
+                 max_queue: int = 64, request_timeout: float | None = None, speculative_tokens: int | None = None):
         """`adapters` maps served names to folders: PEFT adapters (LoRA, prompt tuning, p-tuning, IA3, …), prompt
-        profile folders, or whole model folders (a `full` run); `profiles` maps names to loaded prompt profiles."""
-        if max_batch_size < 1 or max_queue < 0:
-            raise TailorError("serve: max_batch_size must be at least 1 and max_queue at least 0")
+        profile folders, or whole model folders (a `full` run); `profiles` maps names to loaded prompt profiles.
+        `speculative_tokens`: draft tokens a lone greedy request may check per step (prompt lookup); 0: off; None:
+        4, except for float32 weights on a CPU, where checking them costs more than they save."""
+        if max_batch_size < 1 or max_queue < 0 or (speculative_tokens or 0) < 0:
+            raise TailorError("serve: max_batch_size must be at least 1, max_queue and speculative_tokens at least 0")
         if not isinstance(dtype, torch.dtype):
             dtype = pick_dtype(dtype or "auto")
         self.dtype = dtype
@@ -218,6 +220,12 @@ class Engine:
         self._seconds_per_request = 1.0  # moving average, for the retry hint of a full queue
         self._stopping = False
         self.peak_batch_size = 0  # the most rows one decoding step has run, for tests and benchmarks
+        if speculative_tokens is None:
+            # a forward pass over 5 positions vs 1, default model, CPU: bf16 1.12x (it pays), float32 1.6-2x (the
+            # one-position product has a faster kernel)
+            speculative_tokens = 0 if dtype == torch.float32 and not torch.cuda.is_available() else 4
+        self.speculative_tokens = speculative_tokens
+        self.speculation = {"steps": 0, "drafted": 0, "accepted": 0}  # speculative steps and their draft tokens
         self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="tailor-decode", daemon=True)
         self._thread.start()
@@ -500,7 +508,8 @@ class Engine:
         """Load figures for metrics and health checks."""
         with self._cond:
             return {"running": self._running, "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
-                    "max_queue": self.max_queue, "peak_batch_size": self.peak_batch_size}
+                    "max_queue": self.max_queue, "peak_batch_size": self.peak_batch_size,
+                    "speculation": dict(self.speculation)}
 
     def shutdown(self) -> None:
         """Stop the decode thread; unfinished requests end with finish_reason "cancelled"."""
@@ -619,18 +628,61 @@ class Engine:
                 batch.join([group[i] for i in kept], cache, mask.index_select(0, index))
 
     def _step(self) -> None:
-        """One token for every running row of every model."""
+        """One token for every running row of every model (a lone greedy row: one or more, see `_draft`)."""
         for backbone, batch in self._batches.items():
             if not batch.rows:
                 continue
             model = self._backbones[backbone]
-            ids = torch.tensor([[r.next_token] for r in batch.rows], device=self.device)  # [rows, 1]
-            mask, positions = batch.step_inputs()
+            draft = self._draft(batch)
+            ids = torch.tensor([[r.next_token, *draft] for r in batch.rows], device=self.device)  # [rows, 1 + draft]
+            mask, positions = batch.step_inputs(ids.shape[1])
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
                         use_cache=True, **self._adapter_args(model, batch.rows))
             batch.cache = out.past_key_values
             self.peak_batch_size = max(self.peak_batch_size, len(batch.rows))
-            batch.keep(self._accept(batch.rows, out.logits[:, -1]))
+            if draft:
+                goes_on, used = self._verify(batch.rows[0], out.logits[0], draft)
+                batch.rewind(len(draft) - used)  # the cache keeps the next token and the draft tokens that held
+                batch.keep([0] if goes_on else [])
+            else:
+                batch.keep(self._accept(batch.rows, out.logits[:, -1]))
+
+    def _draft(self, batch: DecodeBatch) -> list[int]:
+        """Speculative decoding by prompt lookup (transformers' PromptLookupCandidateGenerator: the tokens that
+        followed the latest n-gram's earlier occurrence in the prompt or the reply). Only a batch of one greedy row:
+        one row's step is bound by reading the weights, so checking 4 more positions in the same forward pass costs
+        almost nothing (default model, bf16: 1 position 40 ms, 5 positions 43 ms), and the draft tokens that match
+        the model's own greedy choices are several tokens for one step. With more rows the step is compute-bound,
+        and a sampled row's tokens would depend on whether it ran alone."""
+        if not self.speculative_tokens or len(batch.rows) != 1 or batch.rows[0].temperature != 0:
+            return []
+        request = batch.rows[0]
+        decoder = request.decoder
+        room = min(self.speculative_tokens, decoder.max_tokens - len(decoder.generated) - 1)
+        if room < 1:
+            return []
+        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+        context = torch.tensor([request.prompt_ids + decoder.generated])
+        lookup = PromptLookupCandidateGenerator(eos_token_id=torch.tensor(sorted(self.end_of_turn_ids)),
+                                                num_output_tokens=room, max_matching_ngram_size=3,
+                                                max_length=context.shape[1] + room + 1)
+        candidates, _ = lookup.get_candidates(context)
+        return candidates[0, context.shape[1]:].tolist()
+
+    def _verify(self, request: _Request, logits: torch.Tensor, draft: list[int]) -> tuple[bool, int]:
+        """Take the greedy tokens of a speculative step (`logits` [1 + draft, vocab]): each one that equals the draft
+        token fed after it lets the next position count too. Returns (the row goes on, draft tokens kept)."""
+        greedy = logits.float().argmax(-1).tolist()
+        self.speculation["steps"] += 1
+        self.speculation["drafted"] += len(draft)
+        for used, token in enumerate(greedy):
+            if not self._take(request, token):
+                return False, used
+            if used == len(draft) or token != draft[used]:
+                self.speculation["accepted"] += used
+                return True, used
+        raise AssertionError("unreachable: the last position always ends the loop")
 
     def _adapter_args(self, model, requests: list[_Request]) -> dict:
         """Route a batch through its LoRA adapters. PEFT's per-row path (`adapter_names`) splits every projection
@@ -661,19 +713,26 @@ class Engine:
         for i, request in enumerate(requests):
             token = greedy[i] if request.temperature == 0 else pick(logits[i], request.temperature, request.top_p,
                                                                     request.generator)
-            generation = request.generation
-            delta, finish = request.decoder.accept(token)
-            generation.completion_tokens = len(request.decoder.generated)
-            if generation.first_token_at is None:
-                generation.first_token_at = time.monotonic()
-            if delta:
-                generation._deltas.put(delta)
-            if finish is not None:
-                self._finish(request, finish)
-            elif not self._ended(request):
-                request.next_token = token
+            if self._take(request, token):
                 going_on.append(i)
         return going_on
+
+    def _take(self, request: _Request, token: int) -> bool:
+        """Pass one chosen token to its request; True when the row goes on with it as its next input."""
+        generation = request.generation
+        delta, finish = request.decoder.accept(token)
+        generation.completion_tokens = len(request.decoder.generated)
+        if generation.first_token_at is None:
+            generation.first_token_at = time.monotonic()
+        if delta:
+            generation._deltas.put(delta)
+        if finish is not None:
+            self._finish(request, finish)
+            return False
+        if self._ended(request):
+            return False
+        request.next_token = token
+        return True
 
     def _finish(self, request: _Request, reason: str) -> None:
         if request.finished:

@@ -5,7 +5,7 @@ Each app has its own registry, so two servers in one process (tests) do not shar
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -30,6 +30,14 @@ class ServerMetrics:
         self.cache_hits = Counter("tailor_cache_hits", "Answers served from the response cache.", registry=r)
         self.cache_misses = Counter("tailor_cache_misses", "Deterministic requests not in the response cache.",
                                     registry=r)
+        self.speculation = Gauge("tailor_speculative_tokens", (
+            "Speculative decoding since the engine started: steps that checked draft tokens (steps), draft tokens "
+            "checked (drafted) and accepted (accepted)."), ["kind"], registry=r)
+
+    def engine_figures(self, stats: dict) -> None:
+        """Copy the engine's own counters (read at scrape time; an engine without them reports none)."""
+        for kind, value in stats.get("speculation", {}).items():
+            self.speculation.labels(kind).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
