@@ -20,6 +20,29 @@ functions, and says which. `tailor` replays the benchmark as it is declared now.
 0.3333, 0.3111, 0.3444 (`--check-seed 0 --strategy before --expect 0.3333` checks it).
 
 No model is loaded: this runs in seconds.
+
+Held-out landscapes (`--landscapes N`): a strategy chosen on this one grid is tuned to it. `--landscapes N` also
+replays every strategy on N synthetic grids of the same shape (5 learning rates 1e-4 … 1e-2, a half-decade apart, ×
+ranks 4, 8, 16; 12 steps, an eval loss every 2), `--landscape-seeds S` seeds each (0 … S-1), and reports the same
+figures over the N × S searches. Landscape k is drawn from `numpy.random.RandomState(SYNTHETIC_SEED + k)`
+(`synthetic_grid`), so its numbers never change. The family, per landscape:
+
+* the eval loss starts at L0 ~ U(1.8, 2.6); full training gains drop ~ U(0.3, 0.8) of it (the floor);
+* progress is proportional to the learning rate: at lr index i (0 … 4) the loss after t steps is
+  floor + (L0 - floor) · exp(-rate · 3^(i - c) · t), with rate ~ U(0.25, 0.6) per step at the critical index
+  c ~ U(1.5, 4.5), where training turns unstable; c is where the best lr lies (anywhere from index 1 to the top);
+* a high but stable lr ends a little above the floor (+ excess · 9^(i - c), excess ~ U(0, 0.06)), so the lr just
+  under c does not always win;
+* over c (x = i - c > 0) training diverges: + x · (spike · b(t) + plateau), spike ~ U(0.3, 1.5), plateau ~ U(0.1,
+  0.6), b(t) = (t/τ) · exp(1 - t/τ) a bump that peaks at step τ ~ U(2, 6) (late: a diverging lr can look best at
+  the first eval, as fast learning rates do), with 10 × x more noise;
+* rank: in half the landscapes negligible (the drop × (1 + N(0, 0.002)), c moved by N(0, 0.03) per rank), as in
+  the city grid, in the other half a small real effect (the drop × (1 + N(0, s)), s ~ U(0.01, 0.04), c moved by
+  N(0, 0.15) per rank);
+* every eval loss gets N(0, σ) noise, σ ~ U(0.001, 0.006); the final value is the step-12 loss + N(0, σ / 3).
+
+This resembles the city grid (one fast, stable lr best, the top lr diverging, ranks within noise) without copying
+it; the best lr, the speed, the instability and the weight of rank vary.
 """
 
 from __future__ import annotations
@@ -41,16 +64,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 
 import tailor.tune.search as search  # noqa: E402
 import tailor.tune.space as space_module  # noqa: E402
 import tune as benchmark  # noqa: E402  (benchmarks/tune.py: its settings are what is replayed)
 from tailor.config import apply_overrides, load_raw, validate_config  # noqa: E402
-from tailor.tune.space import WrappedSampler  # noqa: E402
+from tailor.tune.space import WrappedSampler, untried_first  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
 GOAL = 0.33
+SYNTHETIC_SEED = 10_000  # landscape k: RandomState(SYNTHETIC_SEED + k)
 
 LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 RANKS = [4, 8, 16]
@@ -236,8 +261,23 @@ def _reuse_as_no_observation(study, trial):
     return float("nan")
 
 
+def _tailor_tpe(**options) -> Callable:
+    """tailor's `_sampler` (TPE in UntriedFirst) with TPE options of its own."""
+    def make(config, seed):
+        assert config.tune.sampler == "bayesian"
+        tpe = optuna.samplers.TPESampler(**{"seed": seed, "n_startup_trials": config.tune.startup_trials, **options})
+        return untried_first(tpe, config.tune.space, seed)
+    return make
+
+
 def _pruner(kind: str, **options) -> Callable:
     def make(config, every, warmup=0):
+        if kind == "patient":  # tailor's median pruner, acting only after `patience` reports without progress
+            median = optuna.pruners.MedianPruner(n_startup_trials=min(3, config.tune.startup_trials),
+                                                 n_warmup_steps=warmup)
+            return optuna.pruners.PatientPruner(median, **options)
+        if kind == "wilcoxon":  # the eval losses of a trial against the best trial's at the same steps
+            return optuna.pruners.WilcoxonPruner(**options)
         if kind == "median":
             return optuna.pruners.MedianPruner(**{"n_startup_trials": min(3, config.tune.startup_trials),
                                                   "n_warmup_steps": warmup, **options})
@@ -300,6 +340,38 @@ def strategies() -> list[Strategy]:
         for suffix, summary, overrides, pruner in variants:
             patches = {**base, **({"tailor.tune.search._pruner": pruner} if pruner else {})}
             listed.append(Strategy(f"{prefix}-{suffix}", f"{prefix}, {summary}", CATEGORICAL, overrides, patches))
+    # the options Optuna offers, one at a time on tailor's search (compared on the synthetic landscapes)
+    samplers = (
+        ("tpe-startup1", "TPE after 1 random trial (the pruner's start-up unchanged)", {"n_startup_trials": 1}),
+        ("tpe-startup3", "TPE after 3 random trials (the pruner's start-up unchanged)", {"n_startup_trials": 3}),
+        ("tpe-startup5", "TPE after 5 random trials (the pruner's start-up unchanged)", {"n_startup_trials": 5}),
+        ("tpe-independent", "TPE multivariate=False", {"multivariate": False}),
+        ("tpe-group", "TPE group=True", {"group": True}),
+        ("tpe-no-liar", "TPE constant_liar=False", {"constant_liar": False}),
+        ("tpe-prior0.5", "TPE prior_weight=0.5", {"prior_weight": 0.5}),
+        ("tpe-prior2", "TPE prior_weight=2", {"prior_weight": 2.0}),
+        ("tpe-endpoints", "TPE consider_endpoints=True", {"consider_endpoints": True}))
+    for suffix, summary, options in samplers:
+        listed.append(Strategy(f"tailor-{suffix}", f"tailor, {summary}", CATEGORICAL,
+                               patches={"tailor.tune.search._sampler": _tailor_tpe(**options)}))
+    pruners = (
+        ("percentile33", "percentile pruner 33 (only the best third goes on)", _pruner("percentile", percentile=33.0)),
+        ("percentile75", "percentile pruner 75 (the worst quarter stops)", _pruner("percentile", percentile=75.0)),
+        ("halving-min2", "successive halving, first rung at step 2", _pruner("successive_halving", min_resource=2)),
+        ("halving-min6", "successive halving, first rung at step 6", _pruner("successive_halving", min_resource=6)),
+        ("halving-rf2", "successive halving, reduction factor 2", _pruner("successive_halving", reduction_factor=2)),
+        ("halving-rf4", "successive halving, reduction factor 4", _pruner("successive_halving", reduction_factor=4)),
+        ("hyperband-min2", "Hyperband, min_resource 2", _pruner("hyperband", min_resource=2)),
+        ("hyperband-min6", "Hyperband, min_resource 6", _pruner("hyperband", min_resource=6)),
+        ("hyperband-rf2", "Hyperband, reduction factor 2", _pruner("hyperband", reduction_factor=2)),
+        ("hyperband-rf4", "Hyperband, reduction factor 4", _pruner("hyperband", reduction_factor=4)),
+        ("patient1", "median pruner in PatientPruner(patience=1)", _pruner("patient", patience=1)),
+        ("patient2", "median pruner in PatientPruner(patience=2)", _pruner("patient", patience=2)),
+        ("wilcoxon0.1", "WilcoxonPruner(p_threshold=0.1)", _pruner("wilcoxon", p_threshold=0.1)),
+        ("wilcoxon0.3", "WilcoxonPruner(p_threshold=0.3)", _pruner("wilcoxon", p_threshold=0.3)))
+    for suffix, summary, pruner in pruners:
+        listed.append(Strategy(f"tailor-{suffix}", f"tailor, {summary}", CATEGORICAL,
+                               patches={"tailor.tune.search._pruner": pruner}))
     return listed
 
 
@@ -319,6 +391,34 @@ class Grid:
                         for key, losses in grid["intermediate"].items()}
         return cls(values=grid["values"], intermediate=intermediate, steps=grid["steps"],
                    best=min(grid["values"].values()))
+
+
+def synthetic_grid(landscape: int) -> Grid:
+    """Landscape `landscape` of the synthetic family the module's docstring describes, as a recorded grid."""
+    rng = np.random.RandomState(SYNTHETIC_SEED + landscape)
+    start, drop = rng.uniform(1.8, 2.6), rng.uniform(0.3, 0.8)
+    critical, rate = rng.uniform(1.5, 4.5), rng.uniform(0.25, 0.6)
+    excess, spike, plateau, peak = rng.uniform(0, 0.06), rng.uniform(0.3, 1.5), rng.uniform(0.1, 0.6), \
+        rng.uniform(2, 6)
+    rank_matters = rng.rand() < 0.5
+    rank_gain = rng.normal(0, rng.uniform(0.01, 0.04) if rank_matters else 0.002, len(RANKS))
+    rank_shift = rng.normal(0, 0.15 if rank_matters else 0.03, len(RANKS))
+    noise = rng.uniform(0.001, 0.006)
+    values, intermediate = {}, {}
+    for j, rank in enumerate(RANKS):
+        floor = start - drop * (1 + rank_gain[j])
+        for i, learning_rate in enumerate(LEARNING_RATES):
+            over = i - (critical + rank_shift[j])  # lr indices over the critical one; < 0: stable
+            losses = {}
+            for step in range(2, 13, 2):
+                loss = floor + (start - floor) * math.exp(-rate * 3.0 ** over * step) + excess * 9.0 ** min(over, 0)
+                if over > 0:
+                    loss += over * (spike * (step / peak) * math.exp(1 - step / peak) + plateau)
+                losses[step] = float(loss + rng.normal(0, noise * (1 + 10 * max(over, 0))))
+            key = json.dumps({"methods.lora.r": rank, "train.learning_rate": learning_rate}, sort_keys=True)
+            intermediate[key] = losses
+            values[key] = float(losses[12] + rng.normal(0, noise / 3))
+    return Grid(values=values, intermediate=intermediate, steps=12 * len(values), best=min(values.values()))
 
 
 class ReplayedReporter(search.PruningReporter):
@@ -397,14 +497,17 @@ def patched(strategy: Strategy):
         yield
 
 
-def summarize(strategy: Strategy, fractions: list[float | None]) -> dict:
+def figures(fractions: list[float | None]) -> dict:
     # a search that never got there spent at least the grid's steps: counted as 1.0 in the mean and median
     spent = [1.0 if f is None else f for f in fractions]
-    return {"strategy": strategy.name, "summary": strategy.summary, "seeds": len(fractions),
-            "mean": round(statistics.fmean(spent), 4), "median": round(statistics.median(spent), 4),
+    return {"mean": round(statistics.fmean(spent), 4), "median": round(statistics.median(spent), 4),
             "p90": round(sorted(spent)[math.ceil(0.9 * len(spent)) - 1], 4),
             "share_met": round(sum(f is not None and f <= GOAL for f in fractions) / len(fractions), 3),
-            "not_reached": sum(f is None for f in fractions),
+            "not_reached": sum(f is None for f in fractions)}
+
+
+def summarize(strategy: Strategy, fractions: list[float | None]) -> dict:
+    return {"strategy": strategy.name, "summary": strategy.summary, "seeds": len(fractions), **figures(fractions),
             "seed_0_1_2": fractions[:3]}
 
 
@@ -416,6 +519,9 @@ def main() -> None:
     parser.add_argument("--check-seed", type=int, help="Print this seed's replayed trials and fraction.")
     parser.add_argument("--expect", type=float, help="With --check-seed: exit 1 unless the fraction is this.")
     parser.add_argument("--json", type=Path, help="Write the table as JSON here.")
+    parser.add_argument("--landscapes", type=int, default=0,
+                        help="Also replay on synthetic landscapes 0 … N-1 (see above) and report their figures.")
+    parser.add_argument("--landscape-seeds", type=int, default=10, help="Seeds 0 … S-1 per synthetic landscape.")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")  # experimental-option warnings of Optuna, once per sampler
@@ -433,21 +539,43 @@ def main() -> None:
                 sys.exit(f"expected {args.expect}, replayed {result['fraction']}")
         return
 
+    landscapes = [synthetic_grid(k) for k in range(args.landscapes)]
     rows = []
-    print(f"{'strategy':26} {'mean':>6} {'median':>6} {'p90':>6} {'<=0.33':>6} {'none':>4}  seeds 0/1/2")
+    synthetic_header = f" | synthetic {'mean':>6} {'median':>6} {'<=0.33':>6} {'none':>4}" if landscapes else ""
+    print(f"{'strategy':26} {'mean':>6} {'median':>6} {'p90':>6} {'<=0.33':>6} {'none':>4}{synthetic_header}"
+          "  seeds 0/1/2")
     for strategy in chosen:
         started = time.perf_counter()
         with patched(strategy):
             fractions = [replay(strategy, seed, grid)["fraction"] for seed in range(args.seeds)]
+            synthetic = [replay(strategy, seed, landscape)["fraction"]
+                         for landscape in landscapes for seed in range(args.landscape_seeds)]
         row = summarize(strategy, fractions)
+        line = (f"{row['strategy']:26} {row['mean']:6.3f} {row['median']:6.3f} {row['p90']:6.3f} "
+                f"{row['share_met']:6.3f} {row['not_reached']:4d}")
+        if landscapes:
+            row["synthetic"] = figures(synthetic)
+            line += (f" | {'':9} {row['synthetic']['mean']:6.3f} {row['synthetic']['median']:6.3f} "
+                     f"{row['synthetic']['share_met']:6.3f} {row['synthetic']['not_reached']:4d}")
         rows.append(row)
-        print(f"{row['strategy']:26} {row['mean']:6.3f} {row['median']:6.3f} {row['p90']:6.3f} "
-              f"{row['share_met']:6.3f} {row['not_reached']:4d}  {row['seed_0_1_2']}  "
-              f"({time.perf_counter() - started:.0f}s)", flush=True)
-    if args.json:
-        from tailor.workspace import write_json
+        print(f"{line}  {row['seed_0_1_2']}  ({time.perf_counter() - started:.0f}s)", flush=True)
+        if args.json:  # after every row: a long run stopped halfway keeps what it measured
+            write_table(args, grid, rows)
 
-        write_json(args.json, {"grid_steps": grid.steps, "grid_best": grid.best, "goal": GOAL, "rows": rows})
+
+def write_table(args, grid: Grid, rows: list[dict]) -> None:
+    from tailor.workspace import write_json
+
+    table = {"command": "python benchmarks/tune_replay.py " + " ".join(sys.argv[1:]),
+             "grid_steps": grid.steps, "grid_best": grid.best, "goal": GOAL,
+             "note": f"fractions over seeds 0-{args.seeds - 1}; a search that never reached the grid's best "
+                     "counts 1.0 in mean/median/p90"}
+    if args.landscapes:
+        table["synthetic"] = {
+            "landscapes": args.landscapes, "seeds_per_landscape": args.landscape_seeds, "first_seed": SYNTHETIC_SEED,
+            "note": "each row's 'synthetic': the same figures over landscapes x seeds, each search measured against "
+                    "its own landscape's grid (the family: this script's docstring)"}
+    write_json(args.json, {**table, "rows": rows})
 
 
 if __name__ == "__main__":
