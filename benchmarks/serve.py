@@ -10,14 +10,18 @@ Each server runs in its own process (uvicorn on 127.0.0.1, port picked free):
 - naive-adapters: the same with the four adapters loaded, calling `set_adapter` before each request.
 Clients are httpx coroutines, each sending its requests one after the other, greedy, the same city questions.
 All three servers stay up for the whole run, and every level runs in `--rounds` rounds that alternate between
-tailor and its baseline (ABAB…); each figure is the median over the rounds. This machine is a shared VM whose speed
+tailor and its baseline (ABAB…); each figure is the median over the rounds. One client alternates request by
+request instead (`--rounds` × its requests, the questions in the same order for both servers), and its figure pools
+all of them (tokens over seconds). This machine is a shared VM whose speed
 drifts by 10-30 % over minutes, so measuring one server's levels after the other's would mostly compare moments.
 
 Figures: aggregate output tokens/s at 1, 4, 8 and 16 concurrent clients for both servers
 (`throughput_ratio_8_clients`, goal >= 5); four random LoRA adapters (made here with peft, not trained) served in one
 mixed batch vs swapped per request, 8 clients (`mixed_adapter_ratio`, goal >= 2); one client, tailor vs plain
 `generate` (`single_stream_ratio`, goal >= 1); tailor's time to first token p50/p99 (client side). Token counts are
-the servers' own `usage.completion_tokens`, so an answer that ends early counts what it produced.
+the servers' own `usage.completion_tokens`, so an answer that ends early counts what it produced. tailor runs with its
+defaults (bf16: prompt-lookup speculation for a greedy request decoding alone); `speculation` in the JSON is its
+counters over the run.
 """
 
 from __future__ import annotations
@@ -186,13 +190,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, question:
 
 
 async def load(url: str, models: list[str], prompts: list[str], clients: int, per_client: int, max_tokens: int,
-               stream: bool) -> dict:
-    """`clients` concurrent clients, each sending `per_client` requests in turn; aggregate tokens/s and TTFT."""
+               stream: bool, offset: int = 0) -> dict:
+    """`clients` concurrent clients, each sending `per_client` requests in turn (questions from `offset` on);
+    aggregate tokens/s and TTFT."""
     results: list[tuple[int, float]] = []
 
     async def client_loop(index: int, client: httpx.AsyncClient) -> None:
         for k in range(per_client):
-            n = index * per_client + k
+            n = offset + index * per_client + k
             results.append(await one_request(client, url, models[n % len(models)], prompts[n % len(prompts)],
                                               max_tokens, stream))
 
@@ -207,6 +212,19 @@ async def load(url: str, models: list[str], prompts: list[str], clients: int, pe
             "tokens_per_second": round(tokens / seconds, 2),
             "ttft_p50_s": round(statistics.median(ttft), 3),
             "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3)}
+
+
+def speculation(url: str) -> dict:
+    """The tailor server's speculative decoding counters (from /metrics), over the whole run: it speculates when one
+    greedy request decodes alone (the 1-client level, and the tail of the others)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    figures = {sample.labels["kind"]: int(sample.value)
+               for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for sample in family.samples if sample.name == "tailor_speculative_tokens"}
+    if figures.get("steps"):
+        figures["accepted_per_step"] = round(figures["accepted"] / figures["steps"], 3)
+    return figures
 
 
 def main() -> None:
@@ -248,22 +266,29 @@ def main() -> None:
         servers = {kind: Server(kind, adapters_dir, max_tokens, args.threads)
                    for kind in ("tailor", "naive", "naive-adapters")}
         try:
-            # warm-up: first shapes, thread pools
-            asyncio.run(load(servers["tailor"].url, ["base"], prompts, 2, 1, 4, True))
-            asyncio.run(load(servers["naive"].url, ["base"], prompts, 1, 1, 4, False))
-            asyncio.run(load(servers["naive-adapters"].url, names, prompts, 1, 1, 4, False))
-            plan = [(f"{clients} clients", ("tailor", "naive"), ["base"], clients, per(clients))
-                    for clients in CONCURRENCY]
-            plan.append(("4 adapters, 8 clients", ("tailor", "naive-adapters"), names, 8, per_client))
-            steps = progress.add_task("serving benchmark", total=len(plan) * args.rounds * 2)
+            # warm-up, full-length answers (the first ones of a length pay for new kernel shapes; in the full run
+            # tailor's first three single-client requests were 15 % slower than its others): thread pools, shapes
+            asyncio.run(load(servers["tailor"].url, ["base"], prompts, 2, 1, max_tokens, True))
+            asyncio.run(load(servers["tailor"].url, ["base"], prompts, 1, 1, max_tokens, True, offset=len(prompts) - 1))
+            asyncio.run(load(servers["naive"].url, ["base"], prompts, 1, 2, max_tokens, False, offset=len(prompts) - 2))
+            asyncio.run(load(servers["naive-adapters"].url, names, prompts, 1, 1, max_tokens, False))
+            # (label, servers, models, clients, requests per client and round, rounds); one client alternates
+            # request by request: a lone stream is the figure most sensitive to the machine's drift
+            plan = [(f"{clients} clients", ("tailor", "naive"), ["base"], clients, per(clients), args.rounds)
+                    for clients in CONCURRENCY if clients > 1]
+            plan.insert(0, ("1 clients", ("tailor", "naive"), ["base"], 1, 1, args.rounds * per(1)))
+            plan.append(("4 adapters, 8 clients", ("tailor", "naive-adapters"), names, 8, per_client, args.rounds))
+            steps = progress.add_task("serving benchmark", total=sum(2 * rounds for *_, rounds in plan))
             measured: dict[tuple[str, str], list[dict]] = {}
-            for label, kinds, models, clients, requests in plan:
-                for round_ in range(args.rounds):
+            for label, kinds, models, clients, requests, rounds in plan:
+                for round_ in range(rounds):
                     for kind in kinds if round_ % 2 == 0 else reversed(kinds):
                         progress.update(steps, description=f"{kind}, {label}, round {round_ + 1}")
                         measured.setdefault((label, kind), []).append(asyncio.run(load(
-                            servers[kind].url, models, prompts, clients, requests, max_tokens, kind == "tailor")))
+                            servers[kind].url, models, prompts, clients, requests, max_tokens, kind == "tailor",
+                            offset=round_ if clients == 1 else 0)))
                         progress.advance(steps)
+            report["speculation"] = speculation(servers["tailor"].url)
         finally:
             for server in servers.values():
                 server.stop()
@@ -273,8 +298,18 @@ def main() -> None:
         middle = sorted(runs, key=lambda run: run["tokens_per_second"])[len(runs) // 2]
         return middle | {"tokens_per_second_rounds": [run["tokens_per_second"] for run in runs]}
 
-    tailor_levels = {c: median_run(f"{c} clients", "tailor") for c in CONCURRENCY}
-    naive_levels = {c: median_run(f"{c} clients", "naive") for c in CONCURRENCY}
+    def pooled_run(label: str, kind: str) -> dict:
+        """One client: all its one-request rounds together (tokens over seconds), TTFT over all requests."""
+        runs = measured[(label, kind)]
+        tokens, seconds = sum(r["output_tokens"] for r in runs), sum(r["seconds"] for r in runs)
+        ttft = sorted(r["ttft_p50_s"] for r in runs)
+        return {"clients": 1, "requests": len(runs), "output_tokens": tokens, "seconds": round(seconds, 2),
+                "tokens_per_second": round(tokens / seconds, 2), "ttft_p50_s": round(statistics.median(ttft), 3),
+                "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+                "tokens_per_second_rounds": [r["tokens_per_second"] for r in runs]}
+
+    tailor_levels = {c: (pooled_run if c == 1 else median_run)(f"{c} clients", "tailor") for c in CONCURRENCY}
+    naive_levels = {c: (pooled_run if c == 1 else median_run)(f"{c} clients", "naive") for c in CONCURRENCY}
     tailor_mixed = median_run("4 adapters, 8 clients", "tailor")
     naive_mixed = median_run("4 adapters, 8 clients", "naive-adapters")
     report["rounds"] = args.rounds
