@@ -273,9 +273,7 @@ def _tailor_tpe(**options) -> Callable:
 def _pruner(kind: str, **options) -> Callable:
     def make(config, every, warmup=0):
         if kind == "patient":  # tailor's median pruner, acting only after `patience` reports without progress
-            median = optuna.pruners.MedianPruner(n_startup_trials=min(3, config.tune.startup_trials),
-                                                 n_warmup_steps=warmup)
-            return optuna.pruners.PatientPruner(median, **options)
+            return optuna.pruners.PatientPruner(_pruner("median")(config, every, warmup), **options)
         if kind == "wilcoxon":  # the eval losses of a trial against the best trial's at the same steps
             return optuna.pruners.WilcoxonPruner(**options)
         if kind == "median":
