@@ -21,6 +21,9 @@ functions, and says which. `tailor` replays the benchmark as it is declared now.
 
 No model is loaded: this runs in seconds.
 
+Rows named `bound-…` are not strategies but bounds: their pruner knows every point's final value
+(`_ClairvoyantPruner`), to measure how much any pruner could save with tailor's sampler.
+
 Held-out landscapes (`--landscapes N`): a strategy chosen on this one grid is tuned to it. `--landscapes N` also
 replays every strategy on N synthetic grids of the same shape (5 learning rates 1e-4 … 1e-2, a half-decade apart, ×
 ranks 4, 8, 16; 12 steps, an eval loss every 2), `--landscape-seeds S` seeds each (0 … S-1), and reports the same
@@ -48,7 +51,9 @@ it; the best lr, the speed, the instability and the weight of rank vary.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import itertools
 import json
 import math
 import statistics
@@ -71,7 +76,7 @@ import tailor.tune.search as search  # noqa: E402
 import tailor.tune.space as space_module  # noqa: E402
 import tune as benchmark  # noqa: E402  (benchmarks/tune.py: its settings are what is replayed)
 from tailor.config import apply_overrides, load_raw, validate_config  # noqa: E402
-from tailor.tune.space import WrappedSampler, untried_first  # noqa: E402
+from tailor.tune.space import UntriedFirst, WrappedSampler, untried_first  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
 GOAL = 0.33
@@ -270,6 +275,64 @@ def _tailor_tpe(**options) -> Callable:
     return make
 
 
+class _ClairvoyantPruner(optuna.pruners.BasePruner):
+    """Not a strategy but a bound: it knows every point's final value (the grid being replayed). At its first report
+    at or after step `at` it stops a trial exactly when the trial will not beat the best finished trial so far (the
+    question a pruner tries to answer from eval losses), or, with `only_best`, every trial but the grid's best (what
+    the sampler's order alone costs)."""
+
+    def __init__(self, at: int, only_best: bool = False):
+        self.at, self.only_best = at, only_best
+
+    def prune(self, study, trial) -> bool:
+        if trial.last_step is None or trial.last_step < self.at:
+            return False
+        final = _replayed[0].values[json.dumps(trial.params, sort_keys=True)]
+        if self.only_best:
+            return round(final, 4) > round(_replayed[0].best, 4)
+        done = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        return bool(done) and final > min(done)
+
+
+_replayed: list[Grid] = []  # the grid `replay` runs on, for _ClairvoyantPruner
+
+
+def _tailor_gp(n_startup_trials: int) -> Callable:
+    """Gaussian-process Bayesian optimization (Optuna's GPSampler) in tailor's UntriedFirst, instead of TPE."""
+    def make(config, seed):
+        gp = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+        return untried_first(gp, config.tune.space, seed)
+    return make
+
+
+class _SpreadStart(UntriedFirst):
+    """UntriedFirst whose start-up trials spread over the choices: the untried point whose values were tried the
+    fewest times (a Latin-hypercube-like start), instead of a random untried one; then TPE as tailor runs it."""
+
+    def sample_relative(self, study, trial, search_space):
+        base_space = self.base.infer_relative_search_space(study, trial)
+        if base_space and self.base.sample_relative(study, trial, base_space):  # TPE models: tailor's behaviour
+            return super().sample_relative(study, trial, search_space)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.RUNNING)
+        tried = [tuple(t.params.get(key) for key in self.keys)
+                 for t in study.get_trials(deepcopy=False, states=states) if t.number != trial.number]
+        untried = [point for point in itertools.product(*self.points.values()) if point not in set(tried)]
+        if not untried:
+            return {}
+        uses = [collections.Counter(point[i] for point in tried) for i in range(len(self.keys))]
+        least = min(sum(uses[i][value] for i, value in enumerate(point)) for point in untried)
+        untried = [point for point in untried if sum(uses[i][value] for i, value in enumerate(point)) == least]
+        return dict(zip(self.keys, untried[self.rng.randint(len(untried))], strict=True))
+
+
+def _spread_start(n_startup_trials: int) -> Callable:
+    def make(config, seed):
+        return _SpreadStart(optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials),
+                            config.tune.space, seed)
+    return make
+
+
 def _pruner(kind: str, **options) -> Callable:
     def make(config, every, warmup=0):
         if kind == "patient":  # tailor's median pruner, acting only after `patience` reports without progress
@@ -370,6 +433,39 @@ def strategies() -> list[Strategy]:
     for suffix, summary, pruner in pruners:
         listed.append(Strategy(f"tailor-{suffix}", f"tailor, {summary}", CATEGORICAL,
                                patches={"tailor.tune.search._pruner": pruner}))
+    # combinations, and other samplers (GP, a spread-out start), each with the median and a percentile pruner
+    combined_pruners = (("median", None), ("p66", _pruner("percentile", percentile=66.0)),
+                        ("p75", _pruner("percentile", percentile=75.0)))
+    for startup in (3, 4, 5, 10):
+        for pruner_name, pruner in combined_pruners:
+            for warmup in (None, 6):
+                patches = {"tailor.tune.search._sampler": _tailor_tpe(n_startup_trials=startup),
+                           **({"tailor.tune.search._pruner": pruner} if pruner else {})}
+                listed.append(Strategy(
+                    f"tailor-tpe{startup}-{pruner_name}-wu{warmup or 4}",
+                    f"tailor, TPE after {startup} random trials, {pruner_name} pruner, warm-up {warmup or 4} steps",
+                    CATEGORICAL, [f"tune.pruner_warmup_steps={warmup}"] if warmup else [], patches))
+    for startup in (2, 3, 5):
+        for pruner_name, pruner in combined_pruners[::2]:
+            extra = {"tailor.tune.search._pruner": pruner} if pruner else {}
+            listed.append(Strategy(f"tailor-gp{startup}-{pruner_name}",
+                                   f"GPSampler after {startup} random trials in UntriedFirst, {pruner_name} pruner",
+                                   CATEGORICAL, patches={"tailor.tune.search._sampler": _tailor_gp(startup), **extra}))
+            listed.append(Strategy(f"tailor-spread{startup}-{pruner_name}",
+                                   f"TPE after {startup} spread-out start-up trials, {pruner_name} pruner",
+                                   CATEGORICAL, patches={"tailor.tune.search._sampler": _spread_start(startup),
+                                                         **extra}))
+    for at in (2, 4):  # bounds: what pruning alone could gain with tailor's sampler
+        listed.append(Strategy(f"bound-clairvoyant-pruner-step{at}",
+                               f"tailor's sampler; a pruner that knows every final value stops at step {at} every "
+                               "trial that will not beat the best so far (a bound, not a strategy)", CATEGORICAL,
+                               patches={"tailor.tune.search._pruner":
+                                        lambda config, every, warmup=0, at=at: _ClairvoyantPruner(at)}))
+    listed.append(Strategy("bound-clairvoyant-only-best-step4",
+                           "tailor's sampler; every trial but the grid's best stopped at step 4 (what the sampler's "
+                           "order alone costs; a bound, not a strategy)", CATEGORICAL,
+                           patches={"tailor.tune.search._pruner":
+                                    lambda config, every, warmup=0: _ClairvoyantPruner(4, only_best=True)}))
     return listed
 
 
@@ -446,6 +542,7 @@ def benchmark_config(strategy: Strategy, seed: int):
 
 def replay(strategy: Strategy, seed: int, grid: Grid) -> dict:
     """One bayesian search as benchmarks/tune.py runs it: one trial per call on a resumed study."""
+    _replayed[:] = [grid]
     config = benchmark_config(strategy, seed)
     last_step = int(config.train.max_steps)  # train.max_steps decides the length, not the record count
     every = search.report_interval(config, n_train=0)
