@@ -309,15 +309,18 @@ class _SpreadStart(UntriedFirst):
     """UntriedFirst whose start-up trials spread over the choices: the untried point whose values were tried the
     fewest times (a Latin-hypercube-like start), instead of a random untried one; then TPE as tailor runs it."""
 
+    def __init__(self, base, space, seed, n_startup_trials: int):
+        super().__init__(base, space, seed)
+        self.n_startup_trials = n_startup_trials
+
     def sample_relative(self, study, trial, search_space):
-        base_space = self.base.infer_relative_search_space(study, trial)
-        if base_space and self.base.sample_relative(study, trial, base_space):  # TPE models: tailor's behaviour
-            return super().sample_relative(study, trial, search_space)
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                  optuna.trial.TrialState.RUNNING)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        if len(study.get_trials(deepcopy=False, states=finished)) >= self.n_startup_trials:  # TPE's own test
+            return super().sample_relative(study, trial, search_space)  # TPE models: tailor's behaviour
+        states = (*finished, optuna.trial.TrialState.RUNNING)
         tried = [tuple(t.params.get(key) for key in self.keys)
                  for t in study.get_trials(deepcopy=False, states=states) if t.number != trial.number]
-        untried = [point for point in itertools.product(*self.points.values()) if point not in set(tried)]
+        untried = [point for point in itertools.product(*self.points.values()) if point not in tried]
         if not untried:
             return {}
         uses = [collections.Counter(point[i] for point in tried) for i in range(len(self.keys))]
@@ -329,7 +332,7 @@ class _SpreadStart(UntriedFirst):
 def _spread_start(n_startup_trials: int) -> Callable:
     def make(config, seed):
         return _SpreadStart(optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials),
-                            config.tune.space, seed)
+                            config.tune.space, seed, n_startup_trials)
     return make
 
 
