@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup chromium llama-cpp demo test test-unit test-integration clean
+.PHONY: setup chromium privoxy-docs llama-cpp demo test test-unit test-integration clean
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium privoxy-docs
+
+# the second real domain: Privoxy's manuals, unpacked from Debian's privoxy package (examples/privoxy-docs)
+privoxy-docs:
+	@examples/privoxy-docs/tools/fetch_docs.sh
 
 # the browser tests drive Debian's Chromium (no Playwright download); install it on a fresh machine, non-interactively,
 # with sudo only when not root

@@ -122,3 +122,33 @@ def test_a_server_with_keys_asks_for_one(page, engine, tmp_path):
         assert ask(page, "Is the pool open?").strip()
     finally:
         server.should_exit = True
+
+
+def test_a_grounded_answer_shows_its_sources_as_expandable_links(page, tiny_model_dir, tmp_path):
+    from tests.unit.test_rag import make_workspace, prepare_run
+    from tailor.train.run import run_training
+
+    workspace = make_workspace(tmp_path / "ws", tiny_model_dir)
+    config, root, run_dir = prepare_run(workspace)
+    run_training(config, root, run_dir, show_progress=False)
+    engine = Engine(tiny_model_dir, adapters={"rag": str(run_dir / "rag")}, dtype=torch.float32, max_new_tokens=40)
+    server, url = start_server(engine, config=ServeConfig(), root=tmp_path)
+    try:
+        page.goto(url)
+        page.wait_for_function("() => document.querySelectorAll('#model option').length === 2")
+        assert page.locator("#model").input_value() == "rag"  # opens on the workspace's customized model
+        ask(page, "What is the address of City Hall?")
+        sources = page.locator(".turn").last.locator(".sources details")
+        sources.first.wait_for()
+        link = sources.first.locator("summary a")
+        assert "city-hall.md" in link.inner_text()
+        assert sources.first.locator("blockquote").is_hidden()  # the snippet is folded until asked for
+        sources.first.locator("summary").click(position={"x": 2, "y": 2})  # the marker, not the link
+        assert sources.first.locator("blockquote").is_visible()
+        link.click()  # the whole passage, fetched from /v1/sources/{id}
+        page.wait_for_function("() => document.querySelector('.turn:last-of-type .sources blockquote')"
+                               "?.textContent.includes('400 Linden Avenue')")
+        page.screenshot(path=str(tmp_path / "grounded-answer.png"), full_page=True)
+    finally:
+        server.should_exit = True
+        engine.shutdown()

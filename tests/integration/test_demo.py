@@ -40,8 +40,13 @@ def test_quick_demo_customized_model_beats_base(demo_run):
     assert "token_f1" in stdout and "lora" in stdout  # the side-by-side table is printed
     # every stage left its files and its manifest entry
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {"ingest", "data", "train", "eval"} <= set(manifest["stages"])
+    assert {"ingest", "index", "data", "train", "eval"} <= set(manifest["stages"])
     assert (out / "corpus.jsonl").stat().st_size > 0 and (out / "adapter" / "adapter_config.json").is_file()
+
+
+GROUNDED = [("What is the address of City Hall?", "city-hall.md"),
+            ("How much does a marriage license cost?", "marriage-licenses.pdf"),
+            ("How much does bulky item pickup cost?", "bulky-item-pickup.md")]
 
 
 def free_port() -> int:
@@ -87,6 +92,14 @@ def test_openai_client_streams_from_tailor_serve(demo_run):
             assert db.execute("SELECT answer, rating FROM feedback").fetchall() == [(answer, "up")]
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert page.status_code == 200 and "<html" in page.text.lower()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["default"] == "lora"
+        # the demo also serves `rag`: the base model answering from the index, each answer with its sources
+        for question, document in GROUNDED:
+            reply = client.chat.completions.create(model="rag", temperature=0, max_tokens=40,
+                                                   messages=[{"role": "user", "content": question}])
+            cited = reply.model_extra["citations"]
+            assert cited and os.path.basename(cited[0]["source"]) == document, (question, cited)
+            assert reply.choices[0].message.content.strip()
     finally:
         server.terminate()
         server.wait(timeout=30)

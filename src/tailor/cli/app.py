@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from tailor.cli import demo, export, init, models, serving, stages, tune
+from tailor.cli import demo, export, init, models, retrieval, serving, stages, tune
 from tailor.cli import data as data_commands  # noqa: F401 - registers `data synth` and `data inspect`
 from tailor.cli.ab import ab_app
 from tailor.cli.alignment import feedback_app, reward_app
@@ -21,6 +21,8 @@ app = typer.Typer(help="Customize a pretrained language model for a domain: docu
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command()(init.init)
 app.command()(stages.ingest)
+app.command()(retrieval.index)
+app.command()(retrieval.search)
 app.add_typer(stages.data_app, name="data")
 app.command()(stages.train)
 app.command("eval")(stages.evaluate)

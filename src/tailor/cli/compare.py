@@ -36,6 +36,9 @@ class CompareRow:
     latency_ms: float  # mean wall time of one greedy answer, questions one at a time
     steps: int = 0
     run_dir: str = ""
+    fact_recall: float | None = None
+    recall_at_5: float | None = None  # grounded models: retrieval and citations
+    citation_accuracy: float | None = None
 
 
 def link_run_data(run_dir: Path, method_dir: Path) -> None:
@@ -65,15 +68,27 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     return common, per_method
 
 
+GROUNDED_SUFFIX = "+rag"  # "lora+rag": the method trained and evaluated with retrieval.enabled
+
+
+def method_name(name: str) -> str:
+    """The registered method behind a compared name ("lora+rag" -> "lora")."""
+    return name.removesuffix(GROUNDED_SUFFIX)
+
+
 def method_config(config: TailorConfig, name: str, overrides: list[str] = ()) -> TailorConfig:
-    return validate_config(apply_overrides(config.model_dump(mode="json"), [f"train.method={name}", *overrides]),
+    grounded = ["retrieval.enabled=true"] if name.endswith(GROUNDED_SUFFIX) else []
+    return validate_config(apply_overrides(config.model_dump(mode="json"),
+                                           [f"train.method={method_name(name)}", *grounded, *overrides]),
                            source=f"tailor compare ({name})")
 
 
 def answer_latency_ms(config: TailorConfig, root: Path, method_dir: Path, questions: list[list[dict]],
                       name: str) -> float:
-    """Mean milliseconds per greedy answer of model `name` ("base" or the method), one question at a time."""
-    from tailor.evaluate.generate import greedy_answers
+    """Mean milliseconds per greedy answer of model `name` ("base" or the method), one question at a time; a
+    grounded model's time includes its retrieval."""
+    from tailor.evaluate.grounding import answer_all
+    from tailor.evaluate.sources import LocalModel
     from tailor.methods.artifacts import load_for_inference
     from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 
@@ -83,10 +98,12 @@ def answer_latency_ms(config: TailorConfig, root: Path, method_dir: Path, questi
     tokenizer = models.tokenizer_for(name, load_tokenizer(base_ref))
     timings = []
     with models.use(name) as model:
+        local = LocalModel(name, model, tokenizer, dtype, transform=lambda m: models.messages_for(name, m),
+                           grounding=models.grounding if name != "base" else None)
         for conversation in questions:
             started = time.perf_counter()
-            greedy_answers(model, tokenizer, [models.messages_for(name, conversation)],
-                           max_new_tokens=config.eval.max_new_tokens, batch_size=1, compute_dtype=dtype)
+            answer_all(local, [conversation], max_new_tokens=config.eval.max_new_tokens, batch_size=1,
+                       sentences=config.sentence_limit())
             timings.append((time.perf_counter() - started) * 1000)
     return round(statistics.mean(timings), 1)
 
@@ -114,7 +131,7 @@ def check_methods(names: list[str]) -> None:
     if repeated:
         raise TailorError(f"--methods: {', '.join(repeated)} listed twice")
     for name in names:
-        method = registry.get(name, key="--methods")
+        method = registry.get(method_name(name), key="--methods")
         if method.artifact not in ARTIFACT_DIRS:
             raise TailorError(f"--methods: {name} does not produce a chat model to evaluate "
                               f"(its artifact is a {method.artifact} model)")
@@ -140,10 +157,15 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
     if unknown:
         raise TailorError(f"override '{unknown[0]}:…': {unknown[0]} is not among --methods ({', '.join(names)})")
     # bad method options stop here, before any model loads
-    configs = {name: method_config(config, name, method_overrides.get(name, [])) for name in names}
-    for relative in LINKED[:2]:
-        if not (run_dir / relative).is_file():
-            raise TailorError(f"{run_dir / relative}: not found; run `tailor data build` first")
+    from tailor.retrieval.grounding import index_folder
+    from tailor.retrieval.index import INDEX_FILE
+
+    index = index_folder(config, root, run_dir)
+    # every method's run reads RUN's index (rag and the +rag variants answer from it)
+    shared = [f"retrieval.index={index.resolve()}"] if (index / INDEX_FILE).is_file() else []
+    configs = {name: method_config(config, name, [*shared, *method_overrides.get(name, [])]) for name in names}
+    if not (run_dir / "data" / "eval.jsonl").is_file():
+        raise TailorError(f"{run_dir / 'data' / 'eval.jsonl'}: not found; run `tailor data build` first")
     questions = eval_questions(run_dir / "data" / "eval.jsonl", latency_questions)
     rows, base, failed, n_questions = [], None, {}, None
     for position, name in enumerate(names):
@@ -157,19 +179,21 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
             # the base model is the same for every method: scored once, with the first method
             report = run_eval(settings, root, method_dir, show_progress=show_progress, write_html=False,
                               only_customized=base is not None)
-            scores, n_questions = report["models"][name], report["n_questions"]
+            scores, n_questions = report["models"][method_name(name)], report["n_questions"]
             if base is None:
                 base_scores = report["models"]["base"]
                 base = CompareRow("base", base_scores["token_f1"], base_scores["exact_match"],
                                   base_scores["eval_loss"], 0.0, 0, 0,
-                                  answer_latency_ms(settings, root, method_dir, questions, "base"))
+                                  answer_latency_ms(settings, root, method_dir, questions, "base"),
+                                  fact_recall=base_scores.get("fact_recall"))
             rows.append(CompareRow(
                 method=name, token_f1=scores["token_f1"], exact_match=scores["exact_match"],
                 eval_loss=scores["eval_loss"], train_seconds=round(result.seconds, 1),
                 trainable_params=0 if built else result.trainable_params,
-                artifact_bytes=folder_bytes(artifact_dir(method_dir, registry.get(name))),
-                latency_ms=answer_latency_ms(settings, root, method_dir, questions, name),
-                steps=0 if built else result.steps, run_dir=str(method_dir)))
+                artifact_bytes=folder_bytes(artifact_dir(method_dir, registry.get(method_name(name)))),
+                latency_ms=answer_latency_ms(settings, root, method_dir, questions, method_name(name)),
+                steps=0 if built else result.steps, run_dir=str(method_dir),
+                **{key: scores.get(key) for key in ("fact_recall", "recall_at_5", "citation_accuracy")}))
         except Exception as exc:  # noqa: BLE001 - with keep_going any failure is reported, not only ours
             if not keep_going:
                 raise
@@ -189,14 +213,21 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
 def compare_table(summary: dict) -> Table:
     table = Table(title=f"Methods compared on {summary['n_questions']} held-out questions (cheapest first)")
     for column, justify in (("method", "left"), ("token F1", "right"), ("exact match", "right"),
-                            ("eval loss", "right"), ("train s", "right"), ("trainable params", "right"),
+                            ("fact recall", "right"), ("eval loss", "right"), ("recall@5", "right"),
+                            ("cited right", "right"), ("train s", "right"), ("trainable params", "right"),
                             ("artifact", "right"), ("ms / answer", "right")):
         table.add_column(column, justify=justify)
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     for row in [*([summary["base"]] if summary["base"] else []), *summary["methods"]]:
         size = row["artifact_bytes"]
-        table.add_row(row["method"], f"{row['token_f1']:.4f}", f"{row['exact_match']:.4f}", f"{row['eval_loss']:.4f}",
-                      f"{row['train_seconds']:.1f}", f"{row['trainable_params']:,}",
-                      "-" if row["method"] == "base" else _size(size), f"{row['latency_ms']:.0f}")
+        table.add_row(row["method"], f"{row['token_f1']:.4f}", f"{row['exact_match']:.4f}",
+                      fmt(row.get("fact_recall")), fmt(row["eval_loss"]), fmt(row.get("recall_at_5")),
+                      fmt(row.get("citation_accuracy")), f"{row['train_seconds']:.1f}",
+                      f"{row['trainable_params']:,}", "-" if row["method"] == "base" else _size(size),
+                      f"{row['latency_ms']:.0f}")
     if summary.get("failed"):
         table.caption = "failed: " + "; ".join(f"{name}: {reason}" for name, reason in summary["failed"].items())
     return table
@@ -208,7 +239,8 @@ def _size(n: int) -> str:
 
 def compare(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOption, run: Path = RunOption,
             methods: str = typer.Option(..., "--methods", "-m", help=(
-                "Comma-separated methods, e.g. prompt,prompt_tuning,p_tuning,lora,full.")),
+                "Comma-separated methods, e.g. prompt,rag,p_tuning,lora,lora+rag,full (METHOD+rag: trained and "
+                "evaluated with retrieval).")),
             latency_questions: int = typer.Option(5, "--latency-questions", min=1, help=(
                 "Held-out questions answered one at a time to measure latency.")),
             keep_going: bool = typer.Option(False, "--keep-going", help=(

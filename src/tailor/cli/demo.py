@@ -1,4 +1,5 @@
-"""`tailor demo`: the whole path on the bundled city example: ingest → data → train → eval → serve."""
+"""`tailor demo`: the whole path on the bundled city example: ingest → index → data → train → eval → serve (the
+customized model, and `rag`: the base model answering from the index with sources)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
          overrides: list[str] = typer.Argument(None, help="Dotted overrides applied to the example's config."),
          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")) -> None:
     """Run the city-services example end to end on the default model, then serve the chat page."""
+    from tailor.cli.retrieval import build_run_index
     from tailor.cli.serving import build_engine
+    from tailor.methods.artifacts import build_artifact
     from tailor.data.build import build_chat_data
     from tailor.data.ingest import ingest
     from tailor.evaluate.harness import report_table, run_eval
@@ -63,6 +66,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
                   f"removed, {len(summary.skipped)} skipped")
     done("ingest")
 
+    stage("index")
+    indexed, _ = build_run_index(config, root, out, show_progress=not no_progress)
+    console.print(f"{indexed.chunks} chunks indexed for retrieval (BM25 + all-MiniLM-L6-v2) in {indexed.seconds} s")
+    done("index")
+
     stage("data")
     built = build_chat_data(config, root, out)
     console.print(f"{built.train} training and {built.eval} evaluation records")
@@ -76,6 +84,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
         console.print(f"{result.steps} steps, train loss {result.train_loss:.4f}, "
                       f"{result.tokens_per_s:,.0f} tokens/s")
     done(f"train ({config.train.method})")
+
+    if config.train.method != "rag":
+        # served beside the customized model: the base answering from the index, with sources
+        rag_config = config.model_copy(update={"train": config.train.model_copy(update={"method": "rag"})})
+        build_artifact([], out, rag_config, root)
 
     stage("eval")
     report = run_eval(config, root, out, show_progress=not no_progress)

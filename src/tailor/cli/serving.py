@@ -27,13 +27,16 @@ def _artifact_method(config: TailorConfig, run_dir: Path, folder: Path, artifact
 
 
 def run_adapters(config: TailorConfig, run_dir: Path) -> dict[str, str]:
-    """The run's customized model, served under the method's name next to the base model."""
-    from tailor.methods.artifacts import ADAPTER_DIR
+    """The run's customized models (its adapter, its rag settings), served under the method's name next to the
+    base model."""
+    from tailor.methods.artifacts import ADAPTER_DIR, ARTIFACT_MARKERS, RAG_DIR
 
-    adapter = Path(run_dir) / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        return {}
-    return {_artifact_method(config, run_dir, adapter, "adapter"): str(adapter)}
+    served = {}
+    for kind, sub in (("rag", RAG_DIR), ("adapter", ADAPTER_DIR)):  # the trained adapter last: chat's default
+        folder = Path(run_dir) / sub
+        if (folder / ARTIFACT_MARKERS[kind]).is_file():
+            served[_artifact_method(config, run_dir, folder, kind)] = str(folder)
+    return served
 
 
 def run_profiles(config: TailorConfig, run_dir: Path) -> dict:
@@ -60,9 +63,10 @@ def configured_adapters(config: TailorConfig, root: Path, taken: dict[str, str])
         folder = Path(path) if Path(path).is_absolute() else Path(root) / path
         if not folder.is_dir():
             raise TailorError(f"{key}: {folder} does not exist (a folder, relative to the workspace)")
-        if not any((folder / marker).is_file() for marker in ("adapter_config.json", PROFILE_FILE, "config.json")):
+        if not any((folder / marker).is_file() for marker in ("adapter_config.json", PROFILE_FILE, "config.json",
+                                                              "retrieval.json")):
             raise TailorError(f"{key}: {folder} is not a PEFT adapter folder (adapter_config.json), a prompt profile "
-                              f"({PROFILE_FILE}) or a model folder (config.json)")
+                              f"({PROFILE_FILE}), a rag folder (retrieval.json) or a model folder (config.json)")
         folders[name] = str(folder)
     return folders
 
@@ -95,7 +99,7 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
                   dtype=config.train.dtype, max_new_tokens=serve_config.max_new_tokens,
                   system_prompt=config.system_prompt, max_batch_size=serve_config.max_batch_size,
                   max_queue=serve_config.max_queue, request_timeout=serve_config.request_timeout,
-                  speculative_tokens=serve_config.speculative_tokens)
+                  speculative_tokens=serve_config.speculative_tokens, answer_sentences=config.sentence_limit())
 
 
 def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,

@@ -23,7 +23,8 @@ def build_chat_data(config: TailorConfig, root: Path, run_dir: Path) -> BuildSum
     data = config.data
     qa_files = [root / f for f in data.qa_files]
     eval_files = [root / f for f in data.eval_files]
-    if not (qa_files or data.classification_files or data.preference_files or data.pretrain_block_tokens):
+    if not (qa_files or eval_files or data.classification_files or data.preference_files
+            or data.pretrain_block_tokens):
         raise TailorError("data.qa_files: nothing to build; name question/answer files (or data.classification_files,"
                           " data.preference_files, data.pretrain_block_tokens)")
     tokenizer = None
@@ -43,14 +44,16 @@ def build_chat_data(config: TailorConfig, root: Path, run_dir: Path) -> BuildSum
 
     data_dir = Path(run_dir) / "data"
     summary, outputs, inputs = BuildSummary(), [], list(qa_files + eval_files)
-    if qa_files:
+    if qa_files or eval_files:  # eval files alone: a method that trains on nothing (rag) is still evaluated
         train, evals, summary = build_chat_datasets(
             qa_files, eval_files, system_prompt=config.system_prompt, eval_fraction=data.eval_fraction,
             seed=data.seed, max_tokens=data.max_tokens, count_tokens=count_tokens, test_fraction=data.test_fraction,
             leak_threshold=data.leak_threshold, speaker_roles=config.ingest.speaker_roles)
-        write_jsonl(data_dir / "train.jsonl", train)
+        if qa_files:
+            write_jsonl(data_dir / "train.jsonl", train)
+            outputs.append(data_dir / "train.jsonl")
         write_jsonl(data_dir / "eval.jsonl", evals)
-        outputs += [data_dir / "train.jsonl", data_dir / "eval.jsonl"]
+        outputs.append(data_dir / "eval.jsonl")
         if summary.test_records:
             write_jsonl(data_dir / "test.jsonl", summary.test_records)
             outputs.append(data_dir / "test.jsonl")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tailor.data import chatlog
@@ -31,6 +31,9 @@ SFT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 class Example:
     messages: list[dict]
     source: str  # file:line
+    # what a question/answer record says of its answer, kept on the chat record for evaluation: gold_source (the
+    # document holding the answer, from its "source" key) and answerable (false: the documents do not say)
+    meta: dict = field(default_factory=dict)
 
     @property
     def prompt(self) -> str:
@@ -95,9 +98,20 @@ def read_sft_file(path: Path | str, speaker_roles: Mapping[str, str] | None = No
     if not is_qa and chatlog.turn_keys(record) is not None:
         yield from _transcripts(path, speaker_roles)
         return
-    yield Example(to_messages(record, f"{path}:{line}", speaker_roles), f"{path}:{line}")
+    yield Example(to_messages(record, f"{path}:{line}", speaker_roles), f"{path}:{line}", _meta(record, is_qa))
     for line, record in records:
-        yield Example(to_messages(record, f"{path}:{line}", speaker_roles), f"{path}:{line}")
+        yield Example(to_messages(record, f"{path}:{line}", speaker_roles), f"{path}:{line}", _meta(record, is_qa))
+
+
+def _meta(record: Mapping, is_qa: bool) -> dict:
+    if not is_qa:
+        return {}
+    meta = {}
+    if isinstance(record.get("source"), str) and record["source"].strip():
+        meta["gold_source"] = record["source"].strip()
+    if isinstance(record.get("answerable"), bool):
+        meta["answerable"] = record["answerable"]
+    return meta
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict]]:

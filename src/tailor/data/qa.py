@@ -117,7 +117,7 @@ def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_
     from tailor.data.dedup import find_leaks
     from tailor.data.formats import read_sft_file
 
-    if not qa_files:
+    if not qa_files and not eval_files:
         raise TailorError("data.qa_files: no question/answer files configured")
     summary = BuildSummary()
     train, evals, tests, seen = [], [], [], {}
@@ -142,7 +142,7 @@ def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_
             summary.too_long.append(f"{example.source}: {tokens} tokens, over the limit of {max_tokens} "
                                     f"(data.max_tokens)")
             return
-        bucket.append({"messages": messages, "source": example.source})
+        bucket.append({"messages": messages, "source": example.source, **example.meta})
 
     # training files first, so that a copy in an eval file is reported as leakage, not as a duplicate
     test_start = 0.0 if eval_files else eval_fraction
@@ -158,7 +158,7 @@ def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_
     for path in eval_files:
         for example in read_sft_file(path, speaker_roles):
             accept(example, evals)
-    if not train:
+    if qa_files and not train:
         raise TailorError(f"{', '.join(map(str, qa_files))}: no usable training records")
     if leak_threshold:
         def text(record: dict) -> str:

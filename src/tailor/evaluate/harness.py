@@ -22,6 +22,7 @@ from rich.table import Table
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
+from tailor.evaluate.grounding import GROUNDING_ROWS, answer_all, grounding_fields, grounding_metrics
 from tailor.evaluate.metrics import bleu_signature, corpus_bleu, exact_match, rouge_l, sentence_bleu, token_f1
 from tailor.evaluate.report import REPORT_HTML, extra_rows, write_html_report
 from tailor.evaluate.rules import adherence, broken_rules
@@ -32,16 +33,21 @@ from tailor.workspace import now_iso, read_jsonl, update_manifest, write_json, w
 METRIC_ORDER = ("token_f1", "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity")
 
 
-def _eval_records(path: Path, limit: int) -> list[tuple[str, list[dict], str]]:
-    records = []
+META_KEYS = ("gold_source", "answerable")  # what a question may say about its answer beyond the text
+
+
+def _eval_records(path: Path, limit: int) -> tuple[list[tuple[str, list[dict], str]], list[dict]]:
+    """(source, conversation, reference) per held-out record, and what each says of its answer (META_KEYS)."""
+    records, meta = [], []
     for line_no, record in read_jsonl(path):
         messages = record.get("messages")
         if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
             raise TailorError(f"{path}:{line_no}: expected \"messages\" ending with an assistant answer")
         records.append((record.get("source", f"{path}:{line_no}"), messages[:-1], messages[-1]["content"]))
+        meta.append({key: record[key] for key in META_KEYS if key in record})
     if not records:
         raise TailorError(f"{path}: no evaluation records")
-    return records[:limit] if limit else records
+    return (records[:limit], meta[:limit]) if limit else (records, meta)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class EvalPlan:
     customized: str  # the model a bare gate metric and the report's "worst answers" refer to
     sets: list = field(default_factory=list)
     judge: ModelSpec | None = None
+    meta: list[dict] = field(default_factory=list)  # per record: gold_source, answerable
 
 
 def customized_name(specs: list[ModelSpec], run_dir: Path) -> str:
@@ -72,7 +79,7 @@ def plan_eval(config: TailorConfig, root: Path, run_dir: Path, *, only_customize
     eval_path = run_dir / "data" / "eval.jsonl"
     if not eval_path.is_file():
         raise TailorError(f"{eval_path}: no evaluation data; run `tailor data build`")
-    records = _eval_records(eval_path, config.eval.limit)
+    records, meta = _eval_records(eval_path, config.eval.limit)
     specs = resolve_specs(config, root, run_dir)
     names = [spec.name for spec in specs]
     if only_customized:
@@ -89,7 +96,7 @@ def plan_eval(config: TailorConfig, root: Path, run_dir: Path, *, only_customize
     for spec in [*specs, *([judge] if judge else [])]:
         if spec.kind == "endpoint":
             check_endpoint(spec)
-    return EvalPlan(eval_path, records, specs, customized_name(specs, run_dir), sets, judge)
+    return EvalPlan(eval_path, records, specs, customized_name(specs, run_dir), sets, judge, meta)
 
 
 def _built_classification_set(run_dir: Path) -> list:
@@ -138,15 +145,19 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
             task = progress.add_task("eval", total=len(records), model=spec.name, what="answering")
             started = time.perf_counter()
             with open_model(spec, config, base_ref, compute_dtype) as model:
-                conversations = [conv for _, conv, _ in records]
-                answers = model.answers(conversations, max_new_tokens=eval_cfg.max_new_tokens,
-                                        batch_size=eval_cfg.batch_size,
-                                        on_batch=lambda n, task=task: progress.advance(task, n))
+                answers, seen, retrievals = answer_all(
+                    model, [conv for _, conv, _ in records], max_new_tokens=eval_cfg.max_new_tokens,
+                    batch_size=eval_cfg.batch_size, sentences=config.sentence_limit(),
+                    on_batch=lambda n, task=task: progress.advance(task, n))
                 loss = None
-                if model.has_likelihood:
-                    loss = model.answer_loss([(conv, ref) for _, conv, ref in records],
+                if model.has_likelihood:  # on the conversations as the model saw them (passages included)
+                    loss = model.answer_loss([(conv, ref) for conv, (_, _, ref) in zip(seen, records, strict=True)],
                                              batch_size=eval_cfg.batch_size)
                 rows = _answer_rows(spec.name, records, answers, rules)
+                gold_cache: dict = {}
+                for row, meta, retrieval in zip(rows, plan.meta or [{}] * len(rows), retrievals, strict=True):
+                    row.update(grounding_fields(row["prediction"], row["reference"], meta, retrieval,
+                                                model.grounding, config.retrieval.abstain_answer, gold_cache))
                 predictions += rows
                 answers_by_model[spec.name] = answers
                 report["models"][spec.name] = {
@@ -159,6 +170,7 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
                     "eval_loss": None if loss is None else round(loss, 4),
                     "perplexity": None if loss is None else round(math.exp(loss), 3) if loss < 50 else float("inf"),
                     **adherence(rules, [row["broken_rules"] for row in rows] if rules else []),
+                    **grounding_metrics(rows),
                     "n": len(rows),
                 }
                 for dataset in plan.sets:
@@ -282,6 +294,8 @@ def report_table(report: dict) -> Table:
         rows.append(("adherence", [report["models"][n]["adherence"] for n in names]))
         rows += [(f"  rule {rule['name']}", [report["models"][n]["rules"][rule["name"]] for n in names])
                  for rule in report["rules"]]
+    rows += [(label, [report["models"][n].get(key) for n in names]) for label, key in GROUNDING_ROWS
+             if any(report["models"][n].get(key) is not None for n in names)]
     rows += extra_rows(report)
     for label, values in rows:
         table.add_row(label, *["-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -20,8 +20,11 @@ from tailor.workspace import atomic_write_text, read_jsonl
 REPORT_HTML = "report.html"
 WORST_SHOWN = 10
 SCORES = ("token_f1", "exact_match", "rouge_l", "bleu", "adherence")  # all between 0 and 1: one shared axis
-TABLE_METRICS = ("token_f1", "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity", "adherence")
-LOWER_IS_BETTER = ("eval_loss", "perplexity")
+TABLE_METRICS = ("token_f1", "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity", "adherence",
+                 "fact_recall", "recall_at_5", "mrr", "faithfulness", "citation_accuracy", "abstention_accuracy",
+                 "false_abstention")
+LOWER_IS_BETTER = ("eval_loss", "perplexity", "false_abstention")
+GROUNDED_SHOWN = 40
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; padding: 0 1rem; color: #222; }
@@ -30,6 +33,9 @@ table { border-collapse: collapse; margin: .5rem 0; } td, th { border: 1px solid
 th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.better { color: #137333; } td.worse { color: #b3261e; } .meta { color: #666; }
 table.rows td { vertical-align: top; max-width: 22rem; overflow-wrap: anywhere; } img { max-width: 100%; }
+details { margin: .2rem 0; } summary { cursor: pointer; color: #1a56b0; }
+blockquote { margin: .3rem 0; padding: .3rem .6rem; border-left: 3px solid #ccc; background: #fafafa;
+             white-space: pre-wrap; } .miss { color: #b3261e; } .hit { color: #137333; }
 """
 
 
@@ -57,6 +63,7 @@ def render_html(report: dict, predictions: list[dict], run_dir: Path) -> str:
         f"<h2>Worst {WORST_SHOWN} answers of {_e(shown)}</h2>",
         "<p class=meta>Lowest token F1 first; every row is in predictions.jsonl with its source line.</p>",
         _worst_table([row for row in predictions if row["model"] == shown]),
+        *_grounding_section(predictions, names),
     ]
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<title>tailor eval: {_e(run_dir.name)}</title><style>{_STYLE}</style></head>\n<body>\n"
@@ -74,8 +81,8 @@ def _fmt(value) -> str:
 
 
 def _metrics_table(report: dict, names: list[str], customized: str) -> str:
-    rows = [(metric, metric, [_lookup(report["models"][n], metric) for n in names])
-            for metric in TABLE_METRICS if metric in report["models"][names[0]]]
+    rows = [(metric, metric, [report["models"][n].get(metric) for n in names])
+            for metric in TABLE_METRICS if any(report["models"][n].get(metric) is not None for n in names)]
     rows += [(f"rule: {rule['name']}", ("rules", rule["name"]),
               [_lookup(report["models"][n], ("rules", rule["name"])) for n in names])
              for rule in report.get("rules", [])]
@@ -381,3 +388,37 @@ def _worst_table(rows: list[dict]) -> str:
                     f"<td class=num>{row['token_f1']:.2f}</td><td class=num>{row.get('rouge_l', 0.0):.2f}</td>"
                     f"{rules}</tr>")
     return f"<table class=rows>{head}{''.join(body)}</table>"
+
+
+def _grounding_section(predictions: list[dict], names: list[str]) -> list[str]:
+    """Per grounded model: each answer with its citations, the retrieved passages (expandable) and where the
+    passage holding the reference ranked."""
+    parts = []
+    for name in names:
+        rows = [row for row in predictions if row["model"] == name and "retrieved" in row]
+        if not rows:
+            continue
+        parts.append(f"<h2>Retrieved passages and citations of {_e(name)}</h2>")
+        parts.append(f"<p class=meta>The first {min(len(rows), GROUNDED_SHOWN)} of {len(rows)} questions. Gold rank: "
+                     "where the chunk holding the reference answer ranked (— : not in the top 10).</p>")
+        body = []
+        for row in rows[:GROUNDED_SHOWN]:
+            cited = "".join(f"<li>{_e(Path(c['source']).name)}{_page(c)} (support {c.get('support', 0):.2f})</li>"
+                            for c in row.get("citations", [])) or "<li>none (abstained)</li>"
+            rank = row.get("gold_rank")
+            gold = ("-" if not row.get("answerable", True) or "gold_rank" not in row else
+                    f"<span class={'hit' if rank and rank <= 5 else 'miss'}>{rank or '—'}</span>")
+            passages = "".join(
+                f"<details><summary>[{p['rank']}] {_e(p.get('title') or '')} — {_e(Path(p['source']).name)}"
+                f"{_page(p)}</summary><blockquote>{_e(p['snippet'])}</blockquote></details>"
+                for p in row["retrieved"])
+            body.append(f"<tr><td>{_e(row['question'])}</td><td>{_e(row['prediction'])}</td>"
+                        f"<td>{_e(row['reference'])}</td><td><ul>{cited}</ul></td><td class=num>{gold}</td>"
+                        f"<td>{passages}</td></tr>")
+        parts.append("<table class=rows><tr><th>question</th><th>answer</th><th>reference</th><th>citations</th>"
+                     f"<th>gold rank</th><th>retrieved passages</th></tr>{''.join(body)}</table>")
+    return parts
+
+
+def _page(cited: dict) -> str:
+    return f", page {cited['page']}" if cited.get("page") else ""

@@ -43,12 +43,10 @@ class ModelSpec:
 
 
 def run_has_artifact(config: TailorConfig, run_dir: Path) -> bool:
-    from tailor.methods.artifacts import artifact_dir, run_method
+    from tailor.methods.artifacts import ARTIFACT_MARKERS, artifact_dir, run_method
 
     method = run_method(config, run_dir)
-    folder = artifact_dir(run_dir, method)
-    marker = {"adapter": "adapter_config.json", "model": "config.json", "prompt": "profile.json"}[method.artifact]
-    return (folder / marker).is_file()
+    return (artifact_dir(run_dir, method) / ARTIFACT_MARKERS[method.artifact]).is_file()
 
 
 def default_specs(config: TailorConfig, run_dir: Path) -> list[ModelSpec]:
@@ -81,10 +79,11 @@ def parse_spec(name: str, value: str, *, root: Path, run_dir: Path, where: str) 
                           f"folder or endpoint:URL#MODEL)")
     if (folder / "config.json").is_file():
         return ModelSpec(name, "export", str(folder), where=where)
-    if any((folder / sub).is_dir() for sub in ("adapter", "model", "prompt")) or (folder / "manifest.json").is_file():
+    if any((folder / sub).is_dir() for sub in ("adapter", "model", "prompt", "rag")) or (
+            folder / "manifest.json").is_file():
         return ModelSpec(name, "run", str(folder), where=where)
-    raise TailorError(f"{where}: {folder} is neither a run folder (adapter/, model/ or prompt/) nor an exported "
-                      f"model folder (config.json)")
+    raise TailorError(f"{where}: {folder} is neither a run folder (adapter/, model/, prompt/ or rag/) nor an "
+                      f"exported model folder (config.json)")
 
 
 def resolve_specs(config: TailorConfig, root: Path, run_dir: Path) -> list[ModelSpec]:
@@ -122,9 +121,11 @@ class LocalModel:
 
     has_likelihood = True
 
-    def __init__(self, name: str, model, tokenizer, dtype: torch.dtype, transform: Callable | None = None):
+    def __init__(self, name: str, model, tokenizer, dtype: torch.dtype, transform: Callable | None = None,
+                 grounding=None):
         self.name, self.model, self.tokenizer, self.dtype = name, model, tokenizer, dtype
         self.transform = transform or (lambda messages: messages)
+        self.grounding = grounding  # retrieval.Grounding: questions are answered from retrieved passages
 
     def answers(self, conversations: list[list[dict]], *, max_new_tokens: int, batch_size: int,
                 on_batch=None) -> list[str]:
@@ -179,6 +180,7 @@ class EndpointModel:
     """An OpenAI-compatible server (another tailor serve, vLLM, a hosted API): answers only, greedy."""
 
     has_likelihood = False
+    grounding = None  # a grounded endpoint retrieves on its own side
 
     def __init__(self, spec: ModelSpec):
         self.name, self.spec, self.client = spec.name, spec, _client(spec)
@@ -232,4 +234,5 @@ def open_model(spec: ModelSpec, config: TailorConfig, base_ref: str, dtype: torc
     tokenizer = models.tokenizer_for(models.method, load_tokenizer(base_ref))
     with models.use(models.method) as model:
         yield LocalModel(spec.name, model, tokenizer, dtype,
-                         transform=lambda messages: models.messages_for(models.method, messages))
+                         transform=lambda messages: models.messages_for(models.method, messages),
+                         grounding=models.grounding)

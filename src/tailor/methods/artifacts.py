@@ -26,7 +26,11 @@ from tailor.workspace import MANIFEST, atomic_dir, atomic_write_text, read_json
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 PROMPT_DIR = "prompt"
-ARTIFACT_DIRS = {"adapter": ADAPTER_DIR, "model": MODEL_DIR, "prompt": PROMPT_DIR}
+RAG_DIR = "rag"
+ARTIFACT_DIRS = {"adapter": ADAPTER_DIR, "model": MODEL_DIR, "prompt": PROMPT_DIR, "rag": RAG_DIR}
+# the file that tells a folder holds this kind of artifact
+ARTIFACT_MARKERS = {"adapter": "adapter_config.json", "model": "config.json", "prompt": "profile.json",
+                    "rag": "retrieval.json"}
 
 
 def artifact_dir(run_dir: Path, method: Method) -> Path:
@@ -55,20 +59,31 @@ def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.
     return model
 
 
+def grounded(config: TailorConfig, method: Method) -> bool:
+    """Whether the method's artifact answers from retrieved passages (rag always, others with retrieval.enabled)."""
+    return method.artifact == "rag" or config.retrieval.enabled
+
+
 @contextlib.contextmanager
-def _artifact_folder(target: Path, config: TailorConfig) -> Iterator[Path]:
+def _artifact_folder(target: Path, config: TailorConfig, method: Method | None = None,
+                     root: Path | None = None) -> Iterator[Path]:
     """A temporary folder beside `target`, renamed into place with the resolved config once the block succeeds:
-    a crash never leaves half a folder."""
+    a crash never leaves half a folder. A grounded method's folder also gets retrieval.json (checked first: no
+    index, no artifact)."""
     with atomic_dir(target) as tmp:
+        if method is not None and grounded(config, method):
+            from tailor.retrieval.grounding import write_retrieval_file
+
+            write_retrieval_file(tmp, config, root or Path.cwd(), Path(target).parent)
         yield tmp
         atomic_write_text(tmp / "tailor.yaml", dump_config(config))
 
 
-def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig) -> Path:
+def save_artifact(model, tokenizer, run_dir: Path, config: TailorConfig, root: Path | None = None) -> Path:
     """Write a trained method's artifact with the resolved config beside it."""
     method = registry.get(config.train.method, key="train.method")
     target = artifact_dir(run_dir, method)
-    with _artifact_folder(target, config) as tmp:
+    with _artifact_folder(target, config, method, root) as tmp:
         if method.save is not None:
             method.save(model, tmp, Path(run_dir), config.method_options(method.name))
         else:
@@ -88,12 +103,13 @@ def save_whole_model(model, folder: Path, run_dir: Path, options) -> None:
     model.save_pretrained(folder)
 
 
-def build_artifact(conversations: list[list[dict]], run_dir: Path, config: TailorConfig) -> tuple[Path, int]:
+def build_artifact(conversations: list[list[dict]], run_dir: Path, config: TailorConfig,
+                   root: Path | None = None) -> tuple[Path, int]:
     """Build the artifact of a method that trains nothing from the training chat records; returns its folder and
     the number of examples it holds."""
     method = registry.get(config.train.method, key="train.method")
     target = artifact_dir(run_dir, method)
-    with _artifact_folder(target, config) as tmp:
+    with _artifact_folder(target, config, method, root) as tmp:
         examples = method.build(conversations, tmp, config.method_options(method.name), config.system_prompt)
     return target, examples
 
@@ -108,6 +124,8 @@ class InferenceModels:
     has_artifact: bool = True
     profile: Any = None  # `prompt`: the PromptProfile that `method` applies to every conversation
     tokenizer: Any = None  # a "model" artifact's own tokenizer (from_scratch trains one); None: the base's
+    grounding: Any = None  # retrieval.Grounding when the artifact answers from retrieved passages
+    bare_base: bool = False  # `rag`: the customized model is the base itself, only its conversations differ
 
     def tokenizer_for(self, name: str, base_tokenizer):
         """The tokenizer model `name` reads and writes with: a model artifact's own, else the base's."""
@@ -124,7 +142,7 @@ class InferenceModels:
             raise KeyError(name)
         if name == "base" and self.separate_base is not None:
             yield self.separate_base
-        elif name == "base" and self.has_artifact and self.profile is None:
+        elif name == "base" and self.has_artifact and self.profile is None and not self.bare_base:
             with self.model.disable_adapter():  # the same base weights, adapter off: no second copy in memory
                 yield self.model
         else:
@@ -168,9 +186,27 @@ def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype
     a caller that says so passes `own_tokenizers=True`, any other stops with one message instead of feeding it the
     base's token ids."""
     method = run_method(config, run_dir)
-    options = config.method_options(method.name)
     folder = artifact_dir(run_dir, method)
+    models = _load_artifact(config, run_dir, method, folder, base_ref, dtype, own_tokenizers)
+    if models.has_artifact:
+        from tailor.retrieval.grounding import Grounding
+        from tailor.models.base import load_tokenizer
+
+        tokenizer = models.tokenizer or load_tokenizer(base_ref)
+        models.grounding = Grounding.load(folder, lambda text: len(tokenizer(text, add_special_tokens=False)
+                                                                   ["input_ids"]))
+    return models
+
+
+def _load_artifact(config: TailorConfig, run_dir: Path, method: Method, folder: Path, base_ref: str,
+                   dtype: torch.dtype, own_tokenizers: bool) -> InferenceModels:
+    options = config.method_options(method.name)
     load_options = method.load_options(options) if method.load_options else {}
+    if method.artifact == "rag":
+        # one model in memory: "base" and "rag" differ only in the passages put into the conversation
+        base = load_model(base_ref, dtype=dtype).eval()
+        return InferenceModels(method.name, base, has_artifact=(folder / ARTIFACT_MARKERS["rag"]).is_file(),
+                               bare_base=True)
     if method.artifact == "prompt":
         from tailor.methods.prompt import PROFILE_FILE, load_profile
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from tailor.errors import TailorError
 
 # Modules imported on first use, in cheapest-to-costliest order (the order `tailor methods` lists them in).
-METHOD_MODULES = ("prompt", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full",
+METHOD_MODULES = ("prompt", "rag", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full",
                   "continued_pretraining", "distill", "from_scratch",
                   "reward", "dpo", "ppo")
 
@@ -62,7 +62,8 @@ class Method:
     # False: no weights change; `build` writes the artifact instead of the training loop (no optimizer, no checkpoints)
     trains: bool = True
     # "adapter": a standard PEFT folder RUN/adapter/ loaded on top of the base; "model": a complete model RUN/model/;
-    # "prompt": a prompt profile RUN/prompt/ applied to the conversations of the unchanged base
+    # "prompt": a prompt profile RUN/prompt/ applied to the conversations of the unchanged base; "rag": RUN/rag/
+    # with only retrieval.json, the unchanged base answering from retrieved passages
     artifact: str = "adapter"
     # artifact_for(options) -> the artifact kind when the options decide it (DPO: LoRA adapter or full model);
     # read through `artifacts.run_method`, which resolves it for a run
@@ -76,6 +77,8 @@ class Method:
     # build(conversations, folder, options, workspace_system_prompt) -> examples used: writes the artifact of a
     # method that trains nothing from the training chat records, into a temporary folder renamed into place
     build: Callable[[list[list[dict]], Path, Any, str], int] | None = None
+    # False: `build` needs no training records (rag answers from the index)
+    needs_data: bool = True
     # tokenizer(ctx: TrainContext) -> the tokenizer the data is encoded with and a "model" artifact is saved with;
     # None: the base model's (from_scratch trains its own; distill uses its student's)
     tokenizer: Callable[[TrainContext], Any] | None = None

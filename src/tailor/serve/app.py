@@ -27,8 +27,8 @@ from tailor.config import ServeConfig
 from tailor.errors import TailorError
 from tailor.serve.ab import AliasRouter
 from tailor.serve.cache import ResponseCache
-from tailor.serve.engine import (Engine, PromptTooLongError, QueueFullError, UnknownModelError,
-                                 UnsupportedRequestError)
+from tailor.serve.engine import (Engine, PromptTooLongError, QueueFullError, RetrievalUnavailableError,
+                                 UnknownModelError, UnsupportedRequestError)
 from tailor.serve.feedback import FeedbackStore, UnknownResponseError
 from tailor.serve.filters import OutputFilter
 from tailor.serve.logs import RequestLog
@@ -62,7 +62,9 @@ def build_services(engine: Engine, config: ServeConfig, root: Path, state_dir: P
         aliases=AliasRouter(config.aliases, engine.model_names()),
         limiter=RateLimiter(config.rate_limit),
         keys=KeyStore.load(where(config.api_key_file, root)) if config.api_key_file else None,
-        max_prompt_tokens=config.max_prompt_tokens)
+        max_prompt_tokens=config.max_prompt_tokens,
+        # the run's own customization is the engine's last name (tailor chat's default too)
+        default_model=engine.model_names()[-1])
 
 
 def create_app(engine: Engine, config: ServeConfig | None = None, root: Path | str = ".",
@@ -96,6 +98,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, root: Path | s
     app.add_exception_handler(PromptTooLongError, _prompt_too_long)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(UnsupportedRequestError, _unsupported)
+    app.add_exception_handler(RetrievalUnavailableError, _retrieval_unavailable)
     app.add_exception_handler(UnknownResponseError, _unknown_response)
     app.add_exception_handler(TailorError, _bad_request)
     app.add_exception_handler(HTTPException, _http_error)
@@ -206,6 +209,11 @@ async def _prompt_too_long(request: Request, exc: PromptTooLongError) -> JSONRes
 
 async def _unsupported(request: Request, exc: UnsupportedRequestError) -> JSONResponse:
     return _error(400, ErrorBody(message=str(exc), param=exc.param, code="unsupported_request"))
+
+
+async def _retrieval_unavailable(request: Request, exc: RetrievalUnavailableError) -> JSONResponse:
+    return _error(503, ErrorBody(message=f"retrieval failed: {exc}", type="server_error",
+                                 code="retrieval_unavailable"))
 
 
 async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:

@@ -16,6 +16,7 @@ class CachedAnswer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    citations: list[dict] | None = None  # a grounded model's sources, served again with the answer
 
 
 class ResponseCache:

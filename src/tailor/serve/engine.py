@@ -65,6 +65,10 @@ class UnsupportedRequestError(TailorError):
         self.param = param
 
 
+class RetrievalUnavailableError(TailorError):
+    """A grounded model could not retrieve (its index server is unreachable): the server, not the request, failed."""
+
+
 class QueueFullError(TailorError):
     """Every decoding slot is busy and the waiting queue is full; try again after `retry_after` seconds."""
 
@@ -106,6 +110,22 @@ class Generation(Iterator[str]):
         self._deltas: queue.SimpleQueue = queue.SimpleQueue()
         self._done = False
         self.cancelled = False
+        self.retrieval = None  # retrieval.Retrieval of a grounded model: the passages its prompt quoted
+        self.grounding = None  # retrieval.Grounding that cites the finished text
+
+    @classmethod
+    def finished_with(cls, model: str, text: str, completion_tokens: int) -> Generation:
+        """A reply decided without decoding (a grounded model abstaining): iterating yields `text` once."""
+        generation = cls(model, 0)
+        generation._deltas.put(text)
+        generation._deltas.put(_END)
+        generation.finish_reason, generation.completion_tokens = "stop", completion_tokens
+        generation.first_token_at = generation.finished_at = time.monotonic()
+        return generation
+
+    def citations(self, text: str) -> list[dict] | None:
+        """The sources of the finished reply `text` (None for a model without retrieval)."""
+        return None if self.grounding is None else self.grounding.cite(text, self.retrieval)
 
     def __next__(self) -> str:
         if self._done:
@@ -146,6 +166,7 @@ class _Customization:
     soft_prompt: torch.Tensor | None = None  # [virtual tokens, hidden], prepended at prefill
     prefix: list | None = None  # prefix tuning: per layer (keys, values), each [kv_heads, virtual tokens, head_dim]
     profile: Any = None  # PromptProfile
+    grounding: Any = None  # retrieval.Grounding: retrieve per request, quote the passages, cite the answer
     folder: str | None = None
     requests: int = 0  # requests holding it; a replaced one is unloaded when this reaches 0
     retired: bool = False
@@ -180,7 +201,8 @@ class Engine:
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, base_name: str = "base",
                  dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = "",
                  profiles: dict[str, PromptProfile] | None = None, *, max_batch_size: int = 16,
-                 max_queue: int = 64, request_timeout: float | None = None, speculative_tokens: int | None = None):
+                 max_queue: int = 64, request_timeout: float | None = None, speculative_tokens: int | None = None,
+                 answer_sentences: int | None = None):
         """`adapters` maps served names to folders: PEFT adapters (LoRA, prompt tuning, p-tuning, IA3, …), prompt
         profile folders, or whole model folders (a `full` run); `profiles` maps names to loaded prompt profiles.
         `speculative_tokens`: draft tokens a lone greedy request may check per step (prompt lookup); 0: off; None:
@@ -196,6 +218,7 @@ class Engine:
             raise TailorError(f"base_model: {base_model} has no chat template, so it cannot serve chat completions")
         self.base_name = base_name
         self.max_new_tokens = max_new_tokens
+        self.answer_sentences = answer_sentences  # chat replies stop after this many sentences (None: no limit)
         # the workspace's system prompt is what the customized model was trained with; a client that sends
         # none gets it, one that sends its own keeps it
         self.system_prompt = system_prompt
@@ -268,6 +291,15 @@ class Engine:
     def model_names(self) -> list[str]:
         return list(self._models)
 
+    def passage(self, chunk_id: str) -> dict | None:
+        """A corpus chunk that a served model's index holds (what a citation's id points to), or None."""
+        for custom in list(self._models.values()):
+            if custom.grounding is not None:
+                index = custom.grounding.retriever.index
+                if chunk_id in index.position:
+                    return index.chunks[index.position[chunk_id]]
+        return None
+
     def add_adapter(self, name: str, folder: str | Path) -> None:
         """Serve `folder` (a PEFT adapter, a prompt profile folder or a whole model folder) as `name`. An existing
         name is replaced between two decoding steps: requests already running finish on the old version, new ones
@@ -300,6 +332,19 @@ class Engine:
             raise TailorError(f"serve: the adapter name '{name}' is taken by the base model; rename it")
 
     def _load(self, name: str, folder: Path) -> _Customization:
+        """The customization in `folder`, with its retrieval when the folder holds retrieval.json."""
+        from tailor.retrieval.grounding import RETRIEVAL_FILE, Grounding
+
+        only_retrieval = (folder / RETRIEVAL_FILE).is_file() and not any(
+            (folder / marker).is_file() for marker in ("profile.json", "adapter_config.json", "config.json"))
+        custom = _Customization("base", folder=str(folder)) if only_retrieval else self._load_weights(name, folder)
+        custom.grounding = Grounding.load(folder, self.count_tokens)
+        return custom
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _load_weights(self, name: str, folder: Path) -> _Customization:
         from tailor.methods.prompt import PROFILE_FILE, load_profile
 
         if (folder / PROFILE_FILE).is_file():
@@ -313,7 +358,8 @@ class Engine:
                                   f"serve it with its own `tailor serve`")
             return self._own_backbone(model, folder)
         raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder (no adapter_config.json), "
-                          f"a prompt profile ({PROFILE_FILE}) or a model folder (config.json)")
+                          f"a prompt profile ({PROFILE_FILE}), a rag folder (retrieval.json) or a model folder "
+                          f"(config.json)")
 
     def _load_peft(self, name: str, folder: Path) -> _Customization:
         import peft
@@ -446,23 +492,53 @@ class Engine:
 
             # retrieving the examples embeds the question: a torch forward, so on the decode thread (between steps)
             messages = self._on_decode_thread(lambda: apply_profile(custom.profile, messages))
+        retrieval = None
+        if custom.grounding is not None:
+            retrieval = self._retrieve(custom.grounding, messages)
+            if retrieval is not None and retrieval.abstain:
+                answer = custom.grounding.settings.abstain_answer
+                generation = Generation.finished_with(model, answer, self.count_tokens(answer))
+                generation.retrieval, generation.grounding = retrieval, custom.grounding
+                return generation
+            messages = custom.grounding.ground(messages, retrieval)
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout,
-                            "messages")
+        generation = self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout,
+                                  "messages", sentences=self.answer_sentences)
+        generation.retrieval, generation.grounding = retrieval, custom.grounding
+        return generation
+
+    def _retrieve(self, grounding, messages: list[dict]):
+        """Search the customization's index for the last question, on the decode thread (embedding is a torch
+        forward). A question over the passages' token budget is the request's fault; a failing index server is
+        not."""
+        from tailor.retrieval.grounding import last_question
+
+        question = last_question(messages) or ""
+        budget = grounding.settings.max_context_tokens
+        if self.count_tokens(question) > budget:
+            raise UnsupportedRequestError(f"messages: the question is {self.count_tokens(question)} tokens, over the "
+                                          f"retrieval budget of {budget} (retrieval.max_context_tokens)",
+                                          param="messages")
+        try:
+            return self._on_decode_thread(lambda: grounding.retrieve(messages))
+        except TailorError as exc:
+            raise RetrievalUnavailableError(str(exc)) from None
 
     def complete(self, model: str, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
                  timeout: float | None = None) -> Generation:
         """Continue raw text (no chat template, no system prompt), for /v1/completions."""
         custom = self._lookup(model)
-        if custom.kind == "profile":
-            raise UnsupportedRequestError(f"model '{model}' is a prompt profile: it builds chat conversations, so it "
+        if custom.kind == "profile" or custom.grounding is not None:
+            what = "a prompt profile" if custom.kind == "profile" else "grounded in retrieved passages"
+            raise UnsupportedRequestError(f"model '{model}' is {what}: it builds chat conversations, so it "
                                           f"answers chat completions only")
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         if not prompt_ids:
             raise UnsupportedRequestError("prompt: must not be empty", param="prompt")
-        return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout, "prompt")
+        return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout, "prompt",
+                            sentences=None)
 
     def _lookup(self, model: str) -> _Customization:
         custom = self._models.get(model)
@@ -472,7 +548,7 @@ class Engine:
 
     def _submit(self, model: str, custom: _Customization, prompt_ids: list[int], max_tokens: int | None,
                 temperature: float, top_p: float, stop: list[str] | None, seed: int | None,
-                timeout: float | None, field_name: str) -> Generation:
+                timeout: float | None, field_name: str, sentences: int | None = None) -> Generation:
         budget = max_tokens or self.max_new_tokens
         virtual = (custom.soft_prompt.shape[0] if custom.soft_prompt is not None
                    else custom.prefix[0][0].shape[1] if custom.prefix is not None else 0)
@@ -487,7 +563,7 @@ class Engine:
         timeout = timeout if timeout is not None else self.request_timeout
         request = _Request(
             generation=generation, custom=custom, prompt_ids=prompt_ids,
-            decoder=Decoder(self.tokenizer, self.end_of_turn_ids, budget, [s for s in stop or [] if s]),
+            decoder=Decoder(self.tokenizer, self.end_of_turn_ids, budget, [s for s in stop or [] if s], sentences),
             temperature=temperature, top_p=top_p,
             generator=torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None,
             deadline=generation.created_at + timeout if timeout else None)

@@ -34,6 +34,10 @@ class _ThreadedEngine:
     base_name = "base"
     revision = 0  # these engines serve a fixed set of models: cached answers never go stale
 
+    def passage(self, chunk_id: str) -> dict | None:
+        """External engines serve no retrieval: no passage to show."""
+        return None
+
     def model_names(self) -> list[str]:
         return [self.base_name, *self._adapters]
 

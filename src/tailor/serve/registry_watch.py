@@ -44,9 +44,11 @@ class SyncResult:
 
 
 def artifact_folder(version: ModelVersion) -> Path | None:
-    """The folder a version is served from: its PEFT adapter, whole model or prompt profile (the engine loads all
-    three); None when the version recorded none of them."""
-    for folder in ("adapter", "model", "prompt"):
+    """The folder a version is served from: its PEFT adapter, whole model, prompt profile or rag settings (the engine
+    loads all four); None when the version recorded none of them."""
+    from tailor.methods.artifacts import ARTIFACT_DIRS
+
+    for folder in ARTIFACT_DIRS.values():
         if any(path.startswith(f"{folder}/") for path in version.artifacts):
             return Path(version.run_dir) / folder
     return None

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from tailor.sentences import sentence_cut
+
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0; otherwise sample from the smallest set of tokens whose mass reaches top_p.
@@ -34,8 +36,10 @@ class Decoder:
     """Turns one request's generated token ids into text deltas: it holds back a half-decoded character and any
     tail that may still grow into a stop string, and cuts the reply before the first stop string."""
 
-    def __init__(self, tokenizer, end_of_turn_ids: set[int], max_tokens: int, stop: list[str]):
+    def __init__(self, tokenizer, end_of_turn_ids: set[int], max_tokens: int, stop: list[str],
+                 sentences: int | None = None):
         self.tokenizer = tokenizer
+        self.sentences = sentences  # stop once this many sentences are complete (None: no limit)
         self.end_of_turn_ids = end_of_turn_ids
         self.max_tokens = max_tokens
         self.stop = stop
@@ -54,6 +58,9 @@ class Decoder:
         self.text = self.tokenizer.decode(self.generated, skip_special_tokens=True,
                                           clean_up_tokenization_spaces=False)
         cut = first_stop(self.text, self.stop)
+        sentence_end = sentence_cut(self.text, self.sentences)
+        if sentence_end is not None and (cut is None or sentence_end < cut):
+            cut = sentence_end
         if cut is not None:
             delta = self.text[len(self.emitted):cut] if cut > len(self.emitted) else ""
             self.emitted = self.text[:max(cut, len(self.emitted))]

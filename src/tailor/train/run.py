@@ -24,12 +24,17 @@ from tailor.train.loop import TrainResult, total_steps, train
 from tailor.workspace import read_jsonl, update_manifest
 
 
-def load_chat_examples(path: Path, tokenizer) -> list[Example]:
+def load_chat_examples(path: Path, tokenizer, grounding=None) -> list[Example]:
+    """Tokenized chat records; with `grounding`, each with the passages retrieved for its question quoted in the
+    prompt, as the model will see them when it is evaluated and served."""
     examples = []
     for line_no, record in read_jsonl(path):
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise TailorError(f"{path}:{line_no}: expected a non-empty \"messages\" list")
+        if grounding is not None:
+            prompt = messages[:-1] if messages[-1].get("role") == "assistant" else messages
+            messages = [*grounding.ground(prompt, grounding.retrieve(prompt), force=True), *messages[len(prompt):]]
         examples.append(tokenize_chat(tokenizer, messages, where=f"{path}:{line_no}"))
     return examples
 
@@ -64,14 +69,14 @@ def run_training(config: TailorConfig, root: Path, run_dir: Path, *, resume: boo
     method = registry.get(config.train.method, key="train.method")
     base_ref = resolve_base_model(config.base_model, root=root)
     if not method.trains:
-        if not train_path.is_file():
+        if method.needs_data and not train_path.is_file():
             raise TailorError(f"{train_path}: not found; run `tailor data build` first")
-        return build_method(config, run_dir, train_path, base_ref)
+        return build_method(config, root, run_dir, train_path, base_ref)
     prepared = prepare_training(config, root, run_dir, base_ref=base_ref)
     result, finished = train_phases(prepared, config, run_dir, resume=resume, show_progress=show_progress,
                                     should_stop=should_stop)
     if finished and is_main_process():  # under torchrun/accelerate launch, one process writes the artifact
-        artifact = save_artifact(prepared.model, prepared.tokenizer, run_dir, config)
+        artifact = save_artifact(prepared.model, prepared.tokenizer, run_dir, config, root)
         update_manifest(run_dir, "train", config=config.model_dump(mode="json"),
                         inputs=[path for path in prepared.inputs if path.is_file()],
                         outputs=[artifact, run_dir / "metrics.jsonl"],
@@ -94,13 +99,27 @@ class PreparedRun:
     phase_results: list[dict] = field(default_factory=list)
 
 
-def sft_phase(run_dir: Path, tokenizer, name: str = "sft") -> registry.Phase:
-    """Chat records from RUN/data: loss on the assistant turns."""
+def sft_phase(run_dir: Path, tokenizer, name: str = "sft", grounding=None) -> registry.Phase:
+    """Chat records from RUN/data: loss on the assistant turns (with `grounding`, on retrieved passages)."""
     train_path, eval_path = run_dir / "data" / "train.jsonl", run_dir / "data" / "eval.jsonl"
     if not train_path.is_file():
         raise TailorError(f"{train_path}: not found; run `tailor data build` first")
-    eval_examples = load_chat_examples(eval_path, tokenizer) if eval_path.is_file() else []
-    return registry.Phase(name, load_chat_examples(train_path, tokenizer), eval_examples)
+    eval_examples = load_chat_examples(eval_path, tokenizer, grounding) if eval_path.is_file() else []
+    return registry.Phase(name, load_chat_examples(train_path, tokenizer, grounding), eval_examples)
+
+
+def training_grounding(config: TailorConfig, root: Path, run_dir: Path, tokenizer):
+    """retrieval.enabled: the retrieval that training prompts get (the same settings eval and serve will use)."""
+    if not config.retrieval.enabled:
+        return None
+    from tailor.retrieval.grounding import Grounding, index_folder
+    from tailor.retrieval.search import Retriever
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return Grounding(Retriever(index_folder(config, root, run_dir), config.retrieval, count_tokens),
+                     config.system_prompt)
 
 
 def prepare_training(config: TailorConfig, root: Path, run_dir: Path, *, base_ref: str | None = None
@@ -113,7 +132,8 @@ def prepare_training(config: TailorConfig, root: Path, run_dir: Path, *, base_re
     context = registry.TrainContext(config, Path(root), run_dir, base_ref, compute_dtype,
                                     config.method_options(method.name))
     tokenizer = method.tokenizer(context) if method.tokenizer else load_tokenizer(base_ref)
-    phases = method.phases(context, tokenizer) if method.phases else [sft_phase(run_dir, tokenizer)]
+    phases = method.phases(context, tokenizer) if method.phases else [
+        sft_phase(run_dir, tokenizer, grounding=training_grounding(config, Path(root), run_dir, tokenizer))]
     for phase in phases:
         if not phase.train_examples:
             raise TailorError(f"train.method: {method.name} has no training examples for its {phase.name} phase")
@@ -175,18 +195,19 @@ def train_phases(prepared: PreparedRun, config: TailorConfig, run_dir: Path, *, 
     return combined, offset > 0 and not interrupted
 
 
-def build_method(config: TailorConfig, run_dir: Path, train_path: Path, base_ref: str) -> BuildResult:
+def build_method(config: TailorConfig, root: Path, run_dir: Path, train_path: Path, base_ref: str) -> BuildResult:
     """No model, optimizer or checkpoint: the method's artifact is built from the training records."""
     started = time.perf_counter()
     conversations = []
-    for line_no, record in read_jsonl(train_path):
+    for line_no, record in read_jsonl(train_path) if train_path.is_file() else ():
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise TailorError(f"{train_path}:{line_no}: expected a non-empty \"messages\" list")
         conversations.append(messages)
-    artifact, examples = build_artifact(conversations, run_dir, config)
+    artifact, examples = build_artifact(conversations, run_dir, config, root)
     result = BuildResult(config.train.method, examples, round(time.perf_counter() - started, 2), artifact)
-    update_manifest(run_dir, "train", config=config.model_dump(mode="json"), inputs=[train_path], outputs=[artifact],
+    update_manifest(run_dir, "train", config=config.model_dump(mode="json"),
+                    inputs=[train_path] if train_path.is_file() else [], outputs=[artifact],
                     metrics={"examples": examples, "seconds": result.seconds},
                     extra={"method": result.method, "base_model": base_ref})
     return result

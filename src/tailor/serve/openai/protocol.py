@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
@@ -107,13 +107,42 @@ def now() -> int:
     return int(time.time())
 
 
-class ChatCompletion(BaseModel):
+class Citation(BaseModel):
+    """A source of a grounded answer: where the passage comes from and what it says (a tailor extension that the
+    `openai` client keeps as an extra field)."""
+
+    id: str = Field(description="The corpus chunk id.")
+    source: str = Field(description="The document: a file path or a crawled URL.")
+    title: str | None = Field(None, description="The document's title.")
+    page: int | None = Field(None, description="PDF page, when the document has pages.")
+    line: int | None = Field(None, description="Line of the document where the record starts, when known.")
+    url: str | None = Field(None, description="The document's URL, when it was crawled.")
+    snippet: str = Field(description="The start of the quoted passage.")
+    rank: int = Field(description="The passage's place in the retrieval ranking (1 = best).")
+    support: float | None = Field(None, description="Share of the answer's content words the passage holds.")
+
+
+class _Extensions(BaseModel):
+    """Leaves out tailor's extension fields while they are None, so a reply of a model without retrieval is exactly
+    OpenAI's shape."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extensions(self, handler):
+        data = handler(self)
+        if data.get("citations") is None:
+            data.pop("citations", None)
+        return data
+
+
+class ChatCompletion(_Extensions):
     id: str = Field(default_factory=completion_id)
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str
     choices: list[Choice]
     usage: Usage
+    citations: list[Citation] | None = Field(None, description=(
+        "Sources of a grounded answer (models served with retrieval); [] when it abstained."))
 
 
 class Delta(BaseModel):
@@ -132,13 +161,14 @@ class ChunkChoice(BaseModel):
         return delta.model_dump(exclude_none=True)  # as OpenAI: role in the first chunk only, {} in the last
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Extensions):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    citations: list[Citation] | None = Field(None, description="On the chunk that ends a grounded reply.")
 
 
 class CompletionChoice(BaseModel):
@@ -169,6 +199,20 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    default: str | None = Field(None, description=(
+        "tailor extension: the model the workspace customized, which the chat page opens on."))
+
+
+class SourcePassage(BaseModel):
+    """GET /v1/sources/{id}: the whole chunk a citation points to, with its provenance."""
+
+    id: str
+    source: str
+    title: str | None = None
+    page: int | None = None
+    line: int | None = None
+    url: str | None = None
+    text: str
 
 
 class ErrorBody(BaseModel):

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from tailor.serve.openai import serving
 from tailor.serve.openai.protocol import (AdapterRequest, ApiError, ChatCompletion, ChatCompletionRequest,
                                           Completion, CompletionRequest, FeedbackReceipt, FeedbackRequest, ModelCard,
-                                          ModelList)
+                                          ModelList, SourcePassage)
 from tailor.serve.security import Caller, bearer_token
 
 router = APIRouter(prefix="/v1")
@@ -88,6 +88,16 @@ async def completions(body: CompletionRequest, request: Request,
 @router.get("/models")
 async def models(request: Request, caller: Caller = Depends(chat_scope)) -> ModelList:
     return serving.list_models(services_of(request))
+
+
+@router.get("/sources/{chunk_id}")
+async def source_passage(chunk_id: str, request: Request, caller: Caller = Depends(chat_scope)) -> SourcePassage:
+    """The whole passage a citation's `id` points to (a grounded answer's citation carries only a snippet)."""
+    chunk = services_of(request).engine.passage(chunk_id)
+    if chunk is None:
+        raise ApiError(404, f"id: no passage '{chunk_id}' in the indexes of the served models", param="id",
+                       code="source_not_found")
+    return SourcePassage(**{key: chunk.get(key) for key in SourcePassage.model_fields})
 
 
 @router.post("/feedback")

@@ -46,11 +46,13 @@ class Services:
     limiter: RateLimiter
     keys: KeyStore | None
     max_prompt_tokens: int
+    default_model: str | None = None  # the workspace's customized model: the chat page opens on it
 
 
 def list_models(services: Services) -> ModelList:
     names = [*services.engine.model_names(), *services.aliases.names()]
-    return ModelList(data=[ModelCard(id=name) for name in names])
+    default = services.default_model if services.default_model in names else None
+    return ModelList(data=[ModelCard(id=name) for name in names], default=default)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def _start(services: Services, answer: Answer, request: SamplingRequest, text_pr
 
 
 def _finish(services: Services, answer: Answer, text: str, finish_reason: str, prompt_tokens: int,
-            completion_tokens: int, cache_key: str | None) -> None:
+            completion_tokens: int, cache_key: str | None, citations: list[dict] | None = None) -> None:
     """Record, log and measure a finished answer. Runs on a worker thread: the database write syncs to disk."""
     ended = time.perf_counter()
     latency_ms = (ended - answer.started) * 1000
@@ -116,7 +118,8 @@ def _finish(services: Services, answer: Answer, text: str, finish_reason: str, p
         if answer.first_token and completion_tokens and ended > answer.started:
             metrics.throughput.labels(answer.model).observe(completion_tokens / (ended - answer.started))
         if cache_key is not None and finish_reason is not None:
-            services.cache.put(cache_key, CachedAnswer(text, finish_reason, prompt_tokens, completion_tokens))
+            services.cache.put(cache_key, CachedAnswer(text, finish_reason, prompt_tokens, completion_tokens,
+                                                       citations))
     services.feedback.record_completion(
         id=answer.id, model=answer.model, alias=answer.alias, endpoint=answer.endpoint, prompt=answer.prompt,
         answer=text, user=answer.user, latency_ms=latency_ms, first_token_ms=first_ms,
@@ -126,7 +129,8 @@ def _finish(services: Services, answer: Answer, text: str, finish_reason: str, p
                                prompt=answer.prompt, answer=text, finish_reason=finish_reason,
                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                latency_ms=round(latency_ms, 1), cached=answer.cached,
-                               first_token_ms=round(first_ms, 1) if first_ms is not None else None)
+                               first_token_ms=round(first_ms, 1) if first_ms is not None else None,
+                               **({} if citations is None else {"sources": [c["source"] for c in citations]}))
 
 
 def _cache_key(services: Services, answer: Answer, request: SamplingRequest) -> str | None:
@@ -194,38 +198,52 @@ async def chat_request(services: Services, request: ChatCompletionRequest, calle
     return await _chat_whole(services, answer, generation, hit, key)
 
 
+def _citations(generation: Generation | None, hit: CachedAnswer | None, text: str) -> list[dict] | None:
+    """The sources of a finished reply of a grounded model (None for others): attributed to the text the client
+    got, after the output filters."""
+    return hit.citations if hit else generation.citations(text)
+
+
 async def _whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
-                 key: str | None) -> tuple[str, str | None, int, int]:
-    """The whole filtered reply (from the cache or the engine), recorded: text, finish reason and token counts."""
+                 key: str | None) -> tuple[str, str | None, int, int, list[dict] | None]:
+    """The whole filtered reply (from the cache or the engine), recorded: text, finish reason, token counts and
+    the sources of a grounded answer."""
     text = hit.text if hit else await run_in_threadpool(_collect, services, answer, generation)
     reason, prompt_tokens, completion_tokens = _outcome(generation, hit)
-    await run_in_threadpool(_finish, services, answer, text, reason, prompt_tokens, completion_tokens, key)
-    return text, reason, prompt_tokens, completion_tokens
+    citations = _citations(generation, hit, text)
+    await run_in_threadpool(_finish, services, answer, text, reason, prompt_tokens, completion_tokens, key,
+                            citations)
+    return text, reason, prompt_tokens, completion_tokens, citations
 
 
 async def _chat_whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
                       key: str | None) -> ChatCompletion:
-    text, reason, prompt_tokens, completion_tokens = await _whole(services, answer, generation, hit, key)
+    text, reason, prompt_tokens, completion_tokens, citations = await _whole(services, answer, generation, hit, key)
     return ChatCompletion(id=answer.id, model=answer.model, usage=_usage(prompt_tokens, completion_tokens),
-                          choices=[Choice(message=AssistantMessage(content=text), finish_reason=reason)])
+                          choices=[Choice(message=AssistantMessage(content=text), finish_reason=reason)],
+                          citations=citations)
 
 
 async def _chat_events(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
                        key: str | None, include_usage: bool) -> AsyncIterator[str]:
     created = now()
 
-    def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(id=answer.id, created=created, model=answer.model, choices=choices, usage=usage)
+    def event(choices: list[ChunkChoice], usage: Usage | None = None, citations: list[dict] | None = None) -> str:
+        chunk = ChatCompletionChunk(id=answer.id, created=created, model=answer.model, choices=choices, usage=usage,
+                                    citations=citations)
         return f"data: {chunk.model_dump_json()}\n\n"
 
     def piece(text: str) -> str:
         return event([ChunkChoice(delta=Delta(content=text))])
 
     yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
-    async for text in _streamed(services, answer, generation, hit, key, piece):
+    sent: list[str] = []
+    async for text in _streamed(services, answer, generation, hit, key, piece, sent):
         yield text
     reason, prompt_tokens, completion_tokens = _outcome(generation, hit)
-    yield event([ChunkChoice(delta=Delta(), finish_reason=reason)])
+    # the sources ride on the chunk that ends the reply, attributed to the whole text the client received
+    yield event([ChunkChoice(delta=Delta(), finish_reason=reason)], citations=_citations(generation, hit,
+                                                                                          "".join(sent)))
     if include_usage:
         yield event([], usage=_usage(prompt_tokens, completion_tokens))
     yield "data: [DONE]\n\n"
@@ -244,18 +262,23 @@ def _outcome(generation: Generation | None, hit: CachedAnswer | None) -> tuple[s
 
 
 async def _streamed(services: Services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
-                    key: str | None, piece: Callable[[str], str]) -> AsyncIterator[str]:
-    """The filtered text as server-sent events; records the answer at the end, even a client that left early."""
+                    key: str | None, piece: Callable[[str], str], sent: list[str] | None = None
+                    ) -> AsyncIterator[str]:
+    """The filtered text as server-sent events; records the answer at the end, even a client that left early.
+    `sent` collects the text pieces as they go out."""
+    sent = [] if sent is None else sent
     if hit:
+        sent.append(hit.text)
         yield piece(hit.text)
         await run_in_threadpool(_finish, services, answer, hit.text, hit.finish_reason, hit.prompt_tokens,
-                                hit.completion_tokens, key)
+                                hit.completion_tokens, key, hit.citations)
         return
     stream_filter = services.output_filter.stream()
     failed = False
     try:
         # each next() runs in a worker thread: one token's forward pass at a time, off the event loop
         async for text in iterate_in_threadpool(_filtered_deltas(services, answer, generation, stream_filter)):
+            sent.append(text)
             yield piece(text)
     except Exception as exc:  # the 200 is already sent: report in-band, as OpenAI does
         failed = True
@@ -268,7 +291,8 @@ async def _streamed(services: Services, answer: Answer, generation: Generation |
         stream_filter.finish()
         reason, prompt_tokens, completion_tokens = _outcome(generation, None)
         await run_in_threadpool(_finish, services, answer, stream_filter.text, reason, prompt_tokens,
-                                completion_tokens, None if failed or generation.cancelled else key)
+                                completion_tokens, None if failed or generation.cancelled else key,
+                                generation.citations(stream_filter.text))
 
 
 # --- legacy completions -----------------------------------------------------------------------------------------
@@ -288,7 +312,7 @@ async def completion_request(services: Services, request: CompletionRequest, cal
 
 async def _completion_whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
                             key: str | None) -> Completion:
-    text, reason, prompt_tokens, completion_tokens = await _whole(services, answer, generation, hit, key)
+    text, reason, prompt_tokens, completion_tokens, _ = await _whole(services, answer, generation, hit, key)
     return Completion(id=answer.id, model=answer.model, usage=_usage(prompt_tokens, completion_tokens),
                       choices=[CompletionChoice(text=text, finish_reason=reason)])
 
