@@ -36,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "grounded.json"
 RUNS = ROOT / "runs" / "grounded"  # runs/ is not versioned
 DOMAINS = {"city": "city-services", "privoxy": "privoxy-docs"}
 METRICS = ("token_f1", "answerable_token_f1", "exact_match", "fact_recall", "recall_at_1", "recall_at_5",
-           "recall_at_10", "mrr", "faithfulness", "citation_accuracy", "abstention_accuracy", "false_abstention",
+           "recall_at_10", "mrr", "document_recall_at_5", "faithfulness", "citation_accuracy", "abstention_accuracy", "false_abstention",
            "eval_loss", "retrieval_ms", "gold_known", "n")
 GOALS = {"recall_at_5": 0.9, "rag_f1_ratio": 2.0, "citation_accuracy": 0.8, "index_seconds": 60.0,
          "retrieval_ms": 50.0}

@@ -99,8 +99,9 @@ def test_rag_needs_no_training_data_and_is_evaluated_for_grounding(rag_run):
 def rag_server(rag_run, tiny_model_dir):
     _, _, run_dir = rag_run
     engine = Engine(tiny_model_dir, adapters={"rag": str(run_dir / "rag")}, dtype=torch.float32, max_new_tokens=12)
+    # the output filters run on grounded answers too: "say" is blocked in every reply
     server, url = start_server(engine, config=ServeConfig(feedback_db=":memory:", request_log=None,
-                                                          rate_limit="10000/minute"))
+                                                          rate_limit="10000/minute", blocklist=[r"\bsay\b"]))
     yield engine, url
     server.should_exit = True
     engine.shutdown()
@@ -132,7 +133,7 @@ def test_served_rag_abstains_and_refuses_raw_completion(rag_server):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     off_topic = [{"role": "user", "content": "Explain quantum chromodynamics gluon confinement"}]
     reply = client.chat.completions.create(model="rag", messages=off_topic, temperature=0)
-    assert reply.choices[0].message.content == "The documents do not say."
+    assert reply.choices[0].message.content == "The documents do not [blocked]."  # abstained, then filtered
     assert reply.model_extra["citations"] == []
     with pytest.raises(openai.BadRequestError, match="grounded in retrieved passages"):
         client.completions.create(model="rag", prompt="City Hall is", max_tokens=4)
@@ -177,3 +178,39 @@ def test_index_command_reports_bad_input_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
     assert "corpus.jsonl: the corpus is empty" in " ".join(result.stderr.split())  # rich wraps long lines
+
+
+def test_compare_ranks_rag_with_its_retrieval_figures(rag_run):
+    from tailor.cli.compare import compare_table, run_compare
+
+    config, root, run_dir = rag_run
+    summary = run_compare(config, root, run_dir, ["rag"], show_progress=False, latency_questions=1)
+    row = summary["methods"][0]
+    assert row["method"] == "rag" and row["trainable_params"] == 0 and row["recall_at_5"] == 1.0
+    assert row["citation_accuracy"] is not None and summary["base"]["recall_at_5"] is None
+    assert "recall@5" in str(compare_table(summary).columns[5].header)
+
+
+def test_an_index_server_that_goes_away_answers_503(tmp_path, tiny_model_dir):
+    from tests.unit.test_retrieval import start_chroma
+
+    process, chroma = start_chroma(tmp_path / "chroma")
+    try:
+        workspace = make_workspace(tmp_path / "ws", tiny_model_dir, retrieval={"url": chroma})
+        config, root, run_dir = prepare_run(workspace)
+        run_training(config, root, run_dir, show_progress=False)
+        engine = Engine(tiny_model_dir, adapters={"rag": str(run_dir / "rag")}, dtype=torch.float32,
+                        max_new_tokens=4)
+        server, url = start_server(engine, config=ServeConfig(feedback_db=":memory:", request_log=None))
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        question = [{"role": "user", "content": "What is the address of City Hall?"}]
+        assert client.chat.completions.create(model="rag", messages=question).model_extra["citations"]
+        process.terminate()
+        process.wait(timeout=20)
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="rag", messages=question)
+        assert failed.value.status_code == 503 and "retrieval failed" in str(failed.value)
+        server.should_exit = True
+        engine.shutdown()
+    finally:
+        process.kill()

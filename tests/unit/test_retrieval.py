@@ -165,32 +165,58 @@ def test_answers_stop_after_their_sentences():
                                                                   "127.0.0.1:8118", "127", "0", "0", "1", "8118"]
 
 
+def test_a_cross_encoder_rescores_the_fused_candidates(index_dir, tmp_path):
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from tailor.methods.prompt import default_embedding_model
+
+    folder = tmp_path / "cross-encoder"  # a tiny random one: the code path, not its quality
+    tokenizer = AutoTokenizer.from_pretrained(default_embedding_model())
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1)
+                                  ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    question = "How much does a marriage license cost?"
+    plain, _ = Retriever(index_dir, RetrievalConfig()).rank(question)
+    reranked, _ = Retriever(index_dir, RetrievalConfig(rerank_model=str(folder), rerank_candidates=8)).rank(question)
+    assert {p for p, _ in reranked[:8]} == {p for p, _ in plain[:8]} and reranked[8:] == plain[8:]
+    chunks = Index(index_dir).chunks
+    expected = CrossEncoder(str(folder), device="cpu").predict([(question, chunks[p]["text"]) for p, _ in plain[:8]])
+    assert sorted(round(float(x), 5) for x in expected) == sorted(round(s, 5) for _, s in reranked[:8])
+    assert [s for _, s in reranked[:8]] == sorted((s for _, s in reranked[:8]), reverse=True)
+    with pytest.raises(TailorError, match="retrieval.rerank_model: .* is not a folder"):
+        Retriever(index_dir, RetrievalConfig(rerank_model=str(tmp_path / "nope"))).rank(question)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def chroma_url(tmp_path_factory):
-    """A real Chroma server (the `chroma` command of the chromadb package), started for these tests."""
+def start_chroma(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real Chroma server (the `chroma` command of the chromadb package) on a free loopback port."""
     chroma = Path(sys.executable).with_name("chroma")
     if not chroma.is_file():
         pytest.fail("the chroma server is not installed (it comes with `make setup`: pip install -e '.[test]')")
     port = _free_port()
-    folder = tmp_path_factory.mktemp("chroma")
     process = subprocess.Popen([str(chroma), "run", "--path", str(folder), "--host", "127.0.0.1", "--port",
                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                return process, f"http://127.0.0.1:{port}"
         except OSError:
             assert process.poll() is None, "the chroma server exited"
             assert time.monotonic() < deadline, "the chroma server did not start"
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def chroma_url(tmp_path_factory):
+    process, url = start_chroma(tmp_path_factory.mktemp("chroma"))
     yield url
     process.terminate()
     process.wait(timeout=20)

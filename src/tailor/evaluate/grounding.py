@@ -66,6 +66,10 @@ def grounding_fields(answer: str, reference: str, meta: dict, retrieval: Retriev
     if gold.chunks:
         ranks = [i for i, chunk_id in enumerate(retrieval.ranking, start=1) if chunk_id in gold.chunks]
         row["gold_rank"] = ranks[0] if ranks else None
+        index = grounding.retriever.index
+        documents = [i for i, chunk_id in enumerate(retrieval.ranking, start=1)
+                     if index.chunks[index.position[chunk_id]]["source"] in gold.sources]
+        row["gold_document_rank"] = documents[0] if documents else None  # any chunk of the right document
     if not row["abstained"]:
         row["faithfulness"] = round(faithfulness(answer, retrieval), 4)
     first = row["citations"][0]["source"] if row["citations"] else None
@@ -94,6 +98,8 @@ def grounding_metrics(rows: list[dict]) -> dict:
     for k in RECALL_AT:
         metrics[f"recall_at_{k}"] = _mean([r["gold_rank"] is not None and r["gold_rank"] <= k for r in with_gold])
     metrics["mrr"] = _mean([1.0 / r["gold_rank"] if r["gold_rank"] else 0.0 for r in with_gold])
+    metrics["document_recall_at_5"] = _mean([r["gold_document_rank"] is not None and r["gold_document_rank"] <= 5
+                                             for r in with_gold])
     metrics["faithfulness"] = _mean([r.get("faithfulness") for r in grounded])
     metrics["citation_accuracy"] = _mean([r["citation_correct"] for r in grounded])
     metrics["retrieval_ms"] = _mean([r["retrieval_ms"] for r in rows if "retrieval_ms" in r])
