@@ -317,8 +317,9 @@ class RetrievalConfig(Section):
         "What the model says when the documents do not answer; eval counts answers holding it as abstentions."))
     instruction: str = Field(DEFAULT_GROUNDING_INSTRUCTION, description=(
         "Added to the system prompt of a grounded conversation; {abstain} is replaced by abstain_answer."))
-    min_support: float = Field(0.3, ge=0, le=1, description=(
-        "A passage is cited when it holds at least this share of the answer's content words."))
+    min_support: float = Field(0.5, ge=0, le=1, description=(
+        "Besides the best-ranked passage, a passage is cited when it holds at least this share of the answer's "
+        "content words (IDF-weighted: rare words such as numbers and names count more)."))
 
 
 class RegistryConfig(Section):

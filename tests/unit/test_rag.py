@@ -214,3 +214,16 @@ def test_an_index_server_that_goes_away_answers_503(tmp_path, tiny_model_dir):
         engine.shutdown()
     finally:
         process.kill()
+
+
+def test_personal_data_quoted_from_the_passages_stays_and_other_is_redacted(rag_run):
+    from tailor.serve.filters import OutputFilter
+
+    passages = "Contact - Main line: (555) 201-4400 - General email: info@maplewood.gov"
+    output = OutputFilter(redact_pii=True)
+    answer = "Call (555) 201-4400 or write to info@maplewood.gov, or jane.doe@example.com."
+    assert output.apply(answer, passages) == "Call (555) 201-4400 or write to info@maplewood.gov, or <EMAIL>."
+    assert "<PHONE>" in output.apply(answer)  # without passages: everything redacted, as before
+    stream = output.stream(passages)
+    sent = "".join(stream.push(answer[i:i + 5]) for i in range(0, len(answer), 5)) + stream.finish()
+    assert sent == output.apply(answer, passages)

@@ -434,11 +434,12 @@ class PiiRedactor:
         self.counts: Counter[str] = Counter()
         self.kept: Counter[str] = Counter()
 
-    def apply(self, text: str) -> tuple[str, list[Finding]]:
-        """The text with findings replaced, and the findings (offsets in the original text) that were replaced."""
+    def apply(self, text: str, public: str = "") -> tuple[str, list[Finding]]:
+        """The text with findings replaced, and the findings (offsets in the original text) that were replaced.
+        A finding that `public` holds word for word stays (an answer quoting the documents it was given)."""
         replaced, pieces, position = [], [], 0
         for finding in detect(text, self.types):
-            if any(pattern.search(finding.text) for pattern in self.keep):
+            if any(pattern.search(finding.text) for pattern in self.keep) or (public and finding.text in public):
                 self.kept[finding.type] += 1
                 continue
             pieces += [text[position:finding.start], self.replacement(finding)]

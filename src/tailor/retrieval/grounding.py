@@ -68,10 +68,15 @@ def is_abstention(answer: str, abstain_answer: str) -> bool:
     return bool(target and target in normalize_answer(answer)) or bool(_ABSTAIN.search(answer))
 
 
-def support(answer: str, text: str) -> float:
-    """Share of the answer's content words found in `text` (0 for an answer without content words)."""
+def support(answer: str, text: str, weight=None) -> float:
+    """Share of the answer's content words found in `text` (0 for an answer without content words); with
+    `weight` (a word's IDF), rare words count more: "400 Linden Avenue" outweighs "city hall"."""
     answer_words = set(words(answer))
-    return len(answer_words & set(words(text))) / len(answer_words) if answer_words else 0.0
+    if not answer_words:
+        return 0.0
+    weight = weight or (lambda word: 1.0)
+    total = sum(weight(w) for w in answer_words)
+    return sum(weight(w) for w in answer_words & set(words(text))) / total if total > 0 else 0.0
 
 
 def faithfulness(answer: str, retrieval: Retrieval) -> float:
@@ -85,19 +90,24 @@ def faithfulness(answer: str, retrieval: Retrieval) -> float:
 CITE_MARGIN = 0.5
 
 
-def cite(answer: str, retrieval: Retrieval, min_support: float, abstain_answer: str) -> list[dict]:
+def cite(answer: str, retrieval: Retrieval, min_support: float, abstain_answer: str, weight=None) -> list[dict]:
     """The sources of an answer: the best-ranked passage (or one holding far more of the answer, CITE_MARGIN),
     then the other passages holding at least `min_support` of its content words, most supportive first; nothing
     for an abstention."""
     if not retrieval.passages or retrieval.abstain or is_abstention(answer, abstain_answer):
         return []
-    scored = [(support(answer, p.text), p) for p in retrieval.passages]
+    scored = [(support(answer, p.text, weight), p) for p in retrieval.passages]
     first = max(scored, key=lambda item: item[0])
     if first[0] - scored[0][0] < CITE_MARGIN:
         first = scored[0]
     rest = sorted([(s, p) for s, p in scored if s >= min_support and p is not first[1]],
                   key=lambda item: (-item[0], item[1].rank))
-    return [p.citation(support=s) for s, p in [first, *rest]]
+    cited, seen = [], set()
+    for s, p in [first, *rest]:
+        if (p.source, p.page) not in seen:  # two chunks of one page are one source to a reader
+            seen.add((p.source, p.page))
+            cited.append(p.citation(support=s))
+    return cited
 
 
 def same_source(source: str, gold: str) -> bool:
@@ -194,4 +204,5 @@ class Grounding:
     def cite(self, answer: str, retrieval: Retrieval | None) -> list[dict]:
         if retrieval is None:
             return []
-        return cite(answer, retrieval, self.settings.min_support, self.settings.abstain_answer)
+        return cite(answer, retrieval, self.settings.min_support, self.settings.abstain_answer,
+                    self.retriever.index.idf)

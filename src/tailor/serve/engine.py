@@ -123,6 +123,10 @@ class Generation(Iterator[str]):
         generation.first_token_at = generation.finished_at = time.monotonic()
         return generation
 
+    def quoted_text(self) -> str:
+        """The passages a grounded model was given (what its answer may quote as it is); "" for other models."""
+        return "\n".join(p.text for p in self.retrieval.passages) if self.retrieval is not None else ""
+
     def citations(self, text: str) -> list[dict] | None:
         """The sources of the finished reply `text` (None for a model without retrieval)."""
         return None if self.grounding is None else self.grounding.cite(text, self.retrieval)

@@ -49,15 +49,18 @@ class OutputFilter:
     def active(self) -> bool:
         return self.redactor is not None or bool(self.blocklist)
 
-    def apply(self, text: str) -> str:
+    def apply(self, text: str, public: str = "") -> str:
+        """`public`: text the answer may quote as it is (a grounded model's retrieved passages: the documents went
+        through ingest's own personal-data step, so a phone number they print is public); the blocklist applies
+        to it all the same."""
         for pattern in self.blocklist:
             text = pattern.sub(BLOCKED, text)
         if self.redactor is not None:
-            text = self.redactor.apply(text)[0]
+            text = self.redactor.apply(text, public)[0]
         return text
 
-    def stream(self) -> StreamFilter:
-        return StreamFilter(self)
+    def stream(self, public: str = "") -> StreamFilter:
+        return StreamFilter(self, public)
 
 
 class StreamFilter:
@@ -67,8 +70,9 @@ class StreamFilter:
     long, it restarts after a sentence end more than 2 * HOLD characters back (detectors read cues such as "Dear"
     within a sentence, so a window starting mid-sentence could read a name differently)."""
 
-    def __init__(self, output_filter: OutputFilter):
+    def __init__(self, output_filter: OutputFilter, public: str = ""):
         self.filter = output_filter
+        self.public = public
         self.raw = ""
         self.anchor = 0  # the window is raw[anchor:]; raw[:anchor] went out as `frozen`
         self.frozen = ""
@@ -87,13 +91,13 @@ class StreamFilter:
         cut = len(window) - held_tail(window)
         if cut <= 0:
             return ""
-        whole, head = self.filter.apply(window), self.filter.apply(window[:cut])
+        whole, head = self.filter.apply(window, self.public), self.filter.apply(window[:cut], self.public)
         if not whole.startswith(head):  # a finding straddles the cut: wait until it is whole
             return ""
         released = self._release(self.frozen + head, self.anchor + cut)
         if len(window) > 3 * HOLD:
             ends = [m.end() for m in re.finditer(r"[.!?\n]\s+", window[:min(cut, len(window) - 2 * HOLD)])]
-            if ends and whole.startswith(frozen_head := self.filter.apply(window[:ends[-1]])) and \
+            if ends and whole.startswith(frozen_head := self.filter.apply(window[:ends[-1]], self.public)) and \
                     self.sent.startswith(self.frozen + frozen_head):
                 self.anchor += ends[-1]
                 self.frozen += frozen_head
@@ -102,7 +106,7 @@ class StreamFilter:
     def finish(self) -> str:
         if not self.filter.active:
             return self._release(self.raw, len(self.raw))
-        return self._release(self.frozen + self.filter.apply(self.raw[self.anchor:]), len(self.raw))
+        return self._release(self.frozen + self.filter.apply(self.raw[self.anchor:], self.public), len(self.raw))
 
     @property
     def text(self) -> str:
@@ -115,7 +119,7 @@ class StreamFilter:
         if ready.startswith(self.sent):
             delta, self.sent = ready[len(self.sent):], ready
         else:
-            delta = self.filter.apply(self.raw[self.sent_raw:raw_end])
+            delta = self.filter.apply(self.raw[self.sent_raw:raw_end], self.public)
             self.sent += delta
         self.sent_raw = max(self.sent_raw, raw_end)
         return delta

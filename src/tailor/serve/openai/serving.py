@@ -162,7 +162,7 @@ def _collect(services: Services, answer: Answer, generation: Generation) -> str:
         for delta in generation:
             answer.tick(services.metrics)
             raw.append(delta)
-        return services.output_filter.apply("".join(raw))
+        return services.output_filter.apply("".join(raw), generation.quoted_text())
     finally:
         generation.close()
 
@@ -273,7 +273,7 @@ async def _streamed(services: Services, answer: Answer, generation: Generation |
         await run_in_threadpool(_finish, services, answer, hit.text, hit.finish_reason, hit.prompt_tokens,
                                 hit.completion_tokens, key, hit.citations)
         return
-    stream_filter = services.output_filter.stream()
+    stream_filter = services.output_filter.stream(generation.quoted_text())
     failed = False
     try:
         # each next() runs in a worker thread: one token's forward pass at a time, off the event loop
