@@ -89,8 +89,9 @@ def read_trained_run(run_dir: Path | str, *, weights: bool = True) -> TrainedRun
     if not weights:
         return run
     if not method.trains:
-        raise TailorError(f"{method.name}: changes no weights, so there is no model to export; export its profile "
-                          f"with --format prompt, or serve it with the base model (`tailor serve`)")
+        what = ("serve it with the base model and its index (`tailor serve`)" if method.artifact == "rag" else
+                "export its profile with --format prompt, or serve it with the base model (`tailor serve`)")
+        raise TailorError(f"{method.name}: changes no weights, so there is no model to export; {what}")
     marker = "config.json" if method.artifact == "model" else "adapter_config.json"
     if not (run.artifact / marker).is_file():
         raise TailorError(f"{run.artifact}: no trained {method.name} artifact ({marker} missing)")

@@ -13,8 +13,9 @@ import tailor
 from tailor.errors import TailorError
 from tailor.workspace import MANIFEST, file_sha256, read_json
 
-# see tailor.methods.artifacts; these folders and the prompt table are checksummed
-ARTIFACT_DIRS = ("adapter", "model", "prompt")
+# see tailor.methods.artifacts; these folders and the prompt table are checksummed (a rag folder holds the
+# retrieval settings; the index it names is data, like the corpus, and is not copied into the registry)
+ARTIFACT_DIRS = ("adapter", "model", "prompt", "rag")
 PROMPT_TABLE_FILES = ("prompt_table.safetensors", "prompt_table.json")
 
 
@@ -87,7 +88,7 @@ def read_lineage(run_dir: Path | str) -> Lineage:
         raise TailorError(f"{manifest_path}: no finished training recorded; run `tailor train` first")
     artifacts = artifact_checksums(run_dir)
     if not artifacts:
-        raise TailorError(f"{run_dir}: no model artifact (adapter/, model/ or prompt/) to register")
+        raise TailorError(f"{run_dir}: no model artifact (adapter/, model/, prompt/ or rag/) to register")
     datasets: dict[str, str] = {}
     for stage in stages.values():  # every hashed input of every stage: the Q/A files, train.jsonl, eval.jsonl, …
         datasets.update({_relative_to(path, run_dir): digest for path, digest in stage.get("inputs", {}).items()})
