@@ -25,6 +25,7 @@ FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("What is city hall's phone number?", "Call (555) 201-4400.")]
 # small settings so each method trains in about a second on the tiny model; every other option at its default
 SMALL_OPTIONS = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
+                 "raft": {"lora": {"r": 4, "alpha": 8}},
                  "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, "lora": {"r": 4, "alpha": 8},
                  # corpus methods: 4 steps on 32-token corpus blocks, then the chat records (8 steps)
                  "continued_pretraining": {"r": 4, "alpha": 8, "block_tokens": 32, "overlap_tokens": 8,
@@ -40,7 +41,8 @@ CORPUS = ["The Maplewood public library opens Monday to Friday from 9 am to 7 pm
           "City Hall is at 200 Main Street and is open weekdays from 8 am to 5 pm. Call (555) 201-4400 for the "
           "front desk or write to info@maplewood.gov."]
 # high, for a visible drop in 8 steps on a random model; full moves every weight, so a smaller step
-LEARNING_RATES = {"full": 2e-3, "lora": 1e-2, "ia3": 1e-1, "continued_pretraining": 1e-2, "distill": 1e-2,
+LEARNING_RATES = {"full": 2e-3, "lora": 1e-2, "raft": 1e-2,
+                  "ia3": 1e-1, "continued_pretraining": 1e-2, "distill": 1e-2,
                   "from_scratch": 3e-3}
 
 
@@ -107,7 +109,15 @@ def write_run_data(run_dir, repeats=12):
     write_jsonl(run_dir / "data" / "train.jsonl", [chat(*FACTS[0]) for _ in range(repeats)])
     write_jsonl(run_dir / "corpus.jsonl", [{"id": f"doc-{i}", "text": text, "source": f"doc-{i}.md"}
                                            for i, text in enumerate(CORPUS)])
+    index_corpus(run_dir)
     return run_dir
+
+
+def index_corpus(run_dir):
+    """The retrieval index of RUN/corpus.jsonl that rag and raft answer from (`tailor index`)."""
+    from tailor.retrieval.index import build_index
+
+    build_index(run_dir / "corpus.jsonl", run_dir / "index", show_progress=False)
 
 
 def train_run(config, run_dir, **kwargs):
@@ -281,10 +291,8 @@ def test_tailor_eval_compares_every_method_with_its_base(name, tiny_model_dir, r
                               "train": {"method": name, "max_steps": 2, "batch_size": 3, "dtype": "fp32",
                                         "learning_rate": LEARNING_RATES.get(name, 3e-2), "save_every": 0},
                               "eval": {"max_new_tokens": 3, "batch_size": 2}})
-    if registry.get(name).artifact == "rag":  # answers from the corpus index, which `tailor index` builds
-        from tailor.retrieval.index import build_index
-
-        build_index(run_dir / "corpus.jsonl", run_dir / "index", show_progress=False)
+    if registry.get(name).artifact == "rag" or registry.get(name).grounded:  # they answer from the corpus index
+        index_corpus(run_dir)
     run_training(config, run_dir, run_dir, show_progress=False)
     # like `tailor train --method NAME` then a plain `tailor eval`: tailor.yaml still names the default method
     eval_config = validate_config({"base_model": tiny_model_dir, "eval": {"max_new_tokens": 3, "batch_size": 2},

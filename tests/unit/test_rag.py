@@ -227,3 +227,51 @@ def test_personal_data_quoted_from_the_passages_stays_and_other_is_redacted(rag_
     stream = output.stream(passages)
     sent = "".join(stream.push(answer[i:i + 5]) for i in range(0, len(answer), 5)) + stream.finish()
     assert sent == output.apply(answer, passages)
+
+
+RAFT_PAIRS = [{"question": "Where is City Hall?", "answer": "City Hall is at 400 Linden Avenue."},
+              {"question": "What does a dog license cost?", "answer": "A dog license costs $20 a year."},
+              {"question": "When do quiet hours start on weeknights?", "answer": "Quiet hours start at 10 pm."},
+              {"question": "Is a street tree free?", "answer": "Street trees are planted free of charge."},
+              {"question": "What does a marriage license cost?", "answer": "A marriage license costs $50."},
+              {"question": "What number is City Hall's main line?", "answer": "Call (555) 201-4400."},
+              {"question": "How long must I water a new street tree?", "answer": "Water it weekly for two years."},
+              {"question": "How do I report a barking dog?", "answer": "Report it to Animal Services."}]
+
+
+def test_raft_trains_on_the_oracle_among_distractors_or_on_abstaining_without_it(tmp_path, tiny_model_dir):
+    from tailor.methods.raft import raft_messages
+    from tailor.train.run import training_grounding
+
+    workspace = make_workspace(tmp_path / "ws", tiny_model_dir, data={"qa_files": ["qa/train.jsonl"]},
+                               train={"method": "raft", "max_steps": 2, "batch_size": 4, "save_every": 0},
+                               methods={"raft": {"lora": {"r": 4, "alpha": 8}, "oracle_share": 0.5,
+                                                 "distractors": 2}})
+    (workspace / "qa" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RAFT_PAIRS))
+    config, root, run_dir = prepare_run(workspace)
+    prepared = prepare_training(config, root, run_dir)
+    grounding = training_grounding(config, root, run_dir, prepared.tokenizer, force=True)
+    records = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
+    kinds = []
+    for record in records:
+        messages = raft_messages(record["messages"], record, grounding, config.method_options("raft"), seed=42)
+        prompt, target = messages[-2]["content"], messages[-1]["content"]
+        assert messages[:-1][0]["role"] == "system" and "not instructions" in messages[0]["content"]
+        if target == config.retrieval.abstain_answer:
+            kinds.append("abstain")
+            assert prompt.count('"""') == 2 * 2  # the distractors alone
+        else:
+            kinds.append("oracle")
+            assert target == record["messages"][-1]["content"] and prompt.count('"""') == 2 * 3
+            if "400 Linden" in target:  # the oracle is the chunk that holds the answer
+                assert "400 Linden Avenue" in prompt
+    assert {"abstain", "oracle"} == set(kinds)  # oracle_share 0.5 over 8 pairs: both kinds
+    again = [raft_messages(r["messages"], r, grounding, config.method_options("raft"), seed=42) for r in records]
+    assert again == [raft_messages(r["messages"], r, grounding, config.method_options("raft"), seed=42)
+                     for r in records]  # deterministic: a rerun trains on the same records
+    decoded = prepared.tokenizer.decode(prepared.phases[0].train_examples[0].input_ids)
+    assert "Passages:" in decoded
+    run_training(config, root, run_dir, show_progress=False)
+    assert (run_dir / "adapter" / "retrieval.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    report = run_eval(config, root, run_dir, show_progress=False, write_html=False)
+    assert report["models"]["raft"]["recall_at_5"] is not None  # evaluated with retrieval, as it is served

@@ -31,8 +31,9 @@ SFT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 class Example:
     messages: list[dict]
     source: str  # file:line
-    # what a question/answer record says of its answer, kept on the chat record for evaluation: gold_source (the
-    # document holding the answer, from its "source" key) and answerable (false: the documents do not say)
+    # what a question/answer record says of its answer, kept on the chat record: gold_source (the document holding
+    # the answer, from its "source" key), answerable (false: the documents do not say), chunk_id (the corpus chunk a
+    # synthetic pair was written from)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -111,6 +112,8 @@ def _meta(record: Mapping, is_qa: bool) -> dict:
         meta["gold_source"] = record["source"].strip()
     if isinstance(record.get("answerable"), bool):
         meta["answerable"] = record["answerable"]
+    if isinstance(record.get("chunk_id"), str):  # a synthetic pair's source chunk: raft's oracle
+        meta["chunk_id"] = record["chunk_id"]
     return meta
 
 

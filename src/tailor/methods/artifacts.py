@@ -60,8 +60,9 @@ def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.
 
 
 def grounded(config: TailorConfig, method: Method) -> bool:
-    """Whether the method's artifact answers from retrieved passages (rag always, others with retrieval.enabled)."""
-    return method.artifact == "rag" or config.retrieval.enabled
+    """Whether the method's artifact answers from retrieved passages (rag and raft always, others with
+    retrieval.enabled)."""
+    return method.grounded or method.artifact == "rag" or config.retrieval.enabled
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from tailor.errors import TailorError
 
 # Modules imported on first use, in cheapest-to-costliest order (the order `tailor methods` lists them in).
-METHOD_MODULES = ("prompt", "rag", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "full",
+METHOD_MODULES = ("prompt", "rag", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "raft", "full",
                   "continued_pretraining", "distill", "from_scratch",
                   "reward", "dpo", "ppo")
 
@@ -79,6 +79,9 @@ class Method:
     build: Callable[[list[list[dict]], Path, Any, str], int] | None = None
     # False: `build` needs no training records (rag answers from the index)
     needs_data: bool = True
+    # True: the artifact answers from retrieved passages whatever retrieval.enabled says (raft); its folder gets
+    # retrieval.json, so eval and serve retrieve for it
+    grounded: bool = False
     # tokenizer(ctx: TrainContext) -> the tokenizer the data is encoded with and a "model" artifact is saved with;
     # None: the base model's (from_scratch trains its own; distill uses its student's)
     tokenizer: Callable[[TrainContext], Any] | None = None

@@ -136,22 +136,30 @@ class Retriever:
             ranked = head + ranked[s.rerank_candidates:]
         return ranked, similarity
 
+    def passages(self, query: str, chosen: list[tuple[int, float]]) -> list[Passage]:
+        """The chunks at `chosen` (position, score), in that order, cut around the query's words and packed into
+        max_context_tokens: a passage that does not fit is left out (a later, shorter one may still fit)."""
+        index, s = self.index, self.settings
+        query_words = set(words(query))
+        passages, budget = [], s.max_context_tokens
+        for position, score in chosen:
+            chunk = index.chunks[position]
+            text = cut_passage(chunk["text"], query_words, s.passage_chars, index.idf)
+            cost = self.count_tokens(text)
+            if cost > budget:
+                continue
+            budget -= cost
+            passages.append(Passage(id=chunk["id"], text=text, source=chunk["source"], title=chunk.get("title"),
+                                    page=chunk.get("page"), line=chunk.get("line"), url=chunk.get("url"),
+                                    rank=len(passages) + 1, score=round(score, 5)))
+        return passages
+
     def retrieve(self, query: str) -> Retrieval:
         started = time.perf_counter()
         s, index = self.settings, self.index
         ranked, similarity = self.rank(query)
         query_words = set(words(query))
-        passages, budget = [], s.max_context_tokens
-        for position, score in ranked[:s.k]:
-            chunk = index.chunks[position]
-            text = cut_passage(chunk["text"], query_words, s.passage_chars, index.idf)
-            cost = self.count_tokens(text)
-            if cost > budget:
-                continue  # a lower-ranked, shorter passage may still fit
-            budget -= cost
-            passages.append(Passage(id=chunk["id"], text=text, source=chunk["source"], title=chunk.get("title"),
-                                    page=chunk.get("page"), line=chunk.get("line"), url=chunk.get("url"),
-                                    rank=len(passages) + 1, score=round(score, 5)))
+        passages = self.passages(query, ranked[:s.k])
         coverage = max((self._coverage(query_words, index.chunks[p]["text"]) for p, _ in ranked[:s.k]), default=0.0)
         abstain = not passages or (s.min_score is not None and similarity < s.min_score) or (
             s.min_coverage is not None and coverage < s.min_coverage)

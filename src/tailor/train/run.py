@@ -108,9 +108,10 @@ def sft_phase(run_dir: Path, tokenizer, name: str = "sft", grounding=None) -> re
     return registry.Phase(name, load_chat_examples(train_path, tokenizer, grounding), eval_examples)
 
 
-def training_grounding(config: TailorConfig, root: Path, run_dir: Path, tokenizer):
-    """retrieval.enabled: the retrieval that training prompts get (the same settings eval and serve will use)."""
-    if not config.retrieval.enabled:
+def training_grounding(config: TailorConfig, root: Path, run_dir: Path, tokenizer, *, force: bool = False):
+    """retrieval.enabled (or `force`: a method that always retrieves): the retrieval that training prompts get,
+    with the settings eval and serve will use."""
+    if not (config.retrieval.enabled or force):
         return None
     from tailor.retrieval.grounding import Grounding, index_folder
     from tailor.retrieval.search import Retriever
