@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -95,16 +96,100 @@ def test_pairs_are_parsed_from_model_text():
                                  ("How much is a pass?", "40 dollars for residents.")]
 
 
-def test_synthesize_runs_a_model_over_the_corpus(tmp_path, tiny_model_dir):
-    from tailor.data.synth import synthesize
+def test_synthesize_runs_the_engine_over_the_corpus_and_resumes(tmp_path, tiny_model_dir):
+    from tailor.data.synth import EngineTeacher, synthesize
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps({"id": f"c{i}", "text": PASSAGE, "source": "pool.md", "page": None})
-                                for i in range(3)) + "\n")
-    seen = []
-    report = synthesize(corpus, tiny_model_dir, per_chunk=2, max_chunks=2, max_new_tokens=16, batch_size=2,
-                        on_chunk=seen.append)
-    assert report.chunks == 2 and seen == [2]  # a random tiny model writes no pairs; the path runs end to end
-    assert report.generated == len(report.kept) + len(report.rejected)
-    with pytest.raises(TailorError, match="--threshold must be above 0"):
-        synthesize(corpus, tiny_model_dir, threshold=0)
+    corpus.write_text("\n".join(json.dumps({"id": f"c{i}", "text": PASSAGE, "source": f"doc{i % 2}.md",
+                                            "page": None}) for i in range(3)) + "\n")
+    teacher = EngineTeacher(tiny_model_dir, batch_size=2, dtype="fp32")
+    try:
+        seen, progress = [], tmp_path / "synth.progress.jsonl"
+        report = synthesize(corpus, teacher, per_chunk=2, max_chunks=2, max_new_tokens=16, batch_size=2,
+                            progress=progress, on_chunk=seen.append)
+        assert report.chunks == 2 and seen == [2]  # a random tiny model writes no pairs; the path runs end to end
+        assert report.generated == len(report.kept) + len(report.rejected)
+        assert report.documents == 2 and report.to_dict()["chunks_per_s"] > 0
+        assert len(progress.read_text().splitlines()) == 1 + 2  # the settings, then one line per chunk
+        again = synthesize(corpus, teacher, per_chunk=2, max_chunks=2, max_new_tokens=16, batch_size=2,
+                           progress=progress)
+        assert again.resumed_chunks == 2  # nothing generated twice
+        other = synthesize(corpus, teacher, per_chunk=1, max_chunks=2, max_new_tokens=16, batch_size=2,
+                           progress=progress)
+        assert other.resumed_chunks == 0  # other settings: started over
+        with pytest.raises(TailorError, match="--threshold must be above 0"):
+            synthesize(corpus, teacher, threshold=0)
+    finally:
+        teacher.close()
+
+
+def test_a_sample_of_chunks_covers_every_document_and_phrasings_are_parsed():
+    from tailor.data.synth import phrasings_of, spread
+
+    chunks = [{"id": f"{doc}-{i}", "source": doc} for doc in ("a.md", "b.md", "c.md") for i in range(4)]
+    sample = spread(chunks, 3)
+    assert sorted(c["source"] for c in sample) == ["a.md", "b.md", "c.md"]  # not the first 3 chunks of a.md
+    assert spread(chunks, 3) == sample and len(spread(chunks, 0)) == 12
+    text = ("1. When does the pool open?\n2. When does the pool open?\n- A resident could ask: What date does the "
+            "pool open for the season?\nSure!")
+    assert phrasings_of(text, "When does the pool open?", 2) == ["What date does the pool open for the season?"]
+
+
+def test_answer_first_takes_fact_sentences_as_answers_and_finds_their_question():
+    from tailor.data.synth import fact_sentences, question_of
+
+    facts = fact_sentences(PASSAGE + " It is nice.", 2)
+    assert facts == ["The municipal pool opens on June 1 and closes on Labor Day.",
+                     "Lap swimming runs from 6 to 8 am on weekdays."]  # most facts first, kept in document order
+    assert question_of("Sure! Here it is:\nQuestion: When does lap swimming run on weekdays?", facts[1]) == \
+        "When does lap swimming run on weekdays?"
+    assert question_of("What is the capital of France?", facts[1]) is None  # about something else
+    assert question_of("Lap swimming runs early.", facts[1]) is None  # no question at all
+
+
+def test_an_endpoint_teacher_that_stops_answering_leaves_a_resumable_run(tmp_path, tiny_model_dir):
+    import threading
+
+    import torch
+    import uvicorn
+
+    from tailor.data.synth import EndpointTeacher, synthesize
+    from tailor.serve.app import bind_socket, create_app
+    from tailor.serve.engine import Engine
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"c{i}", "text": PASSAGE, "source": f"doc{i}.md"})
+                                for i in range(4)) + "\n")
+    engine = Engine(tiny_model_dir, dtype=torch.float32, max_new_tokens=8)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    def start(sock):  # a real OpenAI-compatible server: tailor's own, on the tiny model
+        server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="error"))
+        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        while not server.started:
+            time.sleep(0.02)
+        return server
+
+    server = start(sock)
+    teacher = EndpointTeacher(f"http://127.0.0.1:{port}/v1", "base", concurrency=2)
+    progress = tmp_path / "synth.progress.jsonl"
+
+    def stop_after_first_batch(count):
+        server.should_exit = True  # the endpoint goes away after two chunks
+        while server.started and not server.should_exit:
+            time.sleep(0.02)
+        time.sleep(0.5)
+
+    settings = {"max_chunks": 4, "max_new_tokens": 8, "batch_size": 2, "phrasings": 0, "progress": progress}
+    try:
+        with pytest.raises(TailorError, match="failed .*run the same command again to resume"):
+            synthesize(corpus, teacher, on_chunk=stop_after_first_batch, **settings)
+        assert len(progress.read_text().splitlines()) == 1 + 2  # the two finished chunks are kept
+        server = start(bind_socket("127.0.0.1", port))  # the endpoint is back
+        resumed = synthesize(corpus, teacher, **settings)
+        assert resumed.resumed_chunks == 2 and resumed.chunks == 4
+        assert len(progress.read_text().splitlines()) == 1 + 4
+    finally:
+        server.should_exit = True
+        engine.shutdown()

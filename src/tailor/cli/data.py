@@ -19,42 +19,63 @@ from tailor.workspace import write_json, write_jsonl
 def synth(corpus: Path = typer.Option(None, "--corpus", help="Corpus JSONL (default: RUN/corpus.jsonl)."),
           output: Path = typer.Option(None, "--output", "-o", help="Q/A JSONL to write (default: "
                                       "RUN/data/synth.jsonl); usable as data.qa_files."),
-          model: str = typer.Option(None, "--model", help="Model that writes the pairs (default: base_model)."),
-          chunks: int = typer.Option(0, "--chunks", min=0, help="Only the first N chunks (0: all)."),
+          teacher: str = typer.Option(None, "--teacher", "--model", help=(
+              "Model that writes the pairs: a model name or folder (default: base_model), or any OpenAI-compatible "
+              "server as endpoint:URL#MODEL.")),
+          chunks: int = typer.Option(0, "--chunks", min=0, help=(
+              "Only N chunks, taken round-robin over the documents (0: every chunk).")),
           per_chunk: int = typer.Option(3, "--per-chunk", min=1, max=20, help="Pairs asked for per chunk."),
+          mode: str = typer.Option("answer-first", "--mode", help=(
+              "answer-first: the chunk's fact sentences are the answers and the teacher writes their questions; "
+              "free: the teacher writes questions and answers, the grounding filter keeps faithful ones.")),
+          phrasings: int = typer.Option(2, "--phrasings", min=0, max=10, help=(
+              "Other wordings asked for each kept question (same answer and chunk).")),
           threshold: float = typer.Option(0.75, "--threshold", min=0.01, max=1.0, help=(
               "Keep a pair when at least this share of its answer's content words occur in the chunk (and all "
               "its numbers).")),
           max_new_tokens: int = typer.Option(200, "--max-new-tokens", min=16, help="Tokens generated per chunk."),
+          batch_size: int = typer.Option(16, "--batch-size", min=1, help="Chunks sent to the teacher at once."),
+          restart: bool = typer.Option(False, "--restart", help="Ignore the progress of an interrupted run."),
           workspace: Path = WorkspaceOption, run: Path = RunOption,
           no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
-    """Write question/answer pairs per corpus chunk with a model; keep those grounded in their chunk."""
-    from tailor.data.synth import synthesize
-    from tailor.models.base import resolve_base_model
+    """Write question/answer pairs per corpus chunk with a teacher model; keep those grounded in their chunk, and
+    other wordings of each kept question. Resumes an interrupted run."""
+    from tailor.data.synth import open_teacher, synthesize
 
     config, root = open_workspace(workspace, [], required=False)
     run_dir = run_folder(root, run)
     corpus = corpus or run_dir / "corpus.jsonl"
     output = output or run_dir / "data" / "synth.jsonl"
-    model_ref = resolve_base_model(model or config.base_model, root=root)
-    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=no_progress) as bar:
-        task = bar.add_task("synth", total=None)
+    progress_file = output.with_name(output.stem + ".progress.jsonl")
+    if restart:
+        progress_file.unlink(missing_ok=True)
+    if not corpus.is_file():
+        raise TailorError(f"{corpus}: corpus not found; run `tailor ingest` first")
+    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
+    model = open_teacher(teacher or config.base_model, root=root, batch_size=batch_size, dtype=config.train.dtype)
+    try:
+        with Progress(*columns, console=err_console, transient=True, disable=no_progress) as bar:
+            task = bar.add_task("synth", total=chunks or None)
 
-        def advance(count: int) -> None:
-            bar.update(task, advance=count)
+            def advance(count: int) -> None:
+                bar.update(task, advance=count)
 
-        report = synthesize(corpus, model_ref, per_chunk=per_chunk, max_chunks=chunks, threshold=threshold,
-                            max_new_tokens=max_new_tokens, on_chunk=advance)
+            report = synthesize(corpus, model, per_chunk=per_chunk, max_chunks=chunks, threshold=threshold,
+                                phrasings=phrasings, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                seed=config.data.seed, mode=mode, progress=progress_file, on_chunk=advance)
+    finally:
+        model.close()
+    report_path = output.with_name(output.stem + ".report.json")
+    write_json(report_path, report.to_dict())
     if not report.kept:
-        write_json(output.with_name(output.stem + ".report.json"), report.to_dict())
         raise TailorError(f"synth: none of the {report.generated} generated pairs from {report.chunks} chunks passed "
-                          f"the grounding filter (--threshold {threshold}); see "
-                          f"{output.with_name(output.stem + '.report.json')}")
+                          f"the grounding filter (--threshold {threshold}); see {report_path}")
     write_jsonl(output, report.kept)
-    write_json(output.with_name(output.stem + ".report.json"), report.to_dict())
-    console.print(f"[green]synth[/] {report.chunks} chunks → {report.generated} pairs generated, {len(report.kept)} "
-                  f"kept (grounding ≥ {threshold}) → {output}", soft_wrap=True, highlight=False)
+    summary = report.to_dict()
+    console.print(f"[green]synth[/] {report.chunks} chunks of {summary['coverage']['documents_with_pairs']}/"
+                  f"{report.documents} documents → {report.generated} pairs generated, "
+                  f"{len(report.kept) - report.phrasings} kept (grounding ≥ {threshold}) + {report.phrasings} "
+                  f"rephrased, {summary['chunks_per_s']} chunks/s → {output}", soft_wrap=True, highlight=False)
     for rejected in report.rejected[:5]:
         console.print(f"  [yellow]rejected[/] {escape(rejected['question'])} → {escape(rejected['answer'])} "
                       f"({escape(rejected['reason'])})", soft_wrap=True, highlight=False)
