@@ -15,8 +15,9 @@ MRR against the chunk holding each answer (or the question's page), faithfulness
 accuracy, false abstentions, and the latency of one answer (one question at a time, retrieval included). Retrieval
 latency (embedded index, warm) is measured over every question alone.
 
---quick: the first 30 answerable and 6 unanswerable questions per domain, and only `rag` (the base model is always
-scored). Methods that train (lora, lora+rag) need training pairs: they run on the city only.
+--quick: the first 30 answerable and 6 unanswerable questions per domain (the base model is always scored).
+Methods that train (lora, raft, lora+rag) need training pairs: they run on the city only; `--set raft:train.epochs=1`
+changes one method's settings (recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def eval_subset(example: Path, out: Path, quick: bool) -> Path:
     return out
 
 
-def run_domain(domain: str, methods: list[str], quick: bool) -> dict:
+def run_domain(domain: str, methods: list[str], quick: bool, method_overrides: dict[str, list[str]]) -> dict:
     from tailor.cli.compare import compare_table, method_name, run_compare
     from tailor.cli.common import console
     from tailor.cli.demo import find_example
@@ -102,7 +103,9 @@ def run_domain(domain: str, methods: list[str], quick: bool) -> dict:
         retriever.retrieve(question)
         timings.append((time.perf_counter() - began) * 1000)
 
-    summary = run_compare(config, root, run_dir, methods, latency_questions=3, keep_going=True)
+    overrides = {name: values for name, values in method_overrides.items() if name in methods}
+    summary = run_compare(config, root, run_dir, methods, latency_questions=3, keep_going=True,
+                          method_overrides=overrides)
     console.print(compare_table(summary))
     rows = {row["method"]: row for row in summary["methods"]}
     results = {}
@@ -125,7 +128,7 @@ def run_domain(domain: str, methods: list[str], quick: bool) -> dict:
                   "retrieval_ms_p50": round(statistics.median(timings), 2),
                   "retrieval_ms_p95": round(sorted(timings)[int(0.95 * (len(timings) - 1))], 2),
                   "settings": config.retrieval.model_dump(mode="json")},
-        "methods": results, "failed": summary.get("failed", {}),
+        "methods": results, "failed": summary.get("failed", {}), "method_overrides": overrides,
     }
 
 
@@ -151,6 +154,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="36 questions per domain, rag only.")
     parser.add_argument("--methods", default=None, help="Comma-separated methods (default: rag; quick: rag).")
     parser.add_argument("--domains", default="city,privoxy", help="Comma-separated domains.")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="An override for one method, e.g. raft:train.epochs=1 (repeatable).")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Results JSON.")
     args = parser.parse_args()
 
@@ -160,7 +165,11 @@ def main() -> None:
     _quiet_libraries()
     methods = [m.strip() for m in (args.methods or "rag").split(",") if m.strip()]
     started, load_before = time.perf_counter(), os.getloadavg()
-    domains = {name: run_domain(name, methods, args.quick) for name in args.domains.split(",")}
+    method_overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        method, _, override = item.partition(":")
+        method_overrides.setdefault(method, []).append(override)
+    domains = {name: run_domain(name, methods, args.quick, method_overrides) for name in args.domains.split(",")}
     result = {"created_at": now_iso(), "quick": args.quick, "base_model": "smollm2-135m-instruct",
               "methods": methods, "domains": domains, "goals": goals(domains),
               "load_average": {"before": [round(x, 2) for x in load_before],

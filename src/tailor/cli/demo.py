@@ -30,6 +30,10 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
          no_serve: bool = typer.Option(False, "--no-serve", help="Stop after evaluation."),
          quick: bool = typer.Option(False, "--quick", help="A shorter run (for tests)."),
          port: int = typer.Option(8000, "--port", "-p", help="Port for the chat page."),
+         from_documents: bool = typer.Option(False, "--from-documents", help=(
+             "No hand-written training pairs: the base model writes them from the documents (`tailor data "
+             "synth`), and `raft` trains on them with retrieved passages; evaluated on the same held-out "
+             "questions.")),
          overrides: list[str] = typer.Argument(None, help="Dotted overrides applied to the example's config."),
          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars.")) -> None:
     """Run the city-services example end to end on the default model, then serve the chat page."""
@@ -40,11 +44,14 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
     from tailor.data.ingest import ingest
     from tailor.evaluate.harness import report_table, run_eval
     from tailor.train.run import BuildResult, run_training
-    from tailor.workspace import update_manifest, write_json
+    from tailor.workspace import update_manifest, write_json, write_jsonl
 
     example = find_example()
-    config, root = load_config(example, (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     out.mkdir(parents=True, exist_ok=True)
+    synthetic = (out / "data" / "synth.jsonl").resolve()
+    # documents only: the example's hand-written pairs are replaced by the synthetic ones, its held-out questions stay
+    documents_only = [f"data.qa_files=[{synthetic}]", "train.method=raft"] if from_documents else []
+    config, root = load_config(example, (QUICK_OVERRIDES if quick else []) + documents_only + list(overrides or []))
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -71,6 +78,23 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
     console.print(f"{indexed.chunks} chunks indexed for retrieval (BM25 + all-MiniLM-L6-v2) in {indexed.seconds} s")
     done("index")
 
+    if from_documents:
+        from tailor.data.synth import open_teacher, synthesize
+
+        stage("synth")
+        teacher = open_teacher(config.base_model, root=root, dtype=config.train.dtype)
+        try:
+            synth = synthesize(out / "corpus.jsonl", teacher, max_chunks=16 if quick else 0, seed=config.data.seed,
+                               progress=synthetic.with_name("synth.progress.jsonl"))
+        finally:
+            teacher.close()
+        write_jsonl(synthetic, synth.kept)
+        write_json(synthetic.with_name("synth.report.json"), synth.to_dict())
+        coverage = synth.to_dict()["coverage"]
+        console.print(f"{len(synth.kept)} question/answer pairs written by the base model from {synth.chunks} chunks "
+                      f"({coverage['documents_with_pairs']} of {synth.documents} documents)")
+        done("synth")
+
     stage("data")
     built = build_chat_data(config, root, out)
     console.print(f"{built.train} training and {built.eval} evaluation records")
@@ -95,7 +119,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
     done("eval")
     console.print(report_table(report))
     timings["total"] = round(sum(timings.values()), 1)
-    update_manifest(out, "demo", extra={"timings_s": timings, "quick": quick})
+    update_manifest(out, "demo", extra={"timings_s": timings, "quick": quick, "from_documents": from_documents})
     console.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     console.print(f"run folder: {out}")
 
