@@ -2,8 +2,10 @@
 
 Every PEFT method saves a standard adapter folder `RUN/adapter/`, loaded on top of the base model; `full` saves a
 complete model folder `RUN/model/` (safetensors weights + tokenizer); `prompt` builds a prompt profile `RUN/prompt/`
-that changes the conversations, not the model. Training, evaluation and `tailor methods` go through these helpers
-only, so a new kind of artifact is taught here once.
+that changes the conversations, not the model; `rag` writes `RUN/rag/retrieval.json`, the base model answering
+from retrieved passages. Any artifact folder holding retrieval.json (rag, raft, retrieval.enabled) is evaluated and
+served with retrieval. Training, evaluation and `tailor methods` go through these helpers only, so a new kind of
+artifact is taught here once.
 """
 
 from __future__ import annotations

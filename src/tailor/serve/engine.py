@@ -12,7 +12,10 @@ mix in one batch without reloading or merging:
   prompt at prefill (`inputs_embeds`); afterwards they are ordinary cache entries;
 - prefix-tuning adapters: their per-layer keys and values are the row's first cache entries;
 - prompt profiles (methods/prompt.py): the base model given few-shot conversations;
-- anything else (IA3, DoRA, a `full` run's model folder) is served by its own model copy with its own batch.
+- anything else (IA3, DoRA, a `full` run's model folder) is served by its own model copy with its own batch;
+- any of them grounded (a folder with retrieval.json: `rag`, `raft`, retrieval.enabled): the request's question is
+  searched in the index, the passages are quoted in the prompt, and the Generation carries them for citations; when
+  retrieval finds nothing relevant the reply is the abstention, without decoding.
 
 Requests wait in a bounded queue; a full queue raises `QueueFullError` with a retry hint rather than letting
 latency grow without bound.
