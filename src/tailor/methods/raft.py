@@ -3,7 +3,7 @@ mix the one holding the answer (the oracle) with distractors, so the model learn
 ignore the others, in exactly the grounded prompt it is served with.
 
 Each training pair of RUN/data/train.jsonl becomes one record:
-- with probability `oracle_share`, the oracle among `distractors` hard negatives (the best-ranked chunks for the
+- with probability `oracle_share` (default 1: every record), the oracle among `distractors` hard negatives (the best-ranked chunks for the
   question that do not hold the answer), shuffled; the target is the pair's answer;
 - otherwise the distractors alone, and the target is retrieval.abstain_answer: the passages in front of the model do
   not say, so it must not invent (the issue's "the documents do not say" records).
@@ -29,9 +29,11 @@ KEY = "methods.raft"
 
 class RaftOptions(MethodOptions):
     lora: LoraOptions = Field(default_factory=LoraOptions, description="The adapters that train (as methods.lora).")
-    oracle_share: float = Field(0.8, ge=0, le=1, description=(
+    oracle_share: float = Field(1.0, ge=0, le=1, description=(
         "Share of records whose passages include the oracle; the others hold distractors only and teach the "
-        "abstention (RAFT's P)."))
+        "abstention (RAFT's P). 1.0: measured on the city from documents alone (113 synthetic pairs, 3 epochs), "
+        "0.8 made the default model abstain on 68 of 98 answerable questions (token F1 0.065), 1.0 reached 0.293 "
+        "(base 0.161); abstention is then left to retrieval.min_score."))
     distractors: int = Field(2, ge=0, le=20, description=(
         "Hard negatives per record: the best-ranked chunks for the question that do not hold its answer."))
 
