@@ -127,19 +127,20 @@ def gold_chunks(retriever: Retriever, reference: str, gold_source: str | None = 
     those holding the most of the reference's rarer words (IDF-weighted), at least half of them. With a source
     but no such chunk, every chunk of the source counts (document-level)."""
     index = retriever.index
-    candidates = [c for c in index.chunks if gold_source is None or same_source(c["source"], gold_source)]
+    candidates = [i for i, c in enumerate(index.chunks)
+                  if gold_source is None or same_source(c["source"], gold_source)]
     if not candidates:  # the source is not indexed (e.g. dropped as a duplicate of another page): by content
-        candidates, gold_source = index.chunks, None
+        candidates, gold_source = list(range(len(index.chunks))), None
     reference_words = set(words(reference))
     total = sum(index.idf(w) for w in reference_words)
     scored = []
-    for chunk in candidates:
-        held = reference_words & set(words(chunk["text"]))
-        scored.append((sum(index.idf(w) for w in held) / total if total else 0.0, chunk))
+    for position in candidates:
+        held = reference_words & index.chunk_words[position]
+        scored.append((sum(index.idf(w) for w in held) / total if total else 0.0, index.chunks[position]))
     best = max((s for s, _ in scored), default=0.0)
     chosen = [c for s, c in scored if best >= 0.5 and s >= best - 0.05]
     if not chosen and gold_source is not None:
-        chosen = candidates
+        chosen = [index.chunks[position] for position in candidates]
     return Gold({c["id"] for c in chosen}, {c["source"] for c in chosen})
 
 

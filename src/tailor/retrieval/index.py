@@ -240,12 +240,17 @@ class Index:
         return [(self.position[cid], score) for cid, score in self.dense.search(vector, min(n, len(self.chunks)))
                 if cid in self.position]
 
+    @functools.cached_property
+    def chunk_words(self) -> list[frozenset[str]]:
+        """Each chunk's word set (`words`), computed once: coverage, gold chunks and IDF read them per question."""
+        return [frozenset(words(chunk["text"])) for chunk in self.chunks]
+
     def idf(self, word: str) -> float:
         """Inverse document frequency over the indexed chunks (rare words weigh more in coverage)."""
         if self._idf is None:
             counts: dict[str, int] = {}
-            for chunk in self.chunks:
-                for w in set(words(chunk["text"])):
+            for chunk_words in self.chunk_words:
+                for w in chunk_words:
                     counts[w] = counts.get(w, 0) + 1
             self._idf = counts
         return float(np.log((len(self.chunks) + 1) / (self._idf.get(word, 0) + 0.5)))

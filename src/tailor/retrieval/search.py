@@ -160,7 +160,7 @@ class Retriever:
         ranked, similarity = self.rank(query)
         query_words = set(words(query))
         passages = self.passages(query, ranked[:s.k])
-        coverage = max((self._coverage(query_words, index.chunks[p]["text"]) for p, _ in ranked[:s.k]), default=0.0)
+        coverage = max((self._coverage(query_words, index.chunk_words[p]) for p, _ in ranked[:s.k]), default=0.0)
         abstain = not passages or (s.min_score is not None and similarity < s.min_score) or (
             s.min_coverage is not None and coverage < s.min_coverage)
         return Retrieval(query=query, passages=passages, ranking=[index.chunks[p]["id"] for p, _ in
@@ -168,9 +168,8 @@ class Retriever:
                          similarity=round(similarity, 4), coverage=round(coverage, 4), abstain=abstain,
                          seconds=time.perf_counter() - started)
 
-    def _coverage(self, query_words: set[str], text: str) -> float:
+    def _coverage(self, query_words: set[str], present: frozenset[str]) -> float:
         if not query_words:
             return 0.0
-        present = set(words(text))
         total = sum(self.index.idf(w) for w in query_words)
         return sum(self.index.idf(w) for w in query_words & present) / total if total > 0 else 0.0
