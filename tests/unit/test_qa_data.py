@@ -193,3 +193,38 @@ def test_an_endpoint_teacher_that_stops_answering_leaves_a_resumable_run(tmp_pat
     finally:
         server.should_exit = True
         engine.shutdown()
+
+
+def test_a_judge_keeps_only_pairs_it_scores_high_enough(tmp_path, tiny_model_dir):
+    import torch
+
+    from tailor.config import TailorConfig
+    from tailor.data.synth import SynthReport, _judged, judge_pairs
+    from tailor.evaluate.sources import ModelSpec, open_model
+
+    chunk = {"id": "c0", "text": PASSAGE, "source": "pool.md"}
+    pairs = [("When does the pool open?", "The municipal pool opens on June 1."),
+             ("How much is a season pass?", "Season passes cost 40 dollars for residents."),
+             ("When is lap swimming?", "Lap swimming runs from 6 to 8 am on weekdays.")]
+
+    def grounded():
+        report = SynthReport(threshold=0.75)
+        judge_pairs(pairs, chunk, 0.75, report)
+        assert len(report.kept) == 3
+        return [(chunk, report)]
+
+    spec = ModelSpec("judge", "export", str(tiny_model_dir))
+    with open_model(spec, TailorConfig(), str(tiny_model_dir), torch.float32) as judge:
+        lenient, strict = grounded(), grounded()
+        _judged(judge, lenient, 1, batch_size=2)
+        _judged(judge, strict, 5, batch_size=2)
+    scored = lenient[0][1].kept
+    assert len(scored) == 3 and all(1 <= pair["judge_score"] <= 5 for pair in scored)
+    assert all(1 <= pair["judge_expected_score"] <= 5 for pair in scored)  # a local judge: option probabilities
+    fives = [pair["question"] for pair in scored if pair["judge_score"] == 5]
+    assert [pair["question"] for pair in strict[0][1].kept] == fives  # same judge, same scores: the rest rejected
+    assert all(r["reason"] == f"judge score {r['judge_score']} < 5" for r in strict[0][1].rejected)
+    report = SynthReport(rejected=strict[0][1].rejected + [{"reason": "grounding 0.50 < 0.75"},
+                                                           {"reason": "grounding 0.20 < 0.75"}])
+    reasons = report.to_dict()["rejected_by_reason"]
+    assert reasons.get("grounding") == 2 and reasons.get("judge score", 0) == 3 - len(fives)

@@ -3,6 +3,7 @@ statistics, plots and loss mask). They register on the `data` group defined in s
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -35,6 +36,12 @@ def synth(corpus: Path = typer.Option(None, "--corpus", help="Corpus JSONL (defa
               "its numbers).")),
           max_new_tokens: int = typer.Option(200, "--max-new-tokens", min=16, help="Tokens generated per chunk."),
           batch_size: int = typer.Option(16, "--batch-size", min=1, help="Chunks sent to the teacher at once."),
+          judge: str = typer.Option(None, "--judge", help=(
+              "Also keep only pairs this judge scores at least --min-judge-score (1-5) for answering the question "
+              "from the passage: base, a run or exported model folder, or endpoint:URL#MODEL. A judge much bigger "
+              "than the default model is needed (the default model scores at chance).")),
+          min_judge_score: int = typer.Option(3, "--min-judge-score", min=1, max=5, help=(
+              "The judge score a pair needs (with --judge).")),
           restart: bool = typer.Option(False, "--restart", help="Ignore the progress of an interrupted run."),
           workspace: Path = WorkspaceOption, run: Path = RunOption,
           no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
@@ -52,9 +59,18 @@ def synth(corpus: Path = typer.Option(None, "--corpus", help="Corpus JSONL (defa
     if not corpus.is_file():
         raise TailorError(f"{corpus}: corpus not found; run `tailor ingest` first")
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
+    judge_spec = None
+    if judge:  # checked (folder exists, endpoint answers) before the teacher loads
+        from tailor.evaluate.sources import check_endpoint, parse_spec
+
+        # named as written, so that a resumed run with another judge starts over
+        judge_spec = parse_spec(judge, judge, root=root, run_dir=run_dir, where="--judge")
+        if judge_spec.kind == "endpoint":
+            check_endpoint(judge_spec)
     model = open_teacher(teacher or config.base_model, root=root, batch_size=batch_size, dtype=config.train.dtype)
     try:
-        with Progress(*columns, console=err_console, transient=True, disable=no_progress) as bar:
+        with Progress(*columns, console=err_console, transient=True, disable=no_progress) as bar, \
+                _opened_judge(judge_spec, config, root) as judge_model:
             task = bar.add_task("synth", total=chunks or None)
 
             def advance(count: int) -> None:
@@ -62,7 +78,8 @@ def synth(corpus: Path = typer.Option(None, "--corpus", help="Corpus JSONL (defa
 
             report = synthesize(corpus, model, per_chunk=per_chunk, max_chunks=chunks, threshold=threshold,
                                 phrasings=phrasings, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                seed=config.data.seed, mode=mode, progress=progress_file, on_chunk=advance)
+                                seed=config.data.seed, mode=mode, progress=progress_file, on_chunk=advance,
+                                judge=judge_model, min_judge_score=min_judge_score)
     finally:
         model.close()
     report_path = output.with_name(output.stem + ".report.json")
@@ -79,6 +96,20 @@ def synth(corpus: Path = typer.Option(None, "--corpus", help="Corpus JSONL (defa
     for rejected in report.rejected[:5]:
         console.print(f"  [yellow]rejected[/] {escape(rejected['question'])} → {escape(rejected['answer'])} "
                       f"({escape(rejected['reason'])})", soft_wrap=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _opened_judge(spec, config, root: Path):
+    """The synth judge loaded for the block (None without --judge), released after it."""
+    if spec is None:
+        yield None
+        return
+    from tailor.evaluate.sources import open_model
+    from tailor.models.base import pick_dtype, resolve_base_model
+
+    with open_model(spec, config, resolve_base_model(config.base_model, root=root),
+                    pick_dtype(config.train.dtype)) as judge:
+        yield judge
 
 
 @data_app.command("inspect")

@@ -39,6 +39,13 @@ def rubric_prompt(rubric: str, question: str, reference: str, answer: str) -> li
         f"Answer to grade: {answer}\n\nReply with a single digit from 1 to 5.")}]
 
 
+def support_prompt(passage: str, question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": (
+        f"Passage:\n{passage}\n\nQuestion: {question}\nAnswer: {answer}\n\nIs the answer correct for the question, "
+        f"according to the passage alone? 5 = correct and stated in the passage, 3 = partly, 1 = wrong, not in the "
+        f"passage, or not an answer to the question. Reply with a single digit from 1 to 5.")}]
+
+
 def pairwise_prompt(question: str, reference: str, first: str, second: str) -> list[dict]:
     return [{"role": "user", "content": (
         f"Which answer responds better to the question? The reference answer is correct.\n\nQuestion: {question}\n"
@@ -81,6 +88,20 @@ def rubric_scores(judge, items: list[dict], rubric: str, *, batch_size: int) -> 
     if expected:
         summary["mean_expected_score"] = round(sum(expected) / len(expected), 4)
     return summary, rows
+
+
+def support_scores(judge, items: list[dict], *, batch_size: int) -> list[dict]:
+    """`items`: {passage, question, answer}; per item its 1-5 `score` (None when an endpoint's reply has no
+    number) and, for a local judge, the `expected_score` under the option probabilities."""
+    conversations = [support_prompt(it["passage"], it["question"], it["answer"]) for it in items]
+    picks, probabilities = _choose(judge, conversations, SCORES, parse_score, batch_size=batch_size)
+    rows = []
+    for pick, probs in zip(picks, probabilities, strict=True):
+        row = {"score": None if pick is None else int(pick)}
+        if probs is not None:
+            row["expected_score"] = round(sum((i + 1) * p for i, p in enumerate(probs)), 4)
+        rows.append(row)
+    return rows
 
 
 def pairwise(judge, items: list[dict], *, batch_size: int) -> tuple[dict, list[dict]]:
