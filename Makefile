@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup chromium privoxy-docs llama-cpp demo test test-unit test-integration clean
+.PHONY: setup chromium privoxy-docs llama-cpp demo test test-unit test-integration docs clean
 
 setup: $(STAMP) chromium privoxy-docs
 
@@ -51,5 +51,10 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration" tests/unit
 
+# the documentation site at http://127.0.0.1:8001, rebuilt on every save (mkdocs comes with the test extra);
+# the reference pages are generated from the code by docs/hooks.py
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8001
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
