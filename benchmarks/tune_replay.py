@@ -79,7 +79,10 @@ from tailor.config import apply_overrides, load_raw, validate_config  # noqa: E4
 from tailor.tune.space import UntriedFirst, WrappedSampler, untried_first  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
-GOAL = 0.33
+GOAL = 0.33  # the retired goal: the grid's exact best within this share of its steps
+BUDGET_SHARE = 1 / 3  # the goal at a budget: the best within WITHIN of the grid's best after a third of its steps
+WITHIN = 0.01
+SEARCH_STRATEGIES = ("tailor", "random", "random_pruned")  # the strategies benchmarks/tune.py compares
 SYNTHETIC_SEED = 10_000  # landscape k: RandomState(SYNTHETIC_SEED + k)
 
 LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -363,6 +366,12 @@ def strategies() -> list[Strategy]:
     index = {"tailor.tune.search.sample": _index_sample}
     listed = [
         Strategy("tailor", "the benchmark as declared now, tailor's code only (TPE in UntriedFirst)"),
+        # the baselines of the goal at a budget: tailor's code with tune.sampler=random (Optuna's RandomSampler in
+        # UntriedFirst: without pruning that changes no step count, since a repeated point is reused at 0 steps)
+        Strategy("random", "Optuna's RandomSampler (tune.sampler=random), no pruning",
+                 overrides=["tune.sampler=random", "tune.pruner=none"]),
+        Strategy("random_pruned", "Optuna's RandomSampler (tune.sampler=random) with tailor's median pruner",
+                 overrides=["tune.sampler=random"]),
         Strategy("before", "the grid points as categorical choices, plain TPE (tailor before)", CATEGORICAL,
                  patches=plain),
         Strategy("before-index", "before, numeric choices searched as the index of the sorted points "
@@ -534,17 +543,28 @@ _configs: dict[str, object] = {}
 
 def benchmark_config(strategy: Strategy, seed: int):
     if strategy.name not in _configs:  # validating takes seconds (the base model is resolved): once per strategy
-        overrides, declared = benchmark.settings(False, "median")
+        overrides, declared = benchmark.settings()
+        # the strategy's overrides last: `random` replaces the sampler
         data = apply_overrides(load_raw(benchmark.EXAMPLE / "tailor.yaml"),
-                               overrides + strategy.overrides + ["tune.sampler=bayesian"])
+                               overrides + ["tune.sampler=bayesian"] + strategy.overrides)
         data.setdefault("tune", {})["space"] = strategy.space or declared
         _configs[strategy.name] = validate_config(data, f"replay ({strategy.name})")
     config = _configs[strategy.name]
     return config.model_copy(update={"tune": config.tune.model_copy(update={"seed": seed})})
 
 
-def replay(strategy: Strategy, seed: int, grid: Grid) -> dict:
-    """One bayesian search as benchmarks/tune.py runs it: one trial per call on a resumed study."""
+def reached_grid_best(grid: Grid) -> Callable[[int, float], bool]:
+    """The old goal's stop: the best value, rounded like the reports (4 decimals), is the grid's best."""
+    return lambda spent, best: round(best, 4) <= round(grid.best, 4)
+
+
+def replay(strategy: Strategy, seed: int, grid: Grid, stop: Callable[[int, float], bool] | None = None) -> dict:
+    """One search as benchmarks/tune.py ran it: one trial per call on a resumed study, until `stop(steps spent,
+    best value so far)` (default: `reached_grid_best`), the grid's steps are spent or the trial cap is hit.
+
+    `fraction` is the steps until the grid's best over the grid's steps (None: not reached); `trace` is
+    [(steps spent, best finished value so far)] after every trial, for the figures at a budget."""
+    stop = stop or reached_grid_best(grid)
     _replayed[:] = [grid]
     config = benchmark_config(strategy, seed)
     last_step = int(config.train.max_steps)  # train.max_steps decides the length, not the record count
@@ -570,21 +590,21 @@ def replay(strategy: Strategy, seed: int, grid: Grid) -> dict:
             raise optuna.TrialPruned()
         return grid.values[key]
 
-    reached = None
-    for _ in range(4 * grid_size):  # the benchmark's cap
+    reached, trace = None, []
+    for _ in range(4 * grid_size):  # the benchmark's cap: a search that only repeats finished points ends
         search.configure_study(study, config, report_every=every, warmup_steps=warmup)
         study.optimize(objective, n_trials=1)
         trial = study.trials[-1]
         spent += int(trial.user_attrs.get("steps", 0))
         history.append((trial.state.name.lower(), trial.params, trial.user_attrs.get("steps")))
         best = min((t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), default=math.inf)
-        if round(best, 4) <= round(grid.best, 4):
+        trace.append((spent, best))
+        if reached is None and reached_grid_best(grid)(spent, best):
             reached = spent
-            break
-        if spent >= grid.steps:
+        if stop(spent, best) or spent >= grid.steps:
             break
     return {"fraction": round(reached / grid.steps, 4) if reached is not None else None,
-            "trials": len(history), "history": history}
+            "trials": len(history), "history": history, "trace": trace}
 
 
 @contextlib.contextmanager
@@ -607,6 +627,48 @@ def figures(fractions: list[float | None]) -> dict:
 def summarize(strategy: Strategy, fractions: list[float | None]) -> dict:
     return {"strategy": strategy.name, "summary": strategy.summary, "seeds": len(fractions), **figures(fractions),
             "seed_0_1_2": fractions[:3]}
+
+
+# ---- the figures at a budget: what benchmarks/tune.py's goals measure ----
+
+def within(grid: Grid) -> float:
+    """The eval loss a search must reach: WITHIN of the grid's best (a loss, lower is better)."""
+    return grid.best * (1 + WITHIN)
+
+
+def best_at(trace: list[tuple[int, float]], budget: int) -> float:
+    """The best value a search had finished once it had spent at most `budget` steps; a trial that crosses the
+    budget is not counted (it was not finished when the budget ran out). inf when none had finished."""
+    return min((best for spent, best in trace if spent <= budget), default=math.inf)
+
+
+def steps_to(trace: list[tuple[int, float]], target: float) -> int | None:
+    """Steps spent when the best finished value was first at or under `target`; None when never."""
+    return next((spent for spent, best in trace if best <= target), None)
+
+
+def budget_replay(strategy: Strategy, seed: int, grid: Grid) -> dict:
+    """One search, run until it is within WITHIN of the grid's best and has spent BUDGET_SHARE of the grid's steps
+    (or spent them all): its relative regret at that budget and its steps to within WITHIN."""
+    budget, target = int(grid.steps * BUDGET_SHARE), within(grid)
+    trace = replay(strategy, seed, grid, stop=lambda spent, best: spent >= budget and best <= target)["trace"]
+    regret = best_at(trace, budget) / grid.best - 1
+    return {"regret": regret, "within": regret <= WITHIN, "steps_to_within": steps_to(trace, target)}
+
+
+def budget_figures(searches: list[dict], grid_steps: int) -> dict:
+    """Over searches of `budget_replay`: the share within WITHIN at the budget, the median relative regret there,
+    (and the mean), and the median and p90 steps to within WITHIN (a search that never got there counts the grid's steps, a lower
+    bound: it spent at least those)."""
+    steps = sorted(grid_steps if s["steps_to_within"] is None else s["steps_to_within"] for s in searches)
+    regret = statistics.median(s["regret"] for s in searches)
+    mean_regret = statistics.fmean(s["regret"] for s in searches)  # where medians tie on a grid's few values
+    return {"searches": len(searches),
+            "within_at_budget": round(sum(s["within"] for s in searches) / len(searches), 4),
+            "median_regret_at_budget": round(regret, 5) if math.isfinite(regret) else None,
+            "mean_regret_at_budget": round(mean_regret, 5) if math.isfinite(mean_regret) else None,
+            "steps_to_within": {"median": statistics.median(steps), "p90": steps[math.ceil(0.9 * len(steps)) - 1],
+                                "not_reached": sum(s["steps_to_within"] is None for s in searches)}}
 
 
 def main() -> None:
