@@ -320,3 +320,66 @@ def test_openapi_schema_lists_the_endpoints(url):
     paths = httpx.get(f"{url}/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/v1/admin/adapters",
             "/health"} <= set(paths)
+
+
+# --- log-probabilities ------------------------------------------------------------------------------------------
+
+def reference_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward pass of the served base model."""
+    with torch.inference_mode():
+        logits = engine._backbones["base"](input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_chat_logprobs_are_the_models_own_and_greedy_tokens_top_the_list(client, engine):
+    reply = greedy(client, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(item.token for item in content) == reply.choices[0].message.content
+    for item in content:  # greedy: each chosen token is the most likely one, and it heads the alternatives
+        assert len(item.top_logprobs) == 3 and item.logprob <= 0
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == item.logprob
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob >= item.top_logprobs[2].logprob
+        assert bytes(item.bytes).decode() == item.token
+    plain = greedy(client)  # speculation stays on without logprobs: the same text
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
+
+
+def test_echoed_prompt_logprobs_match_a_forward_pass_as_lm_eval_reads_them(client, engine):
+    tokenizer = engine.tokenizer
+    context = tokenizer("The pool opens in June", add_special_tokens=False)["input_ids"]
+    continuations = [tokenizer(" and closes in May.", add_special_tokens=False)["input_ids"],
+                     tokenizer(" on Fridays", add_special_tokens=False)["input_ids"]]
+    prompts = [context + continuation for continuation in continuations]
+    # lm-evaluation-harness's loglikelihood request: token ids, one token generated, the prompt echoed and scored
+    reply = client.completions.create(model="base", prompt=prompts, max_tokens=1, temperature=0, logprobs=1,
+                                      echo=True, seed=1234)
+    assert [choice.index for choice in reply.choices] == [0, 1]
+    for choice, ids in zip(reply.choices, prompts, strict=True):
+        scored = choice.logprobs
+        assert len(scored.tokens) == len(ids) + 1 and scored.token_logprobs[0] is None
+        assert choice.text.startswith(tokenizer.decode(ids))
+        expected = reference_logprobs(engine, ids)
+        got = torch.tensor(scored.token_logprobs[1:len(ids)])
+        assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+        # what lm-eval sums for the continuation, and its is-greedy check against the top alternative
+        continuation = scored.token_logprobs[len(context):-1]
+        assert len(continuation) == len(ids) - len(context)
+        for logprob, top in zip(scored.token_logprobs[1:-1], scored.top_logprobs[1:-1], strict=True):
+            assert len(top) == 1 and max(top.values()) >= logprob
+        assert scored.text_offset[0] == 0 and scored.text_offset == sorted(scored.text_offset)
+
+
+def test_logprob_options_that_cannot_be_served_are_400_naming_them(client, url):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=QUESTION, top_logprobs=2)
+    assert caught.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=QUESTION, logprobs=True, stream=True)
+    assert caught.value.body["param"] == "logprobs" and "stream" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt=[[1, 2], [10 ** 9]], max_tokens=1)
+    assert caught.value.body["param"] == "prompt[1]" and "vocabulary" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt=["a", "b"], max_tokens=1, stream=True)
+    assert caught.value.body["param"] == "prompt"

@@ -115,6 +115,11 @@ class Generation(Iterator[str]):
         self.cancelled = False
         self.retrieval = None  # retrieval.Retrieval of a grounded model: the passages its prompt quoted
         self.grounding = None  # retrieval.Grounding that cites the finished text
+        # with logprobs asked for: per reply token (id, logprob, [(id, logprob) of the top alternatives]), and with
+        # prompt logprobs the prompt's ids and the same per prompt token (None for the first: nothing predicts it)
+        self.logprobs: list[TokenLogprobs] | None = None
+        self.prompt_ids: list[int] | None = None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @classmethod
     def finished_with(cls, model: str, text: str, completion_tokens: int) -> Generation:
@@ -163,6 +168,20 @@ class Generation(Iterator[str]):
         return None if self.first_token_at is None else self.first_token_at - self.created_at
 
 
+TokenLogprobs = tuple[int, float, list[tuple[int, float]]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+    """Each position's log-probability of its token and its `top` most likely tokens, from the raw logits
+    [positions, vocab] (before temperature and top_p, as vLLM reports them)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [positions, vocab]
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    best_values, best_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+    return [(token, value, list(zip(ids, values, strict=True)))
+            for token, value, ids, values in zip(tokens, chosen, best_ids.tolist(), best_values.tolist(),
+                                                 strict=True)]
+
+
 @dataclass(eq=False)
 class _Customization:
     """What a served model name means to the decoder."""
@@ -191,6 +210,8 @@ class _Request:
     deadline: float | None
     next_token: int = -1
     finished: bool = False
+    logprobs: int | None = None  # alternatives recorded per reply token (0: the chosen one only); None: none
+    prompt_logprobs: bool = False
 
 
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
@@ -489,7 +510,7 @@ class Engine:
 
     def stream(self, model: str, messages: list[dict], *, max_tokens: int | None = None, temperature: float = 1.0,
                top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
-               timeout: float | None = None) -> Generation:
+               timeout: float | None = None, logprobs: int | None = None) -> Generation:
         """Start a chat reply. Unknown models, over-long prompts and a full queue raise here, before any token."""
         custom = self._lookup(model)
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
@@ -511,7 +532,7 @@ class Engine:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         generation = self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout,
-                                  "messages", sentences=self.answer_sentences)
+                                  "messages", sentences=self.answer_sentences, logprobs=logprobs)
         generation.retrieval, generation.grounding = retrieval, custom.grounding
         return generation
 
@@ -532,20 +553,26 @@ class Engine:
         except TailorError as exc:
             raise RetrievalUnavailableError(str(exc)) from None
 
-    def complete(self, model: str, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
-                 timeout: float | None = None) -> Generation:
-        """Continue raw text (no chat template, no system prompt), for /v1/completions."""
+    def complete(self, model: str, prompt: str | list[int], *, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                 timeout: float | None = None, logprobs: int | None = None, echo: bool = False) -> Generation:
+        """Continue raw text or token ids (no chat template, no system prompt), for /v1/completions. With `echo`
+        and `logprobs`, the prompt's tokens are scored too (what lm-evaluation-harness's loglikelihood reads)."""
         custom = self._lookup(model)
         if custom.kind == "profile" or custom.grounding is not None:
             what = "a prompt profile" if custom.kind == "profile" else "grounded in retrieved passages"
             raise UnsupportedRequestError(f"model '{model}' is {what}: it builds chat conversations, so it "
                                           f"answers chat completions only")
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        prompt_ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
         if not prompt_ids:
             raise UnsupportedRequestError("prompt: must not be empty", param="prompt")
+        vocabulary = len(self.tokenizer)
+        outside = next((token for token in prompt_ids if not 0 <= token < vocabulary), None)
+        if outside is not None:
+            raise UnsupportedRequestError(f"prompt: token id {outside} is not in the vocabulary (0 to "
+                                          f"{vocabulary - 1})", param="prompt")
         return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout, "prompt",
-                            sentences=None)
+                            sentences=None, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
 
     def _lookup(self, model: str) -> _Customization:
         custom = self._models.get(model)
@@ -555,7 +582,8 @@ class Engine:
 
     def _submit(self, model: str, custom: _Customization, prompt_ids: list[int], max_tokens: int | None,
                 temperature: float, top_p: float, stop: list[str] | None, seed: int | None,
-                timeout: float | None, field_name: str, sentences: int | None = None) -> Generation:
+                timeout: float | None, field_name: str, sentences: int | None = None, logprobs: int | None = None,
+                prompt_logprobs: bool = False) -> Generation:
         budget = max_tokens or self.max_new_tokens
         virtual = (custom.soft_prompt.shape[0] if custom.soft_prompt is not None
                    else custom.prefix[0][0].shape[1] if custom.prefix is not None else 0)
@@ -573,8 +601,13 @@ class Engine:
             decoder=Decoder(self.tokenizer, self.end_of_turn_ids, budget, [s for s in stop or [] if s], sentences),
             temperature=temperature, top_p=top_p,
             generator=torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None,
-            deadline=generation.created_at + timeout if timeout else None)
+            deadline=generation.created_at + timeout if timeout else None, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
         generation.token_times = request.decoder.token_times
+        if logprobs is not None:
+            generation.logprobs = []
+        if prompt_logprobs:
+            generation.prompt_ids = prompt_ids
         with self._cond:
             free_slots = self.max_batch_size - self._running
             if len(self._waiting) >= self.max_queue + max(free_slots, 0):
@@ -698,9 +731,15 @@ class Engine:
                 cache = DynamicCache(ddp_cache_data=[(stacked(i, 0)[0], stacked(i, 1)[0])
                                                      for i in range(len(group[0].custom.prefix))])
                 mask = torch.cat([stacked(0, 0)[1], mask], dim=1)
+            scoring = any(r.prompt_logprobs for r in group)
             out = model(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask)[:, -new_columns:],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1,
+                        past_key_values=cache, use_cache=True, logits_to_keep=0 if scoring else 1,
                         **self._adapter_args(model, group))
+            for row, request in enumerate(group):
+                if request.prompt_logprobs:  # the prompt fills the row's last columns; column j predicts j + 1
+                    ids = request.prompt_ids
+                    scored = out.logits[row, -len(ids):-1]  # [prompt - 1, vocab]
+                    request.generation.prompt_logprobs = [None, *token_logprobs(scored, ids[1:], request.logprobs)]
             kept = self._accept(group, out.logits[:, -1])
             batch = self._batches[backbone]
             if kept:
@@ -738,7 +777,8 @@ class Engine:
         5 positions 1.12x one with 1 thread), and the draft tokens that match
         the model's own greedy choices are several tokens for one step. With more rows the step is compute-bound,
         and a sampled row's tokens would depend on whether it ran alone."""
-        if not self.speculative_tokens or len(batch.rows) != 1 or batch.rows[0].temperature != 0:
+        if (not self.speculative_tokens or len(batch.rows) != 1 or batch.rows[0].temperature != 0
+                or batch.rows[0].logprobs is not None):  # a logprobs row records every position's distribution
             return []
         request = batch.rows[0]
         decoder = request.decoder
@@ -796,6 +836,8 @@ class Engine:
         for i, request in enumerate(requests):
             token = greedy[i] if request.temperature == 0 else pick(logits[i], request.temperature, request.top_p,
                                                                     request.generator)
+            if request.logprobs is not None and token not in self.end_of_turn_ids:  # as the reply's tokens
+                request.generation.logprobs += token_logprobs(logits[i:i + 1], [token], request.logprobs)
             if self._take(request, token):
                 going_on.append(i)
         return going_on

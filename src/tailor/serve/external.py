@@ -45,12 +45,22 @@ class _ThreadedEngine:
         if model not in self.model_names():
             raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
 
-    def complete(self, model: str, prompt: str, **sampling) -> Generation:
+    def _no_logprobs(self, sampling: dict) -> None:
+        if sampling.pop("logprobs", None) is not None or sampling.pop("echo", False):
+            raise UnsupportedRequestError(f"logprobs: not available from serve.engine {self.kind}; the built-in "
+                                          f"engine (serve.engine: tailor) returns them", param="logprobs")
+
+    def complete(self, model: str, prompt: str | list[int], **sampling) -> Generation:
         self._check(model)
+        self._no_logprobs(sampling)
+        if not isinstance(prompt, str):
+            raise UnsupportedRequestError(f"prompt: token ids are not accepted by serve.engine {self.kind}; send "
+                                          f"text", param="prompt")
         return self._start(model, {"prompt": prompt}, **sampling)
 
     def stream(self, model: str, messages: list[dict], **sampling) -> Generation:
         self._check(model)
+        self._no_logprobs(sampling)
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self._start(model, {"messages": messages}, **sampling)
@@ -58,6 +68,8 @@ class _ThreadedEngine:
 
 class VllmEngine(_ThreadedEngine):
     """vLLM's AsyncLLM on its own event loop thread; LoRA adapters become per-request `LoRARequest`s."""
+
+    kind = "vllm"
 
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, max_new_tokens: int = 256,
                  system_prompt: str = "", max_batch_size: int = 16, **_):
@@ -127,6 +139,8 @@ class LlamaCppEngine(_ThreadedEngine):
     sampling and text assembly (`tailor.serve.sampling`) pick tokens and cut stop strings, so temperature, top_p,
     seed and stop behave as on the built-in engine. The chat template and detokenizer come from the GGUF file
     itself (transformers reads its tokenizer metadata)."""
+
+    kind = "llama_cpp"
 
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, max_new_tokens: int = 256,
                  system_prompt: str = "", context_length: int = 2048, **_):

@@ -73,12 +73,57 @@ class SamplingRequest(BaseModel):
         return self.temperature == 0 or self.seed is not None
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+# streamed text deltas are cut at character and stop-string boundaries, not at tokens
+STREAMED_LOGPROBS = "logprobs are returned with whole replies only (stream: false)"
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
+    logprobs: bool = Field(False, description="Return the log-probability of each reply token.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "With logprobs: also the most likely alternatives at each position, this many."))
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per position (0: the chosen token only); None: no logprobs asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def option_problem(self) -> tuple[str, str] | None:
+        """(field, message) of options that do not go together."""
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        if self.logprobs and self.stream:
+            return "logprobs", STREAMED_LOGPROBS
+        return None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str = Field(description="The text to continue (no chat template is applied).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description=(
+        "The text to continue (no chat template is applied): a string, token ids, or a list of either for one "
+        "choice per prompt."))
+    logprobs: int | None = Field(None, ge=0, le=5, description=(
+        "Return each token's log-probability and this many most likely alternatives per position."))
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs if asked).")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def option_problem(self) -> tuple[str, str] | None:
+        prompts = self.prompts()
+        if not prompts or any(len(prompt) == 0 for prompt in prompts):
+            return "prompt", "must not be empty"
+        if self.stream and self.logprobs is not None:
+            return "logprobs", STREAMED_LOGPROBS
+        if self.stream and len(prompts) > 1:
+            return "prompt", "a streamed completion takes one prompt"
+        return None
 
 
 class Usage(BaseModel):
@@ -92,11 +137,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def completion_id() -> str:
@@ -171,11 +230,21 @@ class ChatCompletionChunk(_Extensions):
     citations: list[Citation] | None = Field(None, description="On the chunk that ends a grounded reply.")
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: per token its text, log-probability (None for the first prompt token, which nothing
+    predicts), most likely alternatives and character offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

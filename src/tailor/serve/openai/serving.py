@@ -23,9 +23,10 @@ from tailor.serve.filters import OutputFilter, StreamFilter
 from tailor.serve.logs import RequestLog
 from tailor.serve.metrics import ServerMetrics
 from tailor.serve.openai.protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                                          ChatCompletionRequest, Choice, ChunkChoice, Completion, CompletionChoice,
-                                          CompletionRequest, Delta, ErrorBody, ErrorResponse, ModelCard, ModelList,
-                                          SamplingRequest, Usage, completion_id, now)
+                                          ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice, Completion,
+                                          CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, ErrorBody,
+                                          ErrorResponse, ModelCard, ModelList, SamplingRequest, TokenLogprob,
+                                          TopLogprob, Usage, completion_id, now)
 from tailor.serve.security import Caller, KeyStore, RateLimiter, Sanitizer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Answer:
     first_token: float | None = None
     last_token: float | None = None
     cached: bool = False
+    filtered: bool = False  # the output filter changed the text: its tokens' logprobs are not sent
 
     def tick(self, metrics: ServerMetrics) -> None:
         moment = time.perf_counter()
@@ -89,13 +91,24 @@ def _prepare(services: Services, request: SamplingRequest, caller: Caller, endpo
                   prompt=prompt, caller=caller, user=request.user)
 
 
-def _start(services: Services, answer: Answer, request: SamplingRequest, text_prompt: str | None) -> Generation:
+def _check_options(request: ChatCompletionRequest | CompletionRequest) -> None:
+    problem = request.option_problem()
+    if problem is not None:
+        field_name, message = problem
+        raise ApiError(400, f"{field_name}: {message}", param=field_name, code="invalid_value")
+
+
+def _start(services: Services, answer: Answer, request: SamplingRequest,
+           text_prompt: str | list[int] | None) -> Generation:
     """The engine call. Unknown models, over-long prompts and a full queue raise here, before any 200 is sent."""
     engine = services.engine
+    scoring = {} if request.logprob_count() is None else {"logprobs": request.logprob_count()}
     if text_prompt is None:
-        generation = engine.stream(answer.model, answer.prompt, **request.sampling())
+        generation = engine.stream(answer.model, answer.prompt, **request.sampling(), **scoring)
     else:
-        generation = engine.complete(answer.model, text_prompt, **request.sampling())
+        if scoring and request.echo:
+            scoring["echo"] = True
+        generation = engine.complete(answer.model, text_prompt, **request.sampling(), **scoring)
     if generation.prompt_tokens > services.max_prompt_tokens:
         generation.close()
         param = "messages" if text_prompt is None else "prompt"
@@ -134,7 +147,9 @@ def _finish(services: Services, answer: Answer, text: str, finish_reason: str, p
 
 
 def _cache_key(services: Services, answer: Answer, request: SamplingRequest) -> str | None:
-    if not services.cache.size or not request.deterministic():
+    # the cache keeps texts, not logprobs; echo is rebuilt from the prompt, but is rare enough not to cache
+    if not services.cache.size or not request.deterministic() or request.logprob_count() is not None or \
+            getattr(request, "echo", False):
         return None
     # the engine's revision: a hot-swapped version (registry promote/rollback) must not answer from the old one's cache
     return services.cache.key(answer.endpoint, f"{answer.model}@{services.engine.revision}", answer.prompt,
@@ -162,7 +177,9 @@ def _collect(services: Services, answer: Answer, generation: Generation) -> str:
         for delta in generation:
             answer.tick(services.metrics)
             raw.append(delta)
-        return services.output_filter.apply("".join(raw), generation.quoted_text())
+        text = services.output_filter.apply("".join(raw), generation.quoted_text())
+        answer.filtered = text != "".join(raw)
+        return text
     finally:
         generation.close()
 
@@ -186,6 +203,7 @@ def _filtered_deltas(services: Services, answer: Answer, generation: Generation,
 async def chat_request(services: Services, request: ChatCompletionRequest, caller: Caller):
     """A whole reply, or for `stream` an async iterator of server-sent events. Everything up to the first token
     happens before this returns, so ApiError (and the engine's errors) still become the HTTP status."""
+    _check_options(request)
     messages = services.sanitizer.messages([m.model_dump() for m in request.messages])
     answer = _prepare(services, request, caller, "chat", messages)
     key = _cache_key(services, answer, request)
@@ -195,7 +213,7 @@ async def chat_request(services: Services, request: ChatCompletionRequest, calle
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return _chat_events(services, answer, generation, hit, key, include_usage)
-    return await _chat_whole(services, answer, generation, hit, key)
+    return await _chat_whole(services, answer, generation, hit, key, request.logprob_count() is not None)
 
 
 def _citations(generation: Generation | None, hit: CachedAnswer | None, text: str) -> list[dict] | None:
@@ -216,11 +234,33 @@ async def _whole(services, answer: Answer, generation: Generation | None, hit: C
     return text, reason, prompt_tokens, completion_tokens, citations
 
 
+def _token_text(services: Services, token: int) -> str:
+    return services.engine.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _scored(answer: Answer, generation: Generation | None):
+    """The reply's token logprobs, unless the output filter changed its text (redacted words must not come back as
+    tokens) or the reply was not decoded (an abstention)."""
+    return None if generation is None or answer.filtered else generation.logprobs
+
+
+def _chat_logprobs(services: Services, scored) -> ChoiceLogprobs:
+    def top(token: int, logprob: float) -> TopLogprob:
+        text = _token_text(services, token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    return ChoiceLogprobs(content=None if scored is None else [
+        TokenLogprob(**top(token, logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in alternatives])
+        for token, logprob, alternatives in scored])
+
+
 async def _chat_whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
-                      key: str | None) -> ChatCompletion:
+                      key: str | None, with_logprobs: bool = False) -> ChatCompletion:
     text, reason, prompt_tokens, completion_tokens, citations = await _whole(services, answer, generation, hit, key)
+    logprobs = _chat_logprobs(services, _scored(answer, generation)) if with_logprobs else None
     return ChatCompletion(id=answer.id, model=answer.model, usage=_usage(prompt_tokens, completion_tokens),
-                          choices=[Choice(message=AssistantMessage(content=text), finish_reason=reason)],
+                          choices=[Choice(message=AssistantMessage(content=text), finish_reason=reason,
+                                          logprobs=logprobs)],
                           citations=citations)
 
 
@@ -299,22 +339,74 @@ async def _streamed(services: Services, answer: Answer, generation: Generation |
 
 
 async def completion_request(services: Services, request: CompletionRequest, caller: Caller):
-    prompt = services.sanitizer.text(request.prompt, "prompt")
-    answer = _prepare(services, request, caller, "completions", [{"role": "user", "content": prompt}])
-    key = _cache_key(services, answer, request)
-    hit = _cached(services, answer, key)
-    generation = None if hit else await run_in_threadpool(_start, services, answer, request, prompt)
+    """One choice per prompt (a string or token ids): all are submitted before any is read, so the engine decodes
+    them in one batch (lm-evaluation-harness sends its requests this way)."""
+    _check_options(request)
+    prompts = request.prompts()
+    texts = []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            texts.append(services.sanitizer.text(prompt, param))
+        else:  # token ids are the model's own input: no chat template is applied, so no marker can fake a turn
+            texts.append(_prompt_ids_text(services, prompt, param))
+    answers = []
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        answer = _prepare(services, request, caller, "completions", [{"role": "user", "content": text}])
+        if i:
+            answer.id = f"{answers[0][0].id}-{i}"  # one row per prompt in the feedback store and the log
+        key = _cache_key(services, answer, request)
+        hit = _cached(services, answer, key)
+        generation = None if hit else await run_in_threadpool(
+            _start, services, answer, request, text if isinstance(prompt, str) else prompt)
+        answers.append((answer, generation, hit, key))
     if request.stream:
+        answer, generation, hit, key = answers[0]
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return _completion_events(services, answer, generation, hit, key, include_usage)
-    return await _completion_whole(services, answer, generation, hit, key)
+    choices, prompt_total, completion_total = [], 0, 0
+    for index, ((answer, generation, hit, key), text) in enumerate(zip(answers, texts, strict=True)):
+        reply, reason, prompt_tokens, completion_tokens, _ = await _whole(services, answer, generation, hit, key)
+        prompt_total, completion_total = prompt_total + prompt_tokens, completion_total + completion_tokens
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = _completion_logprobs(services, generation, answer, text if request.echo else None)
+        choices.append(CompletionChoice(index=index, text=text + reply if request.echo else reply,
+                                        finish_reason=reason, logprobs=logprobs))
+    return Completion(id=answers[0][0].id, model=answers[0][0].model, usage=_usage(prompt_total, completion_total),
+                      choices=choices)
 
 
-async def _completion_whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
-                            key: str | None) -> Completion:
-    text, reason, prompt_tokens, completion_tokens, _ = await _whole(services, answer, generation, hit, key)
-    return Completion(id=answer.id, model=answer.model, usage=_usage(prompt_tokens, completion_tokens),
-                      choices=[CompletionChoice(text=text, finish_reason=reason)])
+def _prompt_ids_text(services: Services, ids: list[int], param: str) -> str:
+    vocabulary = len(services.engine.tokenizer)
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocabulary:
+            raise ApiError(400, f"{param}[{position}]: token id {token} is not in the vocabulary (0 to "
+                                f"{vocabulary - 1})", param=param, code="invalid_value")
+    return services.engine.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _completion_logprobs(services: Services, generation: Generation | None, answer: Answer,
+                         echoed: str | None) -> CompletionLogprobs | None:
+    """The legacy shape; with `echoed` (the prompt's text) the prompt's tokens come first."""
+    scored = _scored(answer, generation)
+    if scored is None:
+        return None
+    rows: list[tuple[int, float | None, list]] = []
+    if echoed is not None and generation.prompt_ids is not None:
+        rows += [(generation.prompt_ids[0], None, None)]
+        rows += [(token, logprob, alternatives) for token, logprob, alternatives in generation.prompt_logprobs[1:]]
+    rows += scored
+    tokens = [_token_text(services, token) for token, _, _ in rows]
+    offsets, offset = [], 0 if echoed is not None else len(answer.prompt[0]["content"])
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=[logprob for _, logprob, _ in rows],
+        top_logprobs=[None if alternatives is None else {_token_text(services, t): lp for t, lp in alternatives}
+                      for _, _, alternatives in rows],
+        text_offset=offsets)
 
 
 async def _completion_events(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
