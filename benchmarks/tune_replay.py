@@ -1,18 +1,22 @@
-"""Replays the tune benchmark's bayesian search offline, on the cached grid's results: which search is better?
+"""Replays tailor's search offline, on the recorded grid of benchmarks/tune.py: which search is better?
 
     python benchmarks/tune_replay.py [--seeds 200] [--strategy NAME …] [--json OUT]   → a table of strategies
 
-`benchmarks/tune.py` trains the default model for every trial (minutes per seed), so one seed says little about a
-search strategy. Training there is deterministic: a trial at a grid point reports exactly the grid's eval losses
-(steps 2, 4, …, 12) and ends with the grid's final value. This script runs the same search in memory, with each
-trial's training replaced by those recorded numbers (`grid.values`, `grid.intermediate` of
-benchmarks/results/tune.json), and measures the same figure as the benchmark: the training steps (a pruned trial
-counts the steps it ran, a repeated point 0) until the best value, rounded to 4 decimals, is the grid's best,
-divided by the grid's steps.
+Training is deterministic: a trial at a grid point reports exactly the grid's eval losses (steps 2, 4, …, 12) and
+ends with the grid's final value. This script runs a search in memory, with each trial's training replaced by those
+recorded numbers (`grid.values`, `grid.intermediate` of benchmarks/results/tune.json), so a strategy is measured over
+hundreds of seeds in seconds. Two figures:
+
+* `budget_replay` (what benchmarks/tune.py reports, for SEARCH_STRATEGIES): a search's regret once it has spent a
+  third of the grid's steps, and its steps until its best is within 1% of the grid's best;
+* the table this command prints (the retired goal's figure, kept for the studies below): the training steps (a
+  pruned trial counts the steps it ran, a repeated point 0) until the best value, rounded to 4 decimals, is the
+  grid's best, divided by the grid's steps.
 
 What is simulated is what tailor runs: the config is the benchmark's (`benchmarks/tune.py` settings on the city
 example's tailor.yaml, validated by tailor), the study gets tailor's sampler and pruner (`configure_study`, reseeded
-with `tune.seed + len(study.trials)` before every trial, as the benchmark's one-trial-per-call resumes do), trials
+with `tune.seed + len(study.trials)` before every trial, as a study resumed one trial per call is: the retired
+benchmark ran it so; over many seeds it is the same search as one `tailor tune` call with other random draws), trials
 are sampled by `tailor.tune.space.sample`, repeats are reused by `reuse_same_point` and the pruner is asked by
 tailor's `PruningReporter`. A strategy that is not tailor's code (the candidates compared) replaces one of those
 functions, and says which. `tailor` replays the benchmark as it is declared now. `before` is tailor before
@@ -657,9 +661,9 @@ def budget_replay(strategy: Strategy, seed: int, grid: Grid) -> dict:
 
 
 def budget_figures(searches: list[dict], grid_steps: int) -> dict:
-    """Over searches of `budget_replay`: the share within WITHIN at the budget, the median relative regret there,
-    (and the mean), and the median and p90 steps to within WITHIN (a search that never got there counts the grid's steps, a lower
-    bound: it spent at least those)."""
+    """Over searches of `budget_replay`: the share within WITHIN at the budget, the median (and mean) relative
+    regret there, and the median and p90 steps to within WITHIN (a search that never got there counts the grid's
+    steps, a lower bound: it spent at least those)."""
     steps = sorted(grid_steps if s["steps_to_within"] is None else s["steps_to_within"] for s in searches)
     regret = statistics.median(s["regret"] for s in searches)
     mean_regret = statistics.fmean(s["regret"] for s in searches)  # where medians tie on a grid's few values
