@@ -427,9 +427,9 @@ class TuneConfig(Section):
             elif section == "methods" and "." in rest:
                 method, _, option = rest.partition(".")
                 options = registry.get(method, key=f"tune.space.{key}").options
-                if option not in options.model_fields:
+                if option not in options.option_keys():
                     raise TailorError(f"tune.space.{key}: method '{method}' has no option '{option}' "
-                                      f"(it has: {', '.join(options.model_fields)})")
+                                      f"(it has: {', '.join(options.option_keys())})")
             else:
                 raise TailorError(f"tune.space.{key}: not a searchable key; use train.<option> "
                                   f"({', '.join(TrainConfig.model_fields)}) or methods.<method>.<option>")

@@ -14,6 +14,8 @@ from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods import p_tuning, registry
 from tailor.methods.artifacts import ARTIFACT_DIRS, load_for_inference, load_for_training, save_artifact
+from tailor.methods.lora import LoraOptions, UsesLora, lora_config
+from tailor.methods.lora import prepare as lora_prepare
 from tailor.models.base import load_tokenizer
 from tailor.train.examples import collate, tokenize_chat
 from tailor.train.loop import train
@@ -279,6 +281,47 @@ def test_incompatible_options_stop_before_training(method, options, message, tin
 def test_invalid_options_are_named_in_the_config(method, options, message):
     with pytest.raises(TailorError, match=message):
         validate_config({"methods": {method: options}})
+
+
+NESTING_LORA = [name for name in registry.names() if issubclass(registry.get(name).options, UsesLora)]
+
+
+def test_methods_that_train_lora_nest_its_options():
+    assert set(NESTING_LORA) == {"continued_pretraining", "distill", "dpo", "ppo", "reward"}
+    assert registry.get("raft").options.model_fields["lora"].annotation is LoraOptions
+
+
+@pytest.mark.parametrize("name", NESTING_LORA)
+def test_lora_shorthand_keys_mean_the_nested_ones(name):
+    """`methods.<name>.r` (how these methods took LoRA options before they nested methods.lora's) still works."""
+    flat = validate_config({"methods": {name: {"r": 4, "alpha": 8, "targets": ["q_proj"]}}}).method_options(name)
+    nested = validate_config({"methods": {name: {"lora": {"r": 4, "alpha": 8, "targets": ["q_proj"]}}}})
+    assert flat == nested.method_options(name)
+    assert (flat.lora.r, flat.lora.alpha, flat.lora.targets) == (4, 8, ["q_proj"])
+    with pytest.raises(TailorError, match=rf"methods\.{name}: .*'r' and 'lora\.r' are the same option"):
+        validate_config({"methods": {name: {"r": 4, "lora": {"r": 8}}}})
+    # these methods load their base in full precision: 4-bit is refused, not ignored
+    with pytest.raises(TailorError, match=rf"methods\.{name}\.lora: .*quantize_4bit is for methods\.lora"):
+        validate_config({"methods": {name: {"lora": {"quantize_4bit": True}}}})
+    validate_config({"tune": {"space": {f"methods.{name}.{key}": {"type": "int", "low": 2, "high": 8}
+                                        for key in ("r", "lora.alpha")}}})
+
+
+def test_reward_keeps_its_smaller_lora_defaults_under_a_partial_override():
+    options = validate_config({"methods": {"reward": {"lora": {"r": 4}}}}).method_options("reward")
+    assert (options.lora.r, options.lora.alpha, options.lora.targets) == (4, 16, ["q_proj", "k_proj", "v_proj",
+                                                                               "o_proj"])
+    assert validate_config({}).method_options("dpo").lora == LoraOptions()
+
+
+def test_one_lora_config_builder_carries_every_option(tiny_model_dir):
+    options = LoraOptions(r=4, alpha=8, dropout=0.1, targets=["q_proj"], use_dora=True)
+    config = lora_config(options)
+    assert (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules), config.use_dora,
+            config.task_type) == (4, 8, 0.1, {"q_proj"}, True, "CAUSAL_LM")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(TailorError, match=r"methods\.dpo\.lora\.targets: the model has no module named qkv"):
+        lora_prepare(model, LoraOptions(targets=["qkv"]), "methods.dpo.lora")
 
 
 # from_scratch reads and writes with its own tokenizer: its evaluation is checked in test_new_methods.py

@@ -85,11 +85,11 @@ def test_held_out_chunks_are_deterministic_and_apart(tokenizer, run_dir):
     ("continued_pretraining", {"block_tokens": 64, "overlap_tokens": 64},
      r"methods\.continued_pretraining\.overlap_tokens: must be below block_tokens=64"),
     ("continued_pretraining", {"weights": "lora", "targets": ["qkv"]},
-     r"methods\.continued_pretraining\.targets: the model has no module named qkv"),
+     r"methods\.continued_pretraining\.lora\.targets: the model has no module named qkv"),
     ("from_scratch", {"size": "tiny", "vocab_size": 512, "context": 20, "block_tokens": 16, "overlap_tokens": 4},
      r"methods\.from_scratch\.context: a chat record of \d+ tokens \(with this tokenizer\) does not fit"),
     ("distill", {"targets": ["qkv"], "kl_weight": 0},
-     r"methods\.distill\.targets: the model has no module named qkv"),
+     r"methods\.distill\.lora\.targets: the model has no module named qkv"),
 ])
 def test_incompatible_options_stop_before_training(method, options, message, tiny_model_dir, run_dir):
     with pytest.raises(TailorError, match=message):
@@ -105,7 +105,7 @@ def test_a_missing_corpus_is_named_before_any_model_loads(method, tiny_model_dir
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"r": 0}, r"methods\.distill\.r: Input should be greater than 0"),
+    ({"r": 0}, r"methods\.distill\.lora\.r: Input should be greater than 0"),  # r is short for lora.r
     ({"temperature": 0}, r"methods\.distill\.temperature: Input should be greater than 0"),
     ({"kl_weight": 0, "answers": "reference"}, r"methods\.distill: .*learns nothing from the teacher"),
 ])

@@ -16,6 +16,8 @@ import torch
 
 from tailor.config import TailorConfig, dump_config
 from tailor.errors import TailorError
+from tailor.methods.lora import LoraOptions
+from tailor.methods.lora import prepare as add_lora
 from tailor.models.base import load_model
 from tailor.workspace import atomic_dir, atomic_write_text, update_manifest
 
@@ -60,25 +62,21 @@ def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[lis
     return train, [pairs[i] for i in order[len(order) - held:]]
 
 
-def load_policy(base_ref: str, dtype: torch.dtype, init_adapter: str | None, root: Path, key: str, *,
-                r: int, alpha: int, targets: list[str]):
+def load_policy(base_ref: str, dtype: torch.dtype, init_adapter: str | None, root: Path, key: str,
+                lora: LoraOptions):
     """The policy: the starting adapter (an SFT run's) trainable as "default", plus a frozen copy of it as the
-    reference; or, without one, a fresh LoRA on the base, whose reference is the base with adapters disabled.
-    Either way one set of base weights in memory."""
+    reference; or, without one, a fresh LoRA (`lora`) on the base, whose reference is the base with adapters
+    disabled. Either way one set of base weights in memory. `key`: the method's options in tailor.yaml."""
     import peft
-
-    from tailor.methods.registry import require_modules
 
     base = load_model(base_ref, dtype=dtype)
     if init_adapter:
-        folder = adapter_folder(init_adapter, root, key)
+        folder = adapter_folder(init_adapter, root, f"{key}.init_adapter")
         model = peft.PeftModel.from_pretrained(base, str(folder), is_trainable=True)
         model.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
         model.set_adapter("default")
     else:
-        require_modules(base, targets, key.rsplit(".", 1)[0] + ".targets")
-        model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                          lora_dropout=0.0, task_type="CAUSAL_LM"))
+        model = add_lora(base, lora, f"{key}.lora")
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # weights that train stay fp32 for the optimizer

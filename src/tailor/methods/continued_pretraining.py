@@ -13,18 +13,16 @@ from pydantic import Field
 
 from tailor.errors import TailorError
 from tailor.methods.artifacts import save_whole_model
-from tailor.methods.registry import Method, MethodOptions, Phase, TrainContext, register
+from tailor.methods.lora import UsesLora
+from tailor.methods.lora import prepare as add_lora
+from tailor.methods.registry import Method, Phase, TrainContext, register
 
 KEY = "methods.continued_pretraining"
 
 
-class ContinuedPretrainingOptions(MethodOptions):
+class ContinuedPretrainingOptions(UsesLora):
     weights: Literal["lora", "full"] = Field("lora", description=(
         "Which weights train: LoRA adapters on the projections (cheap; folded into the saved model) or all."))
-    r: int = Field(16, gt=0, description="LoRA rank (weights: lora).")
-    alpha: int = Field(32, gt=0, description="LoRA scale; the update is multiplied by alpha / r (weights: lora).")
-    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                               description="Module names LoRA adapts (weights: lora).")
     block_tokens: int = Field(512, gt=8, description=(
         "Tokens per training block cut from the corpus; at most the model's context."))
     overlap_tokens: int = Field(64, ge=0, description=(
@@ -75,15 +73,10 @@ def phases(ctx: TrainContext, tokenizer) -> list[Phase]:
 
 
 def prepare_weights(model, options, key: str):
-    """LoRA adapters on `options.targets`, or every weight trainable."""
+    """LoRA adapters as `options.lora` says, or every weight trainable."""
     if options.weights == "full":
         return model.requires_grad_(True)
-    from tailor.methods.lora import LoraOptions
-    from tailor.methods.lora import prepare as lora_prepare
-    from tailor.methods.registry import require_modules
-
-    require_modules(model, options.targets, f"{key}.targets")
-    return lora_prepare(model, LoraOptions(r=options.r, alpha=options.alpha, targets=options.targets))
+    return add_lora(model, options.lora, f"{key}.lora")
 
 
 def prepare(model, options: ContinuedPretrainingOptions):

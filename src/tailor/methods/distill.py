@@ -21,14 +21,16 @@ from pydantic import Field, model_validator
 
 from tailor.errors import TailorError
 from tailor.methods.artifacts import save_whole_model
-from tailor.methods.registry import Method, MethodOptions, Phase, TrainContext, register
+from tailor.methods.lora import UsesLora
+from tailor.methods.lora import prepare as add_lora
+from tailor.methods.registry import Method, Phase, TrainContext, register
 from tailor.train.examples import IGNORE
 
 KEY = "methods.distill"
 ANSWERS_FILE = Path("distill") / "teacher_answers.jsonl"
 
 
-class DistillOptions(MethodOptions):
+class DistillOptions(UsesLora):
     teacher: str | None = Field(None, description=(
         "Teacher: a model folder, the bundled default (smollm2-135m-instruct), a hub id, or a trained run folder "
         "(its adapter/ on its base, or its model/); null: the base model."))
@@ -45,10 +47,6 @@ class DistillOptions(MethodOptions):
         "Answers the student is trained on: the teacher's greedy answers to the training questions (generated once, "
         "cached in RUN/distill/) or the reference answers of RUN/data/train.jsonl."))
     max_new_tokens: int = Field(64, gt=0, description="Longest teacher answer generated.")
-    r: int = Field(16, gt=0, description="LoRA rank of a base student (student: null).")
-    alpha: int = Field(32, gt=0, description="LoRA scale of a base student (student: null).")
-    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                               description="Module names LoRA adapts on a base student (student: null).")
 
     @model_validator(mode="after")
     def _has_teacher_signal(self) -> DistillOptions:
@@ -80,12 +78,7 @@ def prepare(model, options: DistillOptions):
     """A named student trains in full; the base trains LoRA adapters."""
     if options.student:
         return model.requires_grad_(True)
-    from tailor.methods.lora import LoraOptions
-    from tailor.methods.lora import prepare as lora_prepare
-    from tailor.methods.registry import require_modules
-
-    require_modules(model, options.targets, f"{KEY}.targets")
-    return lora_prepare(model, LoraOptions(r=options.r, alpha=options.alpha, targets=options.targets))
+    return add_lora(model, options.lora, f"{KEY}.lora")
 
 
 def load_teacher(ref: str, root: Path, dtype: torch.dtype):
@@ -206,7 +199,7 @@ def phases(ctx: TrainContext, student_tokenizer) -> list[Phase]:
 
         with torch.device("meta"):
             shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ctx.base_ref))
-        require_modules(shape, options.targets, f"{KEY}.targets")
+        require_modules(shape, options.lora.targets, f"{KEY}.lora.targets")
     teacher, teacher_tokenizer, teacher_name = load_teacher(options.teacher or ctx.base_ref, ctx.root,
                                                             ctx.compute_dtype)
     if options.kl_weight > 0:

@@ -21,13 +21,14 @@ from pydantic import Field
 from tailor.config import TailorConfig
 from tailor.methods.alignment import (MetricsLog, adapter_folder, preference_pairs, record_training, save_adapter,
                                       split_pairs)
-from tailor.methods.registry import Method, MethodOptions, register, require_modules
+from tailor.methods.lora import UsesLora, lora_config
+from tailor.methods.registry import Method, register, require_modules
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.loop import TrainResult
 from tailor.train.progress import TrainProgress
 
 
-class DpoOptions(MethodOptions):
+class DpoOptions(UsesLora):
     preference_file: str | None = Field(None, description=(
         "Preference pairs (JSONL: prompt/chosen/rejected, Anthropic HH, UltraFeedback or OpenAI preference "
         "records); null: RUN/data/preferences.jsonl."))
@@ -39,10 +40,6 @@ class DpoOptions(MethodOptions):
         "Strength of the pull towards the reference: higher keeps the policy closer to it."))
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description=(
         "sigmoid: the DPO paper's loss; ipo: identity preference optimization; hinge: SLiC; robust: noisy labels."))
-    r: int = Field(16, gt=0, description="LoRA rank of a fresh adapter.")
-    alpha: int = Field(32, gt=0, description="LoRA scale numerator of a fresh adapter.")
-    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                               description="LoRA target modules of a fresh adapter.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of pairs held out for an eval loss.")
     max_tokens: int = Field(512, gt=8, description="Pairs whose prompt + answer exceed this are reported.")
 
@@ -66,9 +63,8 @@ def _policy(base_ref: str, dtype: torch.dtype, options: DpoOptions, root: Path):
             if param.requires_grad:
                 param.data = param.data.float()
         return model, None  # TRL copies the adapter as the frozen reference ("ref")
-    require_modules(base, options.targets, "methods.dpo.targets")
-    return base, peft.LoraConfig(r=options.r, lora_alpha=options.alpha, target_modules=options.targets,
-                                 lora_dropout=0.0, task_type="CAUSAL_LM")
+    require_modules(base, options.lora.targets, "methods.dpo.lora.targets")
+    return base, lora_config(options.lora)  # the `lora` options shape a fresh adapter only
 
 
 def _conversational(pair: dict) -> dict:

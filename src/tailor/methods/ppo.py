@@ -30,7 +30,8 @@ from tailor.config import TailorConfig
 from tailor.errors import TailorError
 from tailor.methods.alignment import (MetricsLog, load_policy, record_training, reference, resolve_path,
                                       save_adapter)
-from tailor.methods.registry import Method, MethodOptions, register
+from tailor.methods.lora import UsesLora
+from tailor.methods.registry import Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.examples import chat_ids
 from tailor.train.loop import TrainResult
@@ -39,7 +40,7 @@ from tailor.workspace import read_jsonl
 RewardFunction = Callable[[list[dict], str], float]
 
 
-class PpoOptions(MethodOptions):
+class PpoOptions(UsesLora):
     init_adapter: str | None = Field(None, description=(
         "Start from this LoRA adapter (an SFT run folder or its adapter/ folder); its frozen copy is the KL "
         "reference. null: a fresh adapter on the base, whose reference is the base."))
@@ -63,10 +64,6 @@ class PpoOptions(MethodOptions):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
-    r: int = Field(16, gt=0, description="LoRA rank of a fresh adapter.")
-    alpha: int = Field(32, gt=0, description="LoRA scale numerator of a fresh adapter.")
-    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                               description="LoRA target modules of a fresh adapter.")
 
 
 def load_reward_function(spec: str, root: Path) -> RewardFunction:
@@ -244,8 +241,7 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     # the reward function is imported (and the reward model loaded) before the policy: a typo costs no model load
     scorer = Scorer(options, root)
     tokenizer = load_tokenizer(base_ref)
-    model = load_policy(base_ref, dtype, options.init_adapter, root, "methods.ppo.init_adapter", r=options.r,
-                        alpha=options.alpha, targets=options.targets)
+    model = load_policy(base_ref, dtype, options.init_adapter, root, "methods.ppo", options.lora)
     policy = Policy(model, options.temperature)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -91,8 +91,10 @@ def phases(ctx: TrainContext, tokenizer) -> list[Phase]:
     return [Phase("raft", train, evals)]
 
 
-register(Method(name="raft", options=RaftOptions, prepare=lambda model, options: lora_prepare(model, options.lora),
-                load_options=lambda options: lora_load_options(options.lora), artifact="adapter", phases=phases,
+register(Method(name="raft", options=RaftOptions,
+                prepare=lambda model, options: lora_prepare(model, options.lora, f"{KEY}.lora"),
+                load_options=lambda options: lora_load_options(options.lora, f"{KEY}.lora"), artifact="adapter",
+                phases=phases,
                 grounded=True,
                 summary="LoRA trained on retrieved passages: the oracle among distractors, or distractors alone "
                         "with 'the documents do not say' (RAFT); served and evaluated with retrieval."))

@@ -51,6 +51,18 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @classmethod
+    def option_keys(cls) -> list[str]:
+        """Every option by its dotted key under `methods.<name>` (nested options as `lora.r`), e.g. for tune.space."""
+        keys = []
+        for name, field in cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, MethodOptions):
+                keys += [f"{name}.{key}" for key in annotation.option_keys()]
+            else:
+                keys.append(name)
+        return keys
+
 
 @dataclass(frozen=True)
 class Method:

@@ -22,7 +22,9 @@ from tailor.data.preference import with_answer
 from tailor.errors import TailorError
 from tailor.methods import artifacts
 from tailor.methods.alignment import MetricsLog, preference_pairs, record_training, split_pairs
-from tailor.methods.registry import Method, MethodOptions, register, require_modules
+from tailor.methods.lora import UsesLora
+from tailor.methods.lora import prepare as add_lora
+from tailor.methods.registry import Method, register
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.examples import chat_ids
 from tailor.train.loop import TrainResult
@@ -36,15 +38,15 @@ INFO_FILE = "reward.json"
 artifacts.ARTIFACT_DIRS.setdefault("reward", REWARD_DIR)
 
 
-class RewardOptions(MethodOptions):
+class RewardOptions(UsesLora):
+    # a scalar head needs less than a generator: a smaller rank on the attention projections only
+    lora_defaults = {"r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
     preference_file: str | None = Field(None, description=(
         "Preference pairs (JSONL: prompt/chosen/rejected, Anthropic HH, UltraFeedback or OpenAI preference "
         "records); null: RUN/data/preferences.jsonl."))
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out to report pair accuracy.")
     adapter: Literal["lora", "full"] = Field("lora", description="Train the body as LoRA adapters or fully.")
-    r: int = Field(8, gt=0, description="LoRA rank (adapter: lora).")
-    alpha: int = Field(16, gt=0, description="LoRA scale numerator (adapter: lora).")
-    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="LoRA target modules.")
     max_tokens: int = Field(512, gt=8, description="Pairs whose prompt + answer exceed this are reported.")
 
 
@@ -99,11 +101,7 @@ def pair_accuracy(model: RewardModel, tokenizer, pairs: list[dict], batch_size: 
 def build(base_ref: str, dtype: torch.dtype, options: RewardOptions) -> RewardModel:
     model = load_model(base_ref, dtype=dtype if options.adapter == "lora" else torch.float32)
     if options.adapter == "lora":
-        import peft
-
-        require_modules(model, options.targets, "methods.reward.targets")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=options.r, lora_alpha=options.alpha,
-                                                           target_modules=options.targets, task_type="CAUSAL_LM"))
+        model = add_lora(model, options.lora, "methods.reward.lora")
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
