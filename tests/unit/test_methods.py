@@ -283,6 +283,30 @@ def test_invalid_options_are_named_in_the_config(method, options, message):
         validate_config({"methods": {method: options}})
 
 
+
+def test_every_module_of_the_methods_package_is_a_registered_method_or_a_named_helper():
+    assert registry.method_modules() == set(registry.METHOD_MODULES)
+    assert set(registry.names()) == set(registry.METHOD_MODULES)  # each registers the method of its own name
+    assert not registry.HELPER_MODULES & set(registry.names())
+
+
+@pytest.mark.parametrize("found, listed, message", [
+    ({*registry.METHOD_MODULES, "kto"}, registry.METHOD_MODULES,
+     r"tailor\.methods\.kto: a module of the methods package that is neither in METHOD_MODULES"),
+    (set(registry.METHOD_MODULES) - {"ppo"}, registry.METHOD_MODULES,
+     r"METHOD_MODULES lists 'ppo', but the methods package has no module of that name"),
+    ({*registry.METHOD_MODULES, "alignment"}, (*registry.METHOD_MODULES, "alignment"),
+     r"tailor\.methods\.alignment: registers no method named 'alignment'"),
+])
+def test_a_method_module_the_registry_does_not_know_stops_the_first_lookup(found, listed, message, monkeypatch):
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "method_modules", lambda: found)
+    monkeypatch.setattr(registry, "METHOD_MODULES", listed)
+    for _ in range(2):  # and every lookup after it: the registry is never used half-loaded
+        with pytest.raises(TailorError, match=message):
+            registry.names()
+
+
 NESTING_LORA = [name for name in registry.names() if issubclass(registry.get(name).options, UsesLora)]
 
 

@@ -1,7 +1,7 @@
 """What the alignment methods (reward, dpo, ppo) share: where their data and starting adapters come from, the
 policy with its frozen reference, and writing the artifact, metrics and manifest like the training core does.
 
-Not a method itself: the registry imports only the modules it lists.
+Not a method itself: listed in the registry's HELPER_MODULES.
 """
 
 from __future__ import annotations

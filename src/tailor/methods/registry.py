@@ -1,12 +1,15 @@
 """One registry of customization methods. A method module calls `register(Method(...))` once at import.
 
 The registry rejects unknown and duplicate names, so `tailor train --method`, the search and the evaluation all see
-the same set, and adding a method touches one module and its test.
+the same set, and adding a method touches one module and its test. Every module of the tailor.methods package is
+either a method (listed in METHOD_MODULES, registering the method of its own name) or a helper (HELPER_MODULES);
+anything else stops the first lookup with one message, so a method never silently fails to load.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ from tailor.errors import TailorError
 METHOD_MODULES = ("prompt", "rag", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "raft", "full",
                   "continued_pretraining", "distill", "from_scratch",
                   "reward", "dpo", "ppo")
+# Modules of the package that register no method: this registry and what several methods share.
+HELPER_MODULES = frozenset({"registry", "artifacts", "alignment"})
 
 
 @dataclass
@@ -121,12 +126,42 @@ def register(method: Method) -> Method:
     return method
 
 
+def method_modules() -> set[str]:
+    """The method modules found in the tailor.methods package: every module but the helpers."""
+    import tailor.methods
+
+    return {info.name for info in pkgutil.iter_modules(tailor.methods.__path__)} - HELPER_MODULES
+
+
+def check_modules(found: set[str]) -> None:
+    """The package's method modules are exactly METHOD_MODULES (found by listing the package, like PEFT's
+    mapping of method names, so a new module cannot be forgotten)."""
+    unlisted = sorted(found - set(METHOD_MODULES))
+    if unlisted:
+        raise TailorError(f"tailor.methods.{unlisted[0]}: a module of the methods package that is neither in "
+                          f"METHOD_MODULES (the methods, in the order `tailor methods` lists them) nor in "
+                          f"HELPER_MODULES (modules that register no method), both in methods/registry.py")
+    absent = sorted(set(METHOD_MODULES) - found)
+    if absent:
+        raise TailorError(f"METHOD_MODULES lists '{absent[0]}', but the methods package has no module of that name")
+
+
 def _load_all() -> None:
     global _loaded
-    if not _loaded:
-        _loaded = True
+    if _loaded:
+        return
+    _loaded = True  # first: a method module may look another method up while it is imported
+    try:
+        check_modules(method_modules())
         for module in METHOD_MODULES:
             importlib.import_module(f"tailor.methods.{module}")
+            if module not in _METHODS:
+                raise TailorError(f"tailor.methods.{module}: registers no method named '{module}' (a method module "
+                                  f"calls register(Method(name='{module}', ...)) once at import; a module that is "
+                                  f"not a method belongs in HELPER_MODULES)")
+    except Exception:
+        _loaded = False  # every later lookup fails the same way, not on a half-filled registry
+        raise
 
 
 def names() -> list[str]:
