@@ -25,8 +25,8 @@ def tune(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOp
     """Search hyperparameters (tune.space) with Optuna: each trial trains and evaluates in RUN/tune/trial-N;
     writes RUN/tune/best.yaml and report.html. Rerun to resume; run it on several machines with one --storage."""
     from tailor.cli.stages import check_training_data
-    from tailor.tune.report import trials_table
-    from tailor.tune.search import metric_value, run_tune
+    from tailor.tune.report import metric_value, trials_table
+    from tailor.tune.search import run_tune
     from tailor.tune.space import as_override
 
     # CLI options are tune.* overrides, so they are validated like the file

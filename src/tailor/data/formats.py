@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tailor.data import chatlog
-from tailor.data.qa import ANSWER_KEYS, QUESTION_KEYS, _pick
 from tailor.errors import TailorError
 from tailor.workspace import read_jsonl
 
 SFT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+QUESTION_KEYS = ("question", "prompt", "instruction", "input")
+ANSWER_KEYS = ("answer", "response", "output", "completion")
 
 
 @dataclass
@@ -40,6 +41,20 @@ class Example:
     def prompt(self) -> str:
         """The first user turn: what decides the split, so a question lands on one side whatever its answer."""
         return next((m["content"] for m in self.messages if m["role"] == "user"), "")
+
+
+def pick_field(record: dict, keys: tuple[str, ...], where: str, what: str) -> str:
+    """The stripped text under the first of `keys` the record has (Q/A and Alpaca records name fields variously)."""
+    for key in keys:
+        if key in record:
+            value = record[key]
+            if not isinstance(value, str):
+                raise TailorError(f"{where}: \"{key}\" must be a string (found {type(value).__name__})")
+            if not value.strip():
+                raise TailorError(f"{where}: \"{key}\" is empty")
+            return value.strip()
+    raise TailorError(f"{where}: missing the {what} (expected one of the keys {', '.join(keys)}; "
+                      f"found {', '.join(record) or 'none'})")
 
 
 def to_messages(record: Mapping, where: str, speaker_roles: Mapping[str, str] | None = None) -> list[dict]:
@@ -58,14 +73,14 @@ def to_messages(record: Mapping, where: str, speaker_roles: Mapping[str, str] | 
     elif chatlog.conversation_turns(record) is not None:  # ShareGPT and friends
         messages = chatlog.turns_to_messages(chatlog.conversation_turns(record), roles, where)
     elif "instruction" in record and any(key in record for key in ANSWER_KEYS):
-        instruction = _pick(record, ("instruction",), where, "instruction")
+        instruction = pick_field(record, ("instruction",), where, "instruction")
         extra = record.get("input")
         prompt = instruction + (f"\n\n{extra.strip()}" if isinstance(extra, str) and extra.strip() else "")
         messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": _pick(record, ANSWER_KEYS, where, "answer")}]
+                    {"role": "assistant", "content": pick_field(record, ANSWER_KEYS, where, "answer")}]
     else:
-        messages = [{"role": "user", "content": _pick(record, QUESTION_KEYS, where, "question")},
-                    {"role": "assistant", "content": _pick(record, ANSWER_KEYS, where, "answer")}]
+        messages = [{"role": "user", "content": pick_field(record, QUESTION_KEYS, where, "question")},
+                    {"role": "assistant", "content": pick_field(record, ANSWER_KEYS, where, "answer")}]
     _check(messages, where)
     return messages
 

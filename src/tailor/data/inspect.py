@@ -68,8 +68,7 @@ def _records(path: Path):
 
 def inspect_file(path: Path | str, tokenizer, *, preview: int = PREVIEW_RECORDS) -> Inspection:
     """Read every record; a record that is not usable raises naming `file:line` (run `tailor data validate`)."""
-    from tailor.data.formats import to_messages
-    from tailor.data.qa import ANSWER_KEYS, QUESTION_KEYS
+    from tailor.data.formats import ANSWER_KEYS, QUESTION_KEYS, to_messages
     from tailor.train.examples import IGNORE, tokenize_chat
 
     path = Path(path)

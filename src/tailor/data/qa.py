@@ -12,11 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tailor.data.formats import ANSWER_KEYS, QUESTION_KEYS, pick_field, read_sft_file
 from tailor.errors import TailorError
 from tailor.workspace import read_jsonl
-
-QUESTION_KEYS = ("question", "prompt", "instruction", "input")
-ANSWER_KEYS = ("answer", "response", "output", "completion")
 
 
 @dataclass
@@ -42,19 +40,6 @@ class BuildSummary:
                 "duplicates": self.duplicates, "leaked": self.leaked, **self.extra}
 
 
-def _pick(record: dict, keys: tuple[str, ...], where: str, what: str) -> str:
-    for key in keys:
-        if key in record:
-            value = record[key]
-            if not isinstance(value, str):
-                raise TailorError(f"{where}: \"{key}\" must be a string (found {type(value).__name__})")
-            if not value.strip():
-                raise TailorError(f"{where}: \"{key}\" is empty")
-            return value.strip()
-    raise TailorError(f"{where}: missing the {what} (expected one of the keys {', '.join(keys)}; "
-                      f"found {', '.join(record) or 'none'})")
-
-
 def read_qa_file(path: Path | str) -> Iterator[QAPair]:
     """Yield the pairs of one CSV or JSONL file (keys: question/answer, or Alpaca's instruction/output)."""
     path = Path(path)
@@ -64,8 +49,8 @@ def read_qa_file(path: Path | str) -> Iterator[QAPair]:
     if suffix in (".jsonl", ".json"):
         for line_no, record in read_jsonl(path):
             where = f"{path}:{line_no}"
-            yield QAPair(_pick(record, QUESTION_KEYS, where, "question"), _pick(record, ANSWER_KEYS, where, "answer"),
-                         where)
+            yield QAPair(pick_field(record, QUESTION_KEYS, where, "question"),
+                         pick_field(record, ANSWER_KEYS, where, "answer"), where)
     elif suffix in (".csv", ".tsv"):
         try:
             with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -76,8 +61,8 @@ def read_qa_file(path: Path | str) -> Iterator[QAPair]:
                     where = f"{path}:{reader.line_num}"
                     if None in row:
                         raise TailorError(f"{where}: more fields than the header has (unquoted comma?)")
-                    yield QAPair(_pick(row, QUESTION_KEYS, where, "question"),
-                                 _pick(row, ANSWER_KEYS, where, "answer"), where)
+                    yield QAPair(pick_field(row, QUESTION_KEYS, where, "question"),
+                                 pick_field(row, ANSWER_KEYS, where, "answer"), where)
         except UnicodeDecodeError:
             raise TailorError(f"{path}: not valid UTF-8 text") from None
         except csv.Error as exc:
@@ -115,7 +100,6 @@ def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_
     test (returned in summary.test_records), the rest to train.
     """
     from tailor.data.dedup import find_leaks
-    from tailor.data.formats import read_sft_file
 
     if not qa_files and not eval_files:
         raise TailorError("data.qa_files: no question/answer files configured")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tailor.data.dedup import find_leaks
-from tailor.data.qa import ANSWER_KEYS, QUESTION_KEYS
+from tailor.data.formats import ANSWER_KEYS, QUESTION_KEYS
 from tailor.errors import TailorError
 from tailor.workspace import atomic_path, write_jsonl
 

@@ -12,11 +12,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from tailor.tune.search import metric_value
-
 from tailor.workspace import atomic_write_text, now_iso
 
 REPORT_HTML = "report.html"
+
+
+def metric_value(trial) -> str:
+    """The objective as text; a pruned trial has none (Optuna stores its last intermediate eval loss there)."""
+    return f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else "-"
 
 
 def _fmt(value) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from tailor.config import TailorConfig, apply_overrides, dump_config
 from tailor.errors import TailorError
+from tailor.tune.report import metric_value, write_tune_report
 from tailor.tune.space import check_values, config_with, grid, params_to_values, sample, untried_first
 from tailor.workspace import atomic_write_text, link_or_copy
 
@@ -42,11 +43,6 @@ class TuneResult:
     best_config: Path
     report: Path
     study: Any  # the optuna.Study, for tables and plots
-
-
-def metric_value(trial) -> str:
-    """The objective as text; a pruned trial has none (Optuna stores its last intermediate eval loss there)."""
-    return f"{trial.value:.4f}" if trial.state.name == "COMPLETE" else "-"
 
 
 def direction_of(config: TailorConfig) -> str:
@@ -302,7 +298,6 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
     from tailor.evaluate.harness import run_eval
     from tailor.train.loop import total_steps
     from tailor.train.run import run_training
-    from tailor.tune.report import write_tune_report
 
     run_dir = Path(run_dir)
     space, tune = config.tune.space, config.tune
