@@ -83,6 +83,28 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, run_dir, tmp_path_fac
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoints_record_their_method_and_config_and_resume_only_the_same_method(tiny_model_dir, run_dir):
+    from tailor.errors import TailorError
+    from tailor.train.checkpoint import RUN_FILE, latest
+
+    config = config_for(tiny_model_dir, max_steps=6, save_every=3)
+    run_training(config, run_dir, run_dir, show_progress=False, should_stop=lambda step: step == 4)
+    folder = latest(run_dir)
+    recorded = json.loads((folder / RUN_FILE).read_text())
+    assert folder.name == "step-4" and recorded["method"] == "lora"
+    assert recorded["config"]["train"]["save_every"] == 3 and recorded["config"]["base_model"] == tiny_model_dir
+    # the method's options resolved: what the user wrote and the defaults filled in
+    assert recorded["config"]["methods"]["lora"] == config.method_options("lora").model_dump(mode="json")
+    assert recorded["config"]["methods"]["lora"]["r"] == 4 and "dropout" in recorded["config"]["methods"]["lora"]
+
+    other = config_for(tiny_model_dir, max_steps=6, save_every=3, method="full")
+    with pytest.raises(TailorError, match=r"--resume: .*step-4 was trained by method 'lora', not 'full'; resume "
+                                          r"with train\.method=lora"):
+        run_training(other, run_dir, run_dir, resume=True, show_progress=False)
+    resumed = run_training(config, run_dir, run_dir, resume=True, show_progress=False)  # the same method resumes
+    assert resumed.steps == 6
+
+
 def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path):
     from tailor.errors import TailorError
 

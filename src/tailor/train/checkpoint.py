@@ -1,4 +1,5 @@
-"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG states and the data position.
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG states and the data position, with the
+method and the resolved config beside them (checkpoint.json), so a checkpoint says what trained it.
 
 Only parameters that train are saved (for LoRA a few MB, not the frozen base), each checkpoint is written to a
 temporary folder and renamed, and the last two are kept.
@@ -15,9 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailor.workspace import atomic_dir, atomic_write_text
+from tailor.errors import TailorError
+from tailor.workspace import atomic_dir, atomic_write_text, read_json, write_json
 
 KEEP = 2
+RUN_FILE = "checkpoint.json"  # {"method": ..., "config": ...}
 
 
 @dataclass
@@ -42,7 +45,16 @@ def latest(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(out_dir: Path, state: TrainState, model, optimizer, scheduler) -> Path:
+def run_record(method: str, config) -> dict:
+    """What trained a checkpoint: the method and the config (a TailorConfig) with the method's options resolved,
+    defaults filled in, as they were when it was written."""
+    resolved = config.model_dump(mode="json")
+    resolved["methods"] = {**resolved["methods"], method: config.method_options(method).model_dump(mode="json")}
+    return {"method": method, "config": resolved}
+
+
+def save(out_dir: Path, state: TrainState, model, optimizer, scheduler, run: dict | None = None) -> Path:
+    """Write RUN/checkpoints/step-N (`run`: `run_record`'s method and config, stored as checkpoint.json)."""
     folder = _folder(out_dir)
     target = folder / f"step-{state.step}"
     with atomic_dir(target) as tmp:
@@ -53,12 +65,29 @@ def save(out_dir: Path, state: TrainState, model, optimizer, scheduler) -> Path:
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                    tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+        if run is not None:
+            write_json(tmp / RUN_FILE, run)
     for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load(folder: Path, model, optimizer, scheduler) -> TrainState:
+def check_method(folder: Path, method: str) -> None:
+    """Resuming continues the same method: another one's weights and optimizer state do not mean the same thing,
+    even where their parameter names agree (lora and raft)."""
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():  # written before checkpoints recorded their run: nothing to compare
+        return
+    saved = read_json(path).get("method")
+    if saved != method:
+        raise TailorError(f"--resume: {folder} was trained by method '{saved}', not '{method}'; resume with "
+                          f"train.method={saved}, or train '{method}' without --resume to start over")
+
+
+def load(folder: Path, model, optimizer, scheduler, method: str | None = None) -> TrainState:
+    """Restore a checkpoint into `model`, `optimizer` and `scheduler`; with `method`, refuse another method's."""
+    if method is not None:
+        check_method(folder, method)
     trainable = load_file(folder / "trainable.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():

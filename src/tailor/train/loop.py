@@ -230,11 +230,14 @@ def _prepare_model(model, cfg: TrainConfig) -> None:
 
 def train(model, train_examples: list[Example], eval_examples: list[Example], cfg: TrainConfig, out_dir: Path, *,
           pad_id: int, compute_dtype: torch.dtype = torch.float32, resume: bool = False, show_progress: bool = True,
-          should_stop: Callable[[int], bool] | None = None, loss_fn: LossFn | None = None) -> TrainResult:
+          should_stop: Callable[[int], bool] | None = None, loss_fn: LossFn | None = None,
+          run: dict | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad. `out_dir` receives metrics.jsonl and checkpoints/.
 
     `loss_fn(model, batch) -> (summed loss, label tokens)` replaces loss_sum (e.g. distillation); a batch holds
     input_ids, labels and either attention_mask or, packed, position_ids (see model_inputs).
+    `run` (checkpoint.run_record: method and resolved config) is stored with every checkpoint, and resuming from
+    a checkpoint of another method is refused.
     Under `accelerate launch` each process trains on its share of every step and only the main one writes files.
     """
     out_dir = Path(out_dir)
@@ -259,7 +262,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], cf
     state = checkpoint.TrainState()
     metrics_path = out_dir / "metrics.jsonl"
     if resume and (latest := checkpoint.latest(out_dir)) is not None:
-        state = checkpoint.load(latest, model, optimizer, scheduler)
+        state = checkpoint.load(latest, model, optimizer, scheduler, method=run["method"] if run else None)
         if main:
             checkpoint.truncate_metrics(metrics_path, state.step)
     elif main and metrics_path.exists():
@@ -343,7 +346,7 @@ def train(model, train_examples: list[Example], eval_examples: list[Example], cf
             interrupted = should_stop is not None and should_stop(state.step)
             if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted:
                 if main:
-                    checkpoint.save(out_dir, state, model, optimizer, scheduler)
+                    checkpoint.save(out_dir, state, model, optimizer, scheduler, run)
                 accelerator.wait_for_everyone()
             if interrupted or stopped_early:
                 break

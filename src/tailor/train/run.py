@@ -18,6 +18,7 @@ from tailor.methods import registry
 from tailor.methods.artifacts import ADAPTER_DIR  # noqa: F401 (re-exported)
 from tailor.methods.artifacts import build_artifact, load_for_training, save_artifact
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train import checkpoint
 from tailor.train.distributed import is_main_process
 from tailor.train.examples import Example, tokenize_chat
 from tailor.train.loop import TrainResult, total_steps, train
@@ -162,6 +163,7 @@ def train_phases(prepared: PreparedRun, config: TailorConfig, run_dir: Path, *, 
     results: list[TrainResult] = []
     offset, interrupted = 0, False
     prepared.phase_results = []
+    trained_by = checkpoint.run_record(prepared.method.name, config)  # stored with every checkpoint
     for index, phase in enumerate(prepared.phases):
         last = index == len(prepared.phases) - 1
         cfg = config.train.model_copy(update={k: v for k, v in (("max_steps", phase.max_steps),
@@ -178,7 +180,7 @@ def train_phases(prepared: PreparedRun, config: TailorConfig, run_dir: Path, *, 
         out_dir = run_dir if last else run_dir / PHASES_DIR / phase.name
         result = train(prepared.model, phase.train_examples, phase.eval_examples, cfg, out_dir,
                        pad_id=prepared.tokenizer.pad_token_id, compute_dtype=prepared.compute_dtype, resume=resume,
-                       show_progress=show_progress, should_stop=stop, loss_fn=phase.loss_fn)
+                       show_progress=show_progress, should_stop=stop, loss_fn=phase.loss_fn, run=trained_by)
         results.append(result)
         prepared.phase_results.append({"phase": phase.name, "steps": result.steps, "train_loss": result.train_loss,
                                        "eval_loss": result.eval_loss, "examples": len(phase.train_examples)})
