@@ -270,6 +270,10 @@ def rag_prompts(folder: Path, count: int) -> tuple[list[list[dict]], float]:
     return prompts, round(statistics.mean(lengths), 1)
 
 
+# what tailor.models.gguf.LlamaCppCffiGGUF gives llama.cpp: half the cores (spinning threads against other work)
+LLAMA_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) // 2))
+
+
 def rag_workload(args) -> None:
     """The grounded chatbot's load: tailor's engine against llama.cpp (Q4_1, Q8_0), one level after the other,
     the servers' order alternating by level."""
@@ -315,9 +319,11 @@ def rag_workload(args) -> None:
                      / measured[("llama_cpp_q4_1", clients)]["tokens_per_second"], 2)
 
     rag = {"prompt_tokens_mean": prompt_tokens, "max_tokens": max_tokens, "quick": args.quick,
-           "servers": {"tailor": "built-in engine, bf16, continuous batching",
-                       "llama_cpp_q4_1": "serve.engine llama_cpp, bundled Q4_1 GGUF, one request at a time",
-                       "llama_cpp_q8_0": "serve.engine llama_cpp, Q8_0 GGUF written by tailor, one at a time"},
+           "servers": {"tailor": f"built-in engine, bf16, continuous batching, {torch.get_num_threads()} torch threads",
+                       "llama_cpp_q4_1": f"serve.engine llama_cpp, bundled Q4_1 GGUF, one request at a time, "
+                                         f"{LLAMA_THREADS} llama.cpp threads (tailor.models.gguf: half the cores)",
+                       "llama_cpp_q8_0": f"serve.engine llama_cpp, Q8_0 GGUF written by tailor, one at a time, "
+                                         f"{LLAMA_THREADS} llama.cpp threads"},
            "levels": [{"clients": c, **{name: measured[(name, c)] for name in kinds}} for c in levels],
            "ttft_p50_s": measured[("tailor", 1)]["ttft_p50_s"],
            "prefill_tokens_saved_ratio": None}
