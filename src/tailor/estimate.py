@@ -258,14 +258,35 @@ def past_runs(registry, base_model: str, shape: ModelShape, cpu_peak: float, uti
     return found
 
 
+def grounded_stats(config, root: Path, data_path: Path, base_ref: str, tokenizer, method) -> DataStats:
+    """A method that trains on retrieved passages (raft) reads each pair with its passages in the prompt, several
+    times the pair's own tokens (measured: 111 → ~600 on Privoxy's pairs): count the records it will build."""
+    from tailor.methods.registry import TrainContext
+    from tailor.models.base import pick_dtype
+
+    run_dir = Path(data_path).parent.parent  # RUN/data/train.jsonl: the method reads its run's data and index
+    context = TrainContext(config, Path(root), run_dir, base_ref, pick_dtype(config.train.dtype),
+                           config.method_options(method.name))
+    lengths = [len(example.input_ids) for phase in method.phases(context, tokenizer)
+               for example in phase.train_examples]
+    if not lengths:
+        raise TailorError(f"{data_path}: no records")
+    return DataStats(len(lengths), sum(lengths), max(lengths), sum(lengths) / len(lengths))
+
+
 def estimate(config, root: Path, data_path: Path, *, method: str | None = None, registry=None,
              probe_seconds: float = 0.5) -> Estimate:
+    from tailor.methods import registry as methods
     from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 
     method = method or config.train.method
     base_ref = resolve_base_model(config.base_model, root=root)
     tokenizer = load_tokenizer(base_ref)
-    data = dataset_stats(data_path, tokenizer)
+    spec = methods.get(method, key="train.method")
+    if spec.grounded and spec.trains and spec.phases is not None:
+        data = grounded_stats(config, root, data_path, base_ref, tokenizer, spec)
+    else:
+        data = dataset_stats(data_path, tokenizer)
     shape = model_shape(base_ref)
     trainable = trainable_params(config, base_ref, method)
     frozen_base = method != "full"

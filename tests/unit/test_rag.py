@@ -271,6 +271,12 @@ def test_raft_trains_on_the_oracle_among_distractors_or_on_abstaining_without_it
                      for r in records]  # deterministic: a rerun trains on the same records
     decoded = prepared.tokenizer.decode(prepared.phases[0].train_examples[0].input_ids)
     assert "Passages:" in decoded
+    from tailor.estimate import dataset_stats, estimate
+
+    # `tailor estimate` counts the records raft trains on, passages included, not the bare pairs
+    planned = estimate(config, root, run_dir / "data" / "train.jsonl", probe_seconds=0.05).data
+    assert planned.tokens == sum(len(e.input_ids) for e in prepared.phases[0].train_examples)
+    assert planned.tokens > 2 * dataset_stats(run_dir / "data" / "train.jsonl", prepared.tokenizer).tokens
     run_training(config, root, run_dir, show_progress=False)
     assert (run_dir / "adapter" / "retrieval.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
     report = run_eval(config, root, run_dir, show_progress=False, write_html=False)
