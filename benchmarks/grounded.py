@@ -86,13 +86,25 @@ def method_scores(run_dir: Path, summary: dict, methods: list[str], with_base: b
     return results
 
 
+def compare_methods(config, root: Path, run_dir: Path, methods: list[str], method_overrides: dict[str, list[str]],
+                    with_base: bool) -> tuple[dict, dict, dict]:
+    """`tailor compare`'s code on `methods` in `run_dir`: (its summary, each method's metrics, the overrides used)."""
+    from tailor.cli.compare import compare_table, run_compare
+    from tailor.cli.common import console
+
+    overrides = {name: values for name, values in method_overrides.items() if name in methods}
+    summary = run_compare(config, root, run_dir, methods, latency_questions=3, keep_going=True,
+                          method_overrides=overrides)
+    console.print(compare_table(summary))
+    return summary, method_scores(run_dir, summary, methods, with_base=with_base), overrides
+
+
 def documents_only(domain: str, example: Path, questions: Path, source_run: Path, chunks: int,
                    method_overrides: dict[str, list[str]], seconds: dict) -> dict:
     """Synth from the domain's corpus, then raft and lora on those pairs alone, evaluated on the same questions;
     `seconds` holds the ingest and index times of `source_run` (the same documents)."""
     import shutil
 
-    from tailor.cli.compare import compare_table, run_compare
     from tailor.cli.common import console
     from tailor.cli.serving import build_engine
     from tailor.config import load_config
@@ -120,11 +132,8 @@ def documents_only(domain: str, example: Path, questions: Path, source_run: Path
     started = time.perf_counter()
     build_chat_data(config, root, run_dir)
     build_seconds = time.perf_counter() - started
-    overrides = {name: values for name, values in method_overrides.items() if name in DOCUMENTS_METHODS}
-    summary = run_compare(config, root, run_dir, DOCUMENTS_METHODS, latency_questions=3, keep_going=True,
-                          method_overrides=overrides)
-    console.print(compare_table(summary))
-    results = method_scores(run_dir, summary, DOCUMENTS_METHODS, with_base=False)
+    summary, results, overrides = compare_methods(config, root, run_dir, DOCUMENTS_METHODS, method_overrides,
+                                                  with_base=False)
     served = None
     if "raft" in results:  # the serving engine on the raft run, as `tailor serve` loads it, up to a first answer
         import torch
@@ -153,7 +162,7 @@ def documents_only(domain: str, example: Path, questions: Path, source_run: Path
 
 def run_domain(domain: str, methods: list[str], quick: bool, method_overrides: dict[str, list[str]],
                from_documents: bool = False, synth_chunks: int = 0) -> dict:
-    from tailor.cli.compare import compare_table, method_name, run_compare
+    from tailor.cli.compare import method_name
     from tailor.cli.common import console
     from tailor.cli.demo import find_example
     from tailor.cli.retrieval import build_run_index
@@ -162,7 +171,7 @@ def run_domain(domain: str, methods: list[str], quick: bool, method_overrides: d
     from tailor.data.ingest import ingest
     from tailor.retrieval.grounding import index_folder
     from tailor.retrieval.search import Retriever
-    from tailor.workspace import read_json, read_jsonl
+    from tailor.workspace import read_jsonl
 
     example = find_example(DOMAINS[domain])
     run_dir = RUNS / domain
@@ -203,11 +212,7 @@ def run_domain(domain: str, methods: list[str], quick: bool, method_overrides: d
         retriever.retrieve(question)
         timings.append((time.perf_counter() - began) * 1000)
 
-    overrides = {name: values for name, values in method_overrides.items() if name in methods}
-    summary = run_compare(config, root, run_dir, methods, latency_questions=3, keep_going=True,
-                          method_overrides=overrides)
-    console.print(compare_table(summary))
-    results = method_scores(run_dir, summary, methods, with_base=True)
+    summary, results, overrides = compare_methods(config, root, run_dir, methods, method_overrides, with_base=True)
     documents = None
     if from_documents:
         documents = documents_only(domain, example, questions, run_dir, synth_chunks, method_overrides,
