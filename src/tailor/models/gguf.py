@@ -305,11 +305,13 @@ class LlamaCppCffiGGUF:
 
     reader = "llama.cpp"
 
-    def __init__(self, path: Path, *, n_ctx: int = 512):
+    def __init__(self, path: Path, *, n_ctx: int = 512, threads: int | None = None):
         import os
 
         self.lib, self.ffi = lib, ffi = _llama_cpp_cffi()
-        threads = max(1, min(4, len(os.sched_getaffinity(0)) // 2))  # see open_llama: spinning threads
+        # default half the cores (see open_llama: spinning threads against other work); a server alone on the
+        # machine may take them all
+        threads = threads or max(1, min(4, len(os.sched_getaffinity(0)) // 2))
         with _quiet_stderr():  # llama.cpp logs every tensor it loads
             lib.llama_backend_init()
             model_params = lib.llama_model_default_params()

@@ -143,7 +143,7 @@ class LlamaCppEngine(_ThreadedEngine):
     kind = "llama_cpp"
 
     def __init__(self, base_model: str, adapters: dict[str, str] | None = None, max_new_tokens: int = 256,
-                 system_prompt: str = "", context_length: int = 2048, **_):
+                 system_prompt: str = "", context_length: int = 2048, threads: int | None = None, **_):
         from tailor.models.gguf import _llama_cpp_cffi_path
 
         if _llama_cpp_cffi_path() is None:
@@ -158,7 +158,7 @@ class LlamaCppEngine(_ThreadedEngine):
 
         from tailor.models.gguf import LlamaCppCffiGGUF
 
-        self._llm = LlamaCppCffiGGUF(path, n_ctx=context_length)
+        self._llm = LlamaCppCffiGGUF(path, n_ctx=context_length, threads=threads)
         self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         self.end_of_turn_ids = end_of_turn_ids(self.tokenizer)
         self._adapters: dict[str, str] = {}
