@@ -171,6 +171,11 @@ class Generation(Iterator[str]):
 TokenLogprobs = tuple[int, float, list[tuple[int, float]]]
 
 
+def outside_vocabulary(ids: list[int], vocabulary: int) -> tuple[int, int] | None:
+    """(position, id) of the first token id a tokenizer of `vocabulary` ids does not have; None when all are in."""
+    return next(((position, token) for position, token in enumerate(ids) if not 0 <= token < vocabulary), None)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
     """Each position's log-probability of its token and its `top` most likely tokens, from the raw logits
     [positions, vocab] (before temperature and top_p, as vLLM reports them)."""
@@ -566,11 +571,10 @@ class Engine:
         prompt_ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
         if not prompt_ids:
             raise UnsupportedRequestError("prompt: must not be empty", param="prompt")
-        vocabulary = len(self.tokenizer)
-        outside = next((token for token in prompt_ids if not 0 <= token < vocabulary), None)
+        outside = outside_vocabulary(prompt_ids, len(self.tokenizer))
         if outside is not None:
-            raise UnsupportedRequestError(f"prompt: token id {outside} is not in the vocabulary (0 to "
-                                          f"{vocabulary - 1})", param="prompt")
+            raise UnsupportedRequestError(f"prompt: token id {outside[1]} is not in the vocabulary (0 to "
+                                          f"{len(self.tokenizer) - 1})", param="prompt")
         return self._submit(model, custom, prompt_ids, max_tokens, temperature, top_p, stop, seed, timeout, "prompt",
                             sentences=None, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
 

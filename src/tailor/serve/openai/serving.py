@@ -17,7 +17,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from tailor.serve.ab import AliasRouter
 from tailor.serve.cache import CachedAnswer, ResponseCache
-from tailor.serve.engine import Engine, Generation
+from tailor.serve.engine import Engine, Generation, outside_vocabulary
 from tailor.serve.feedback import FeedbackStore
 from tailor.serve.filters import OutputFilter, StreamFilter
 from tailor.serve.logs import RequestLog
@@ -379,10 +379,11 @@ async def completion_request(services: Services, request: CompletionRequest, cal
 
 def _prompt_ids_text(services: Services, ids: list[int], param: str) -> str:
     vocabulary = len(services.engine.tokenizer)
-    for position, token in enumerate(ids):
-        if not 0 <= token < vocabulary:
-            raise ApiError(400, f"{param}[{position}]: token id {token} is not in the vocabulary (0 to "
-                                f"{vocabulary - 1})", param=param, code="invalid_value")
+    outside = outside_vocabulary(ids, vocabulary)
+    if outside is not None:  # checked before decoding: an unknown id cannot be decoded
+        position, token = outside
+        raise ApiError(400, f"{param}[{position}]: token id {token} is not in the vocabulary (0 to "
+                            f"{vocabulary - 1})", param=param, code="invalid_value")
     return services.engine.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
