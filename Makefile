@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup chromium privoxy-docs llama-cpp demo test test-unit test-integration docs clean
+.PHONY: setup chromium promtool privoxy-docs llama-cpp demo test test-unit test-integration docs clean
 
-setup: $(STAMP) chromium privoxy-docs
+setup: $(STAMP) chromium promtool privoxy-docs
 
 # the second real domain: Privoxy's manuals, unpacked from Debian's privoxy package (examples/privoxy-docs)
 privoxy-docs:
@@ -19,6 +19,12 @@ privoxy-docs:
 chromium:
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# the alerting rules (deploy/prometheus/alerts.yml) are checked and unit-tested by promtool in the tests; it comes with
+# Debian's prometheus package, installed the same way
+promtool:
+	@command -v promtool >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (tailor needs Python 3.11)"; exit 1; }
