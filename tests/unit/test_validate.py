@@ -256,3 +256,59 @@ def test_cli_labels_and_eval_options(tmp_path):
     result = CliRunner().invoke(app, ["data", "validate", str(intents), "--eval", str(intents), "--skip-invalid",
                                       "-o", str(tmp_path / "out.jsonl"), "-w", str(tmp_path)])
     assert isinstance(result.exception, TailorError) and "--skip-invalid writes one file" in str(result.exception)
+
+
+@pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"),
+                                        ("header.csv", "question,answer\n")])
+def test_an_empty_file_is_an_error_naming_the_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    (problem,) = validate_files([path]).problems
+    assert problem.kind == "empty_file" and str(problem).startswith(f"{path}: empty file: no records")
+    check_training_data(path)  # before training, no records is the method's to judge (rag needs none)
+
+
+@pytest.fixture
+def weightless_workspace(tmp_path, tiny_model_dir):
+    """A workspace whose base model folder holds the tiny model's config and tokenizer but no weights: the token
+    limit must come from the config alone."""
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in Path(tiny_model_dir).iterdir():
+        if not item.name.endswith((".safetensors", ".bin")):
+            shutil.copy(item, model / item.name)
+    (tmp_path / "tailor.yaml").write_text("base_model: model\n", encoding="utf-8")
+    return tmp_path
+
+
+def test_cli_default_token_limit_is_the_model_context_or_data_max_tokens(weightless_workspace):
+    path = weightless_workspace / "chat.jsonl"
+    # the tiny model reads 1,024 tokens (max_position_embeddings); this answer is longer
+    path.write_text(chat(("user", "Hi"), ("assistant", "Hello")) + "\n"
+                    + chat(("user", "pool hours " * 600), ("assistant", "June.")) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "validate", str(path), "-w", str(weightless_workspace)])
+    assert result.exit_code == 1, result.output
+    assert f"{path}:2: " in result.output and "tokens, over the limit of 1024" in result.output
+    assert f"{path}:1:" not in result.output
+
+    (weightless_workspace / "tailor.yaml").write_text("base_model: model\ndata:\n  max_tokens: 20\n")
+    path.write_text(chat(("user", "Hi"), ("assistant", "Hello")) + "\n"
+                    + chat(("user", "pool hours " * 10), ("assistant", "June.")) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "validate", str(path), "-w", str(weightless_workspace)])
+    assert result.exit_code == 1 and "over the limit of 20" in result.output
+    # --max-tokens still wins over both
+    result = CliRunner().invoke(app, ["data", "validate", str(path), "-w", str(weightless_workspace),
+                                      "--max-tokens", "1000"])
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_empty_file_exits_nonzero_with_one_line_naming_it(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    result = subprocess.run([sys.executable, "-m", "tailor.cli.app", "data", "validate", "empty.jsonl",
+                             "--max-tokens", "100"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert [line for line in result.stdout.splitlines() if "empty file" in line] == [
+        "empty.jsonl: empty file: no records — add records (a JSON object per line, or CSV rows under a header), "
+        "or leave the file out"]

@@ -135,8 +135,9 @@ def data_validate(files: list[Path] = typer.Argument(..., help="Chat JSONL or qu
                                                     help="Write the valid records to --output and exit 0."),
                   output: Path = typer.Option(None, "--output", "-o", help="Where --skip-invalid writes (JSONL, "
                                               "or CSV/TSV for question/answer records)."),
-                  max_tokens: int = typer.Option(None, "--max-tokens", min=1,
-                                                 help="Report records longer than this (loads a tokenizer)."),
+                  max_tokens: int = typer.Option(None, "--max-tokens", min=1, help=(
+                      "Report records longer than this many tokens (default: data.max_tokens when tailor.yaml "
+                      "sets it, else the base model's context length).")),
                   tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer folder for the token count "
                                                  "(default: the configured base model's)."),
                   labels: str = typer.Option(None, "--labels", help="Comma-separated label set of classification "
@@ -157,19 +158,17 @@ def data_validate(files: list[Path] = typer.Argument(..., help="Chat JSONL or qu
         raise TailorError("--output is only written with --skip-invalid")
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer_config.json").is_file():
         raise TailorError(f"--tokenizer: {tokenizer} is not a tokenizer folder (no tokenizer_config.json)")
-    count_tokens = None
-    if max_tokens is not None or tokenizer is not None:
-        config, root = open_workspace(workspace, [], required=False)
-        max_tokens = max_tokens or config.data.max_tokens
-        count_tokens = _token_counter(tokenizer, config, root)
+    if skip_invalid and eval_files:
+        raise TailorError("--skip-invalid writes one file; validate the held-out file apart, or drop --eval")
+    config, root = open_workspace(workspace, [], required=False)
     if labels is not None:
         label_set = [label.strip() for label in labels.split(",") if label.strip()]
         if not label_set:
             raise TailorError("--labels: give the labels separated by commas, e.g. --labels billing,outage")
     else:
-        label_set = open_workspace(workspace, [], required=False)[0].data.labels or None
-    if skip_invalid and eval_files:
-        raise TailorError("--skip-invalid writes one file; validate the held-out file apart, or drop --eval")
+        label_set = config.data.labels or None
+    max_tokens = max_tokens or token_limit(config, root)
+    count_tokens = _token_counter(tokenizer, config, root)
     report = validate_files(files, count_tokens=count_tokens, max_tokens=max_tokens, labels=label_set,
                             eval_paths=eval_files or [], leak_threshold=leak_threshold)
     for problem in report.problems[:show]:
@@ -191,6 +190,28 @@ def data_validate(files: list[Path] = typer.Argument(..., help="Chat JSONL or qu
         raise typer.Exit(1)
 
 
+def token_limit(config, root: Path) -> int:
+    """data.max_tokens where tailor.yaml sets it, else the base model's context length, so that a record longer
+    than the model can read never passes. Only the model's config.json is read, no weights."""
+    if "max_tokens" in config.data.model_fields_set:
+        return config.data.max_tokens
+    from transformers import AutoConfig
+
+    from tailor.models.base import resolve_base_model
+
+    model_ref = resolve_base_model(config.base_model, root=root)
+    try:
+        model_config = AutoConfig.from_pretrained(model_ref)
+    except (OSError, ValueError) as exc:
+        raise TailorError(f"base_model: cannot read the config of '{model_ref}' ({str(exc).splitlines()[0]}); "
+                          "give --max-tokens or data.max_tokens") from None
+    context = getattr(model_config, "max_position_embeddings", None)
+    if not context:
+        raise TailorError(f"base_model: '{model_ref}' does not say its context length (max_position_embeddings); "
+                          "give --max-tokens or data.max_tokens")
+    return int(context)
+
+
 def _token_counter(tokenizer: Path | None, config, root: Path):
     from tailor.models.base import load_tokenizer, resolve_base_model
     from tailor.train.examples import count_chat_tokens
@@ -205,11 +226,12 @@ def check_training_data(train_file: Path, shown: int = 3) -> None:
 
     if not train_file.is_file():
         return  # the training core names the missing file and how to build it
-    report = validate_files([train_file])
-    if report.problems:
-        listed = "\n  ".join(str(problem) for problem in report.problems[:shown])
-        more = f"\n  … and {len(report.problems) - shown} more" if len(report.problems) > shown else ""
-        raise TailorError(f"{train_file}: {len(report.problems)} problem(s) in the training data; nothing was "
+    # an empty file is the method's to judge: rag and continued pre-training, for instance, train on no records
+    problems = [problem for problem in validate_files([train_file]).problems if problem.kind != "empty_file"]
+    if problems:
+        listed = "\n  ".join(str(problem) for problem in problems[:shown])
+        more = f"\n  … and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise TailorError(f"{train_file}: {len(problems)} problem(s) in the training data; nothing was "
                           f"trained. Fix them, or keep the valid records with `tailor data validate {train_file} "
                           f"--skip-invalid -o FILE`:\n  {listed}{more}")
 

@@ -1,7 +1,8 @@
 """`tailor data validate`: every problem in chat or question/answer files, as `file:line: what — how to fix`.
 
 Training data errors are cheapest before training: this reads every record, collects every problem instead of
-stopping at the first, and never raises on bad input (a file it cannot read is itself a problem).
+stopping at the first, and never raises on bad input (a file it cannot read, or one without a single record, is
+itself a problem).
 
 Chat JSONL (`{"messages": [{"role": ..., "content": ...}, ...]}`) is checked for the seven error classes of
 OpenAI's chat fine-tuning format checks (`OPENAI_CHECKS`: data_type, missing_messages_list, message_missing_key,
@@ -168,10 +169,15 @@ class _Checker:
             kind = "a folder" if path.is_dir() else "not found"
             self.problem(None, "file_not_found", f"file {kind}", "name a .jsonl, .csv or .tsv file")
             return
+        records, problems = self.report.records, len(self.report.problems)
         if path.suffix.lower() in QA_SUFFIXES:
             self.run_csv(path)
         else:
             self.run_jsonl(path)
+        if self.report.records == records and len(self.report.problems) == problems:
+            # a file that adds nothing is the wrong file or a failed export more often than an intent
+            self.problem(None, "empty_file", "empty file: no records",
+                         "add records (a JSON object per line, or CSV rows under a header), or leave the file out")
 
     # --- JSONL ----------------------------------------------------------------------------------------------------
 
