@@ -61,14 +61,22 @@ def test_ingest_writes_corpus_with_provenance(tmp_path):
     assert all({"text", "source", "chunk", "char_start", "char_end"} <= set(r) for r in records)
 
 
-def test_serve_port_in_use(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("how", ["--port", "serve.port="])
+def test_serve_port_in_use(tmp_path, tiny_model_dir, how):
     (tmp_path / "tailor.yaml").write_text(f"base_model: {tiny_model_dir}\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = tailor("serve", "--port", port, cwd=tmp_path)
+        # a dotted override, as every other command takes them, reaches the server like the option does
+        args = ["--port", port] if how == "--port" else [f"serve.port={port}"]
+        result = tailor("serve", *args, cwd=tmp_path)
     assert_clean_error(result, f"port {port}", "already in use")
+
+
+def test_serve_and_chat_refuse_an_unknown_override_key(tmp_path):
+    for command in ("serve", "chat"):
+        assert_clean_error(tailor(command, "serve.prot=8081", cwd=tmp_path), "unknown key 'serve.prot'")
 
 
 @pytest.mark.parametrize("args", [["train", "--bogus"], ["nosuchcommand"]])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tailor.cli.common import RunOption, WorkspaceOption, console, open_workspace, run_folder
+from tailor.cli.common import OverridesArgument, RunOption, WorkspaceOption, console, open_workspace, run_folder
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
 
@@ -102,7 +102,7 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
                   speculative_tokens=serve_config.speculative_tokens, answer_sentences=config.sentence_limit())
 
 
-def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,
+def serve(overrides: list[str] = OverridesArgument, run: Path = RunOption, workspace: Path = WorkspaceOption,
           host: str = typer.Option(None, "--host", help="Interface (default: serve.host, 127.0.0.1)."),
           port: int = typer.Option(None, "--port", "-p", help="Port (default: serve.port, 8000)."),
           registry: bool = typer.Option(False, "--registry", help="Also serve every registered model name as its "
@@ -114,7 +114,7 @@ def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,
     """Serve the base model and the run's customized model: OpenAI-compatible API and a chat page at /."""
     from tailor.serve.app import serve as run_server
 
-    config, root = open_workspace(workspace, [], required=False)
+    config, root = open_workspace(workspace, overrides, required=False)
     serve_config = config.serve
     if serve_config.pii_keep is None:  # what ingest kept as public stays public in answers
         serve_config = serve_config.model_copy(update={"pii_keep": config.ingest.pii_keep})
@@ -135,11 +135,11 @@ def serve(run: Path = RunOption, workspace: Path = WorkspaceOption,
                state_dir=run_dir if run_dir.is_dir() else root)
 
 
-def chat(run: Path = RunOption, workspace: Path = WorkspaceOption,
+def chat(overrides: list[str] = OverridesArgument, run: Path = RunOption, workspace: Path = WorkspaceOption,
          model: str = typer.Option(None, "--model", "-m", help="Model name (default: the customized one if any)."),
          max_tokens: int = typer.Option(None, "--max-tokens", help="Cap on tokens per answer.")) -> None:
     """Chat with the base or customized model in the terminal (empty line or Ctrl-D to quit)."""
-    config, root = open_workspace(workspace, [], required=False)
+    config, root = open_workspace(workspace, overrides, required=False)
     run_dir = run_folder(root, run)
     engine = build_engine(config, root, run_dir if run_dir.is_dir() else None)
     name = model or engine.model_names()[-1]
