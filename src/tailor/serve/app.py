@@ -50,17 +50,19 @@ def build_services(engine: Engine, config: ServeConfig, root: Path, state_dir: P
     def where(path: str, folder: Path) -> Path | str:
         return path if path == ":memory:" else folder / path
 
+    metrics = ServerMetrics()
     return Services(
         engine=engine,
         # an external engine (llama.cpp) may hide its tokenizer: the common templates' markers are refused anyway
-        sanitizer=Sanitizer.for_tokenizer(getattr(engine, "tokenizer", None), config.max_turns, config.max_turn_chars),
+        sanitizer=Sanitizer.for_tokenizer(getattr(engine, "tokenizer", None), config.max_turns, config.max_turn_chars,
+                                          metrics),
         output_filter=OutputFilter(config.redact_pii, config.blocklist, config.pii_keep or []),
         cache=ResponseCache(config.cache_size),
-        metrics=ServerMetrics(),
+        metrics=metrics,
         feedback=FeedbackStore(where(config.feedback_db, state_dir)),
         request_log=RequestLog(where(config.request_log, state_dir) if config.request_log else None),
         aliases=AliasRouter(config.aliases, engine.model_names()),
-        limiter=RateLimiter(config.rate_limit),
+        limiter=RateLimiter(config.rate_limit, metrics),
         keys=KeyStore.load(where(config.api_key_file, root)) if config.api_key_file else None,
         max_prompt_tokens=config.max_prompt_tokens,
         # the run's own customization is the engine's last name (tailor chat's default too)
@@ -161,6 +163,7 @@ class AccessLog:
         finally:
             state = scope.get("state", {})
             caller = state.get("caller")
+            self.services.metrics.responses.labels(state.get("model", "-"), f"{status // 100}xx").inc()
             if status >= 400:
                 self.services.metrics.errors.labels(state.get("model", "-"), str(status)).inc()
             self.services.request_log.write(

@@ -9,6 +9,8 @@ Two tables; `feedback` is the contract other stages read (e.g. to turn correctio
 `prompt` is a JSON list of chat messages (a legacy completion's prompt is one user message); `rating` is "up" or
 "down"; times are ISO 8601 UTC. A write is committed before the call returns, with the write-ahead log synced
 (`synchronous=FULL`), so feedback the server acknowledged survives the process being killed the next instant.
+
+`read_feedback_counts` and `read_answers` read a database a running server writes, read-only (`tailor monitor`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tailor.errors import TailorError
@@ -81,3 +84,50 @@ class FeedbackStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _read_only(path: Path | str) -> sqlite3.Connection:
+    """A read-only connection to the database a running server writes (WAL: readers never block the writer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TailorError(f"{path}: no feedback database (serve.feedback_db, e.g. RUN/feedback.db)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.execute("SELECT 1 FROM feedback LIMIT 1")
+    except sqlite3.DatabaseError as exc:
+        raise TailorError(f"{path}: not a tailor feedback database ({exc})") from None
+    return db
+
+
+def _iso(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="seconds")
+
+
+def read_feedback_counts(path: Path | str, since: float | None = None) -> dict[tuple[str, str], int]:
+    """Thumbs per (model, rating) given at or after `since` (Unix time; all of them when None)."""
+    db = _read_only(path)
+    try:
+        rows = db.execute("SELECT model, rating, COUNT(*) FROM feedback WHERE created_at >= ? GROUP BY model, rating",
+                          (_iso(since) if since is not None else "",)).fetchall()
+    finally:
+        db.close()
+    return {(model, rating): count for model, rating, count in rows}
+
+
+def read_answers(path: Path | str, since: float | None = None) -> list[dict]:
+    """Every completion since `since` with its question (the last user message), answer, model, time and whether
+    any feedback on it was a thumbs down: what a drift report reads."""
+    db = _read_only(path)
+    try:
+        rows = db.execute(
+            "SELECT c.id, c.model, c.prompt, c.answer, c.created_at, EXISTS (SELECT 1 FROM feedback f WHERE "
+            "f.response_id = c.id AND f.rating = 'down') FROM completions c WHERE c.created_at >= ? "
+            "ORDER BY c.created_at", (_iso(since) if since is not None else "",)).fetchall()
+    finally:
+        db.close()
+    answers = []
+    for id, model, prompt, answer, created_at, down in rows:
+        question = next((m.get("content", "") for m in reversed(json.loads(prompt)) if m.get("role") == "user"), "")
+        answers.append({"id": id, "model": model, "question": question, "answer": answer,
+                        "created_at": created_at, "thumbs_down": bool(down)})
+    return answers

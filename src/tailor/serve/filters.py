@@ -6,6 +6,12 @@ the stream filter holds back the tail that may still grow into personal data (th
 word with a digit, an @, a capital, …: phone numbers, addresses and names; at most `HOLD` characters), and releases
 the text before it only when filtering that text alone agrees with filtering the whole window, i.e. no finding
 straddles the cut. The held tail goes out, filtered, when the answer ends.
+
+Inputs get one check here too: `injection_pattern` names the prompt-injection pattern a client message matches
+(e.g. "ignore all previous instructions"). The server counts matches in /metrics and does not refuse them: these
+phrases are easy to write innocently ("how do I ignore the previous notice?" does not match, but a list like this
+always has false positives), and a grounded model's instructions sit in the system turn the client cannot write
+(security.py refuses template markers). The count is a signal for an operator to read the request log, not a wall.
 """
 
 from __future__ import annotations
@@ -21,6 +27,26 @@ EVERY = 8  # characters gathered between two filter runs (a token is ~4; each ru
 WORD = re.compile(r"\S+")
 # a word that may belong to personal data still being written: digits, e-mail and URL signs, capitalized names
 SUSPICIOUS = re.compile(r"[0-9@:/#+()]|^[A-Z]|^\W*[A-Z]")
+
+
+# name -> pattern; the names are the `pattern` label of tailor_prompt_injection_attempts_total, so keep them few
+INJECTION_PATTERNS = {
+    "ignore_instructions": re.compile(
+        r"\b(ignore|disregard|forget|override)\b.{0,30}\b(previous|prior|above|earlier|all|your|system)\b.{0,20}"
+        r"\b(instructions?|prompts?|rules|directions|guidelines)\b", re.IGNORECASE | re.DOTALL),
+    "reveal_prompt": re.compile(
+        r"\b(reveal|show|print|repeat|output|tell me)\b.{0,30}\b(system prompt|your (instructions|prompt|rules))\b",
+        re.IGNORECASE | re.DOTALL),
+    "role_override": re.compile(
+        r"\b(you are now|from now on,? you are|act as|pretend to be)\b.{0,40}\b(unrestricted|unfiltered|jailbroken|"
+        r"DAN|developer mode|without (any )?(rules|restrictions|filters))\b", re.IGNORECASE | re.DOTALL),
+    "fake_turn": re.compile(r"(^|\n)\s*(system|assistant)\s*:\s*\S", re.IGNORECASE),
+}
+
+
+def injection_pattern(text: str) -> str | None:
+    """The name of the first prompt-injection pattern `text` matches, or None."""
+    return next((name for name, pattern in INJECTION_PATTERNS.items() if pattern.search(text)), None)
 
 
 def held_tail(text: str) -> int:

@@ -8,14 +8,21 @@ Keys live in a JSON file (`tailor keys create`) as SHA-256 hashes, never in clea
 A key is 32 random bytes, so a fast hash is enough: slow password hashes (bcrypt, argon2) exist to protect guessable
 secrets, and there is nothing to guess here. Scopes: `chat` (completions, models, feedback) and `admin` (everything,
 plus adding and removing adapters and reading /metrics).
+
+A running server sees changes to the key file without a restart: before each lookup it compares the file's
+modification time, size and inode with what it last read (one stat call) and re-reads it when they differ, so
+`tailor keys revoke` takes effect on the next request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +30,8 @@ from pathlib import Path
 from limits import parse, storage, strategies
 
 from tailor.errors import TailorError
+from tailor.serve.filters import injection_pattern
+from tailor.serve.metrics import ServerMetrics
 from tailor.serve.openai.protocol import ApiError
 from tailor.workspace import now_iso, read_json, write_json
 
@@ -34,6 +43,8 @@ ROLE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>
                 "<|begin_of_text|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
                 "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 # C0 and C1 control characters except tab, newline and carriage return; plus bidi overrides that hide text
+log = logging.getLogger(__name__)
+
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -68,33 +79,70 @@ def check_rate_limit(text: str, where: str) -> str:
     return text
 
 
+def read_keys(path: Path | str) -> list[ApiKey]:
+    """The keys in a key file; a missing or malformed file is a TailorError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TailorError(f"{path}: no such API key file; create one with `tailor keys create NAME --file {path}`")
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise TailorError(f'{path}: an API key file is a JSON object {{"keys": [...]}}')
+    keys = []
+    for i, entry in enumerate(data["keys"]):
+        where = f"{path}: keys[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not re.fullmatch(
+                r"[0-9a-f]{64}", str(entry.get("sha256", ""))):
+            raise TailorError(f"{where}: needs a name and a 64-hex-digit sha256")
+        scopes = tuple(entry.get("scopes") or ())
+        if not scopes or any(s not in SCOPES for s in scopes):
+            raise TailorError(f"{where}: scopes must be a non-empty list of {', '.join(SCOPES)} (found {scopes})")
+        limit = entry.get("rate_limit")
+        keys.append(ApiKey(entry["name"], entry["sha256"], scopes,
+                           check_rate_limit(limit, f"{where}.rate_limit") if limit else None))
+    return keys
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
 class KeyStore:
-    def __init__(self, keys: list[ApiKey]):
+    """The keys of a key file, re-read when the file changes (`path` None: a fixed list)."""
+
+    def __init__(self, keys: list[ApiKey], path: Path | None = None):
         self.keys = keys
+        self.path = path
+        self._stamp = _file_stamp(path) if path is not None else None
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path: Path | str) -> KeyStore:
-        path = Path(path)
-        if not path.is_file():
-            raise TailorError(f"{path}: no such API key file; create one with `tailor keys create NAME --file {path}`")
-        data = read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-            raise TailorError(f'{path}: an API key file is a JSON object {{"keys": [...]}}')
-        keys = []
-        for i, entry in enumerate(data["keys"]):
-            where = f"{path}: keys[{i}]"
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not re.fullmatch(
-                    r"[0-9a-f]{64}", str(entry.get("sha256", ""))):
-                raise TailorError(f"{where}: needs a name and a 64-hex-digit sha256")
-            scopes = tuple(entry.get("scopes") or ())
-            if not scopes or any(s not in SCOPES for s in scopes):
-                raise TailorError(f"{where}: scopes must be a non-empty list of {', '.join(SCOPES)} (found {scopes})")
-            limit = entry.get("rate_limit")
-            keys.append(ApiKey(entry["name"], entry["sha256"], scopes,
-                               check_rate_limit(limit, f"{where}.rate_limit") if limit else None))
-        return cls(keys)
+        return cls(read_keys(path), Path(path))
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since the last read (`tailor keys` replaces it atomically, so the inode
+        changes too). A file that went missing or no longer parses refuses every key, logged, until it is fixed:
+        a revocation written badly must not leave the revoked key valid."""
+        if self.path is None or _file_stamp(self.path) == self._stamp:
+            return
+        with self._lock:
+            stamp = _file_stamp(self.path)
+            if stamp == self._stamp:  # another request re-read it meanwhile
+                return
+            try:
+                self.keys = read_keys(self.path)
+                log.info("%s changed: %d API keys loaded", self.path, len(self.keys))
+            except TailorError as exc:
+                log.error("%s; every API key is refused until the file is fixed", exc)
+                self.keys = []
+            self._stamp = stamp
 
     def find(self, key: str) -> ApiKey | None:
+        self.refresh()
         digest = hash_key(key)
         for entry in self.keys:  # every entry compared in constant time: the timing says nothing of near misses
             if hmac.compare_digest(entry.sha256, digest):
@@ -142,10 +190,12 @@ def bearer_token(authorization: str | None, api_key_header: str | None) -> str |
 
 
 class RateLimiter:
-    """A moving window per caller (the `limits` package keeps the counts in memory)."""
+    """A moving window per caller (the `limits` package keeps the counts in memory). Refusals are counted per key
+    name in `metrics` (tailor_rate_limited_total)."""
 
-    def __init__(self, default: str):
+    def __init__(self, default: str, metrics: ServerMetrics | None = None):
         self.default = parse(check_rate_limit(default, "serve.rate_limit"))
+        self.metrics = metrics
         self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
 
     def hit(self, caller: Caller) -> None:
@@ -153,38 +203,58 @@ class RateLimiter:
         if not self._limiter.hit(item, caller.identity):
             reset = self._limiter.get_window_stats(item, caller.identity).reset_time
             retry = max(1, int(reset - time.time() + 0.999))
+            if self.metrics is not None:
+                self.metrics.rate_limited.labels(caller.key.name if caller.key else "-").inc()
             raise ApiError(429, f"rate limit of {item} exceeded for this key; retry in {retry} s",
                            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
 
 
 @dataclass
 class Sanitizer:
-    """Checks and cleans what clients send before it reaches the chat template."""
+    """Checks and cleans what clients send before it reaches the chat template. With `metrics`, what it refuses or
+    cleans and the prompt-injection patterns it sees are counted, labelled with the requested `model`."""
 
     max_turns: int
     max_turn_chars: int
     markers: tuple[str, ...] = field(default=ROLE_MARKERS)
+    metrics: ServerMetrics | None = None
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, max_turns: int, max_turn_chars: int) -> Sanitizer:
+    def for_tokenizer(cls, tokenizer, max_turns: int, max_turn_chars: int,
+                      metrics: ServerMetrics | None = None) -> Sanitizer:
         special = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         special.update(getattr(tokenizer, "all_special_tokens", []))
-        return cls(max_turns, max_turn_chars, tuple(sorted({*ROLE_MARKERS, *special} - {""}, key=len, reverse=True)))
+        return cls(max_turns, max_turn_chars, tuple(sorted({*ROLE_MARKERS, *special} - {""}, key=len, reverse=True)),
+                   metrics)
 
-    def text(self, text: str, param: str) -> str:
+    def _count(self, model: str, action: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inputs_filtered.labels(model, action, reason).inc()
+
+    def text(self, text: str, param: str, model: str = "-") -> str:
         """Control characters are dropped; a chat-template marker is refused: inside content it would let the
         sender write turns of its own (a fake system message) once the template is applied."""
         if len(text) > self.max_turn_chars:
+            self._count(model, "blocked", "too_long")
             raise ApiError(400, f"{param}: {len(text)} characters; at most {self.max_turn_chars} are accepted",
                            param=param, code="string_above_max_length")
         for marker in self.markers:
             if marker in text:
+                self._count(model, "blocked", "template_marker")
                 raise ApiError(400, f"{param}: contains the chat-template marker {marker!r}, which clients may "
                                     f"not send", param=param, code="invalid_content")
-        return CONTROL.sub("", text)
+        pattern = injection_pattern(text)
+        if pattern is not None and self.metrics is not None:
+            self.metrics.injection_attempts.labels(model, pattern).inc()
+        cleaned = CONTROL.sub("", text)
+        if cleaned != text:
+            self._count(model, "sanitized", "control_characters")
+        return cleaned
 
-    def messages(self, messages: list[dict]) -> list[dict]:
+    def messages(self, messages: list[dict], model: str = "-") -> list[dict]:
         if len(messages) > self.max_turns:
+            self._count(model, "blocked", "too_many_messages")
             raise ApiError(400, f"messages: {len(messages)} messages; at most {self.max_turns} are accepted",
                            param="messages", code="too_many_messages")
-        return [{**m, "content": self.text(m["content"], f"messages[{i}].content")} for i, m in enumerate(messages)]
+        return [{**m, "content": self.text(m["content"], f"messages[{i}].content", model)}
+                for i, m in enumerate(messages)]

@@ -107,6 +107,7 @@ async def feedback(body: FeedbackRequest, request: Request, caller: Caller = Dep
     feedback_id, model = await run_in_threadpool(
         store.add_feedback, response_id=body.response_id, rating=body.rating, correction=body.correction,
         comment=body.comment, user=body.user or (caller.key.name if caller.key else None))
+    services_of(request).metrics.feedback.labels(model, body.rating).inc()
     return FeedbackReceipt(id=feedback_id, response_id=body.response_id, model=model, rating=body.rating)
 
 

@@ -22,6 +22,7 @@ from tailor.serve.feedback import FeedbackStore
 from tailor.serve.filters import OutputFilter, StreamFilter
 from tailor.serve.logs import RequestLog
 from tailor.serve.metrics import ServerMetrics
+from tailor.retrieval.grounding import is_abstention
 from tailor.serve.openai.protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk,
                                           ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice, Completion,
                                           CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, ErrorBody,
@@ -72,6 +73,9 @@ class Answer:
     last_token: float | None = None
     cached: bool = False
     filtered: bool = False  # the output filter changed the text: its tokens' logprobs are not sent
+    grounded: bool = False  # quality signals of a grounded model's answer, counted in /metrics
+    retrieval_missed: bool = False
+    abstained: bool = False
 
     def tick(self, metrics: ServerMetrics) -> None:
         moment = time.perf_counter()
@@ -81,6 +85,20 @@ class Answer:
         else:
             metrics.inter_token_latency.labels(self.model).observe(moment - self.last_token)
         self.last_token = moment
+
+
+def model_label(services: Services, name: str) -> str:
+    """`name` when this server serves it (a model or an alias), else "-": metric labels stay bounded."""
+    return name if name in services.engine.model_names() or name in services.aliases.names() else "-"
+
+
+def _note_grounding(answer: Answer, generation: Generation, text: str) -> None:
+    """A grounded answer's signals: did retrieval find nothing above the gate, did the answer abstain."""
+    if generation.grounding is None or generation.retrieval is None:
+        return
+    answer.grounded = True
+    answer.retrieval_missed = generation.retrieval.abstain
+    answer.abstained = generation.retrieval.abstain or is_abstention(text, generation.grounding.settings.abstain_answer)
 
 
 def _prepare(services: Services, request: SamplingRequest, caller: Caller, endpoint: str,
@@ -126,7 +144,10 @@ def _finish(services: Services, answer: Answer, text: str, finish_reason: str, p
     first_ms = (answer.first_token - answer.started) * 1000 if answer.first_token else None
     metrics = services.metrics
     metrics.requests.labels(answer.model, answer.endpoint).inc()
+    metrics.latency.labels(answer.model, answer.endpoint).observe(ended - answer.started)
     if not answer.cached:
+        metrics.answered(answer.model, grounded=answer.grounded, retrieval_missed=answer.retrieval_missed,
+                         abstained=answer.abstained, filtered=answer.filtered)
         metrics.tokens.labels(answer.model).inc(completion_tokens)
         if answer.first_token and completion_tokens and ended > answer.started:
             metrics.throughput.labels(answer.model).observe(completion_tokens / (ended - answer.started))
@@ -179,6 +200,7 @@ def _collect(services: Services, answer: Answer, generation: Generation) -> str:
             raw.append(delta)
         text = services.output_filter.apply("".join(raw), generation.quoted_text())
         answer.filtered = text != "".join(raw)
+        _note_grounding(answer, generation, text)
         return text
     finally:
         generation.close()
@@ -204,7 +226,8 @@ async def chat_request(services: Services, request: ChatCompletionRequest, calle
     """A whole reply, or for `stream` an async iterator of server-sent events. Everything up to the first token
     happens before this returns, so ApiError (and the engine's errors) still become the HTTP status."""
     _check_options(request)
-    messages = services.sanitizer.messages([m.model_dump() for m in request.messages])
+    messages = services.sanitizer.messages([m.model_dump() for m in request.messages],
+                                           model_label(services, request.model))
     answer = _prepare(services, request, caller, "chat", messages)
     key = _cache_key(services, answer, request)
     hit = _cached(services, answer, key)
@@ -329,6 +352,8 @@ async def _streamed(services: Services, answer: Answer, generation: Generation |
     finally:
         generation.close()  # a client that went away frees the model now, not at garbage collection
         stream_filter.finish()
+        answer.filtered = stream_filter.text != stream_filter.raw
+        _note_grounding(answer, generation, stream_filter.text)
         reason, prompt_tokens, completion_tokens = _outcome(generation, None)
         await run_in_threadpool(_finish, services, answer, stream_filter.text, reason, prompt_tokens,
                                 completion_tokens, None if failed or generation.cancelled else key,
@@ -347,7 +372,7 @@ async def completion_request(services: Services, request: CompletionRequest, cal
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
-            texts.append(services.sanitizer.text(prompt, param))
+            texts.append(services.sanitizer.text(prompt, param, model_label(services, request.model)))
         else:  # token ids are the model's own input: no chat template is applied, so no marker can fake a turn
             texts.append(_prompt_ids_text(services, prompt, param))
     answers = []
