@@ -14,6 +14,7 @@ from tailor.cli.compare import compare as compare_command
 from tailor.cli.estimate import estimate as estimate_command
 from tailor.cli.prune import prune as prune_command
 from tailor.cli.keys import keys_app
+from tailor.cli.monitor import monitor_app
 from tailor.cli.common import err_console
 from tailor.errors import TailorError
 
@@ -36,6 +37,7 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(ab_app, name="ab")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(monitor_app, name="monitor")
 app.add_typer(reward_app, name="reward")
 app.command("export")(export.export)
 app.command("estimate")(estimate_command)
