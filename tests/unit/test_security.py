@@ -261,3 +261,34 @@ def test_streamed_filter_output_equals_the_whole_answer_filtered(answer):
     assert "".join(pieces) == output_filter.apply(answer)
     assert sum(1 for piece in pieces if piece) >= 4
     assert not any(secret in piece for piece in pieces for secret in ("555-0132", "ann.lee", "Ann Lee"))
+
+
+def test_revoked_key_is_refused_by_the_running_server_without_a_restart(keyed):
+    """Issue 20 part 4: `tailor keys create` and `tailor keys revoke` reach a server that is already running."""
+    from typer.testing import CliRunner
+
+    from tailor.cli.app import app
+
+    url, keys, root = keyed
+    runner = CliRunner()
+    created = runner.invoke(app, ["keys", "create", "temp", "-f", str(root / "keys.json")])
+    temp = created.output.strip().splitlines()[-1]
+    assert created.exit_code == 0 and chat(url, temp).status_code == 200  # a new key works at once
+    revoked = runner.invoke(app, ["keys", "revoke", "temp", "-f", str(root / "keys.json")])
+    assert revoked.exit_code == 0, revoked.output
+    refused = chat(url, temp)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert chat(url, keys["chat"]).status_code == 200  # the other keys still work
+
+
+def test_a_broken_key_file_refuses_every_key_until_fixed(tmp_path):
+    path = tmp_path / "keys.json"
+    key = create_key(path, "web", ["chat"])
+    store = KeyStore.load(path)
+    good = path.read_text()
+    path.write_text("{not json")
+    assert store.find(key) is None  # fail closed: a half-written revocation must not keep the key valid
+    path.write_text(good)
+    assert store.find(key).name == "web"
+    path.unlink()
+    assert store.find(key) is None

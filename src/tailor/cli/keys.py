@@ -51,7 +51,7 @@ def list_keys(file: Path = FileOption, workspace: Path = WorkspaceOption) -> Non
 @keys_app.command("revoke")
 def revoke(name: str = typer.Argument(..., help="The key's name."), file: Path = FileOption,
            workspace: Path = WorkspaceOption) -> None:
-    """Remove a key; a running server keeps accepting it until restarted."""
+    """Remove a key; a running server refuses it from its next request on (it re-reads the file when it changes)."""
     from tailor.serve.security import revoke_key
 
     path = _key_file(workspace, file)
