@@ -1,6 +1,7 @@
 """The `tailor` program as a user runs it: bad input ends in one line and a non-zero exit, never a traceback."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -92,3 +93,40 @@ def test_terminal_chat_answers_and_quits_on_empty_line(tmp_path, tiny_model_dir)
     assert result.returncode == 0, result.stderr
     assert "chatting with base" in result.stdout
     assert result.stdout.count("base>") == 1  # one answer, then the empty line ended the session
+
+
+def help_text(*command: str) -> str:
+    from typer.testing import CliRunner
+
+    from tailor.cli.app import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def help_row(text: str, option: str) -> str:
+    (row,) = [line for line in text.splitlines() if f" {option} " in line]
+    return " ".join(row.strip("│ ").split())
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["serve"], ["data", "validate"], ["keys", "create"]])
+def test_help_shows_values_in_words_and_nothing_after_a_flag(command):
+    text = help_text(*command)
+    # Typer's Python type labels: `<bool>` after a flag reads as if the flag took a value
+    assert not re.search(r"<(bool|str|int|float|path|list\[)", text), text
+    assert help_row(text, "--help") == "--help Show this message and exit."
+
+
+def test_help_rows_say_what_each_option_takes():
+    train = help_text("train")
+    assert "Usage: root train [OPTIONS] [KEY=VALUE]..." in train
+    assert help_row(train, "--resume") == "--resume Continue from the last checkpoint."
+    assert help_row(train, "--run").startswith("--run -r PATH Run folder")
+    assert help_row(train, "KEY=VALUE") == "KEY=VALUE Dotted overrides, e.g. train.learning_rate=1e-4."
+    serve = help_text("serve")
+    assert help_row(serve, "--port").startswith("--port -p INTEGER Port")
+    assert help_row(help_text("eval"), "--fail-under").startswith("--fail-under METRIC=VALUE Exit 1")
+    validate = help_text("data", "validate")
+    assert help_row(validate, "--max-tokens").startswith("--max-tokens INTEGER [x>=1] Report records longer")
+    assert help_row(validate, "--leak-threshold").startswith("--leak-threshold FLOAT [0.01<=x<=1.0] Similarity")

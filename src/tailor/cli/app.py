@@ -15,11 +15,12 @@ from tailor.cli.estimate import estimate as estimate_command
 from tailor.cli.prune import prune as prune_command
 from tailor.cli.keys import keys_app
 from tailor.cli.monitor import monitor_app
-from tailor.cli.common import err_console
+from tailor.cli.common import TailorGroup, err_console
 from tailor.errors import TailorError
 
 app = typer.Typer(help="Customize a pretrained language model for a domain: documents in, a served chatbot out.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  cls=TailorGroup)
 app.command()(init.init)
 app.command()(stages.ingest)
 app.command()(retrieval.index)
