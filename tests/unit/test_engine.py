@@ -90,7 +90,8 @@ def reference(tiny_model_dir: str, folder: str | None, ids: list[int], max_new_t
 
 def test_batched_greedy_equals_one_at_a_time_with_mixed_customizations(engine, tiny_model_dir, customizations):
     names = ["base", "city", "parks", "soft", "prefix", "soft", "city"]
-    with engine._cond:  # the decode thread admits nothing until every request is queued: one mixed batch
+    # the decode thread admits nothing until every request is queued: one mixed batch
+    with engine.scheduler.condition:
         replies = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=10)
                    for name, q in zip(names, QUESTIONS)]
     texts = [reply.text() for reply in replies]
@@ -112,15 +113,15 @@ def test_batches_of_one_adapter_or_none_take_the_plain_forward_and_still_match(e
             ["city"]]
     routes = []
     for names in plan:
-        with engine._cond:  # queued together: one batch
+        with engine.scheduler.condition:  # queued together: one batch
             replies = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=6)
                        for name, q in zip(names, QUESTIONS)]
         texts = [reply.text() for reply in replies]
-        routes.append(engine._lora_route)
+        routes.append(engine.customizations.lora_route)
         for name, question, text in zip(names, QUESTIONS, texts):
             assert text == reference(tiny_model_dir, customizations.get(name), prompt_ids(engine, question), 6,
                                      engine.end_of_turn_ids), (names, name)
-    keys = {name: engine._models[name].adapter_key for name in ("city", "parks")}
+    keys = {name: engine.customizations.models[name].adapter_key for name in ("city", "parks")}
     assert routes == [keys["city"], "__base__", keys["parks"], "mixed", "__base__", keys["city"]]
 
 
@@ -191,7 +192,8 @@ def test_a_full_queue_refuses_with_a_retry_hint(tiny_model_dir):
     engine = Engine(tiny_model_dir, dtype=torch.float32, max_batch_size=1, max_queue=1)
     try:
         question = [{"role": "user", "content": "Hi"}]
-        with engine._cond:  # nothing is admitted while we hold it: one decoding slot and one queue place
+        # nothing is admitted while we hold it: one decoding slot and one queue place
+        with engine.scheduler.condition:
             accepted = [engine.stream("base", question, max_tokens=2) for _ in range(2)]
             with pytest.raises(QueueFullError, match="the server is busy") as caught:
                 engine.stream("base", question, max_tokens=2)
@@ -228,7 +230,8 @@ def test_adapters_are_added_replaced_and_removed_while_serving(tiny_model_dir, c
         assert first + running_old.text() == reference(tiny_model_dir, customizations["city"], ids, 30,
                                                        engine.end_of_turn_ids)
         deadline = time.monotonic() + 5
-        while len(engine._backbones["base"].peft_config) != 1:  # the old version is unloaded once unused
+        backbones = engine.customizations.backbones
+        while len(backbones["base"].peft_config) != 1:  # the old version is unloaded once unused
             assert time.monotonic() < deadline
             time.sleep(0.01)
         engine.remove_adapter("city")
@@ -236,7 +239,8 @@ def test_adapters_are_added_replaced_and_removed_while_serving(tiny_model_dir, c
         assert engine.model_names() == ["base"]
         with pytest.raises(UnknownModelError):
             engine.stream("city", question)
-        assert not isinstance(engine._backbones["base"], peft.PeftModel)  # no adapter left: the plain model
+        # no adapter left: the plain model
+        assert not isinstance(engine.customizations.backbones["base"], peft.PeftModel)
         engine.add_adapter("again", customizations["city"])  # the emptied PEFT model takes adapters again
         assert engine.stream("again", question, temperature=0, max_tokens=8).text() == \
             reference(tiny_model_dir, customizations["city"], ids, 8, engine.end_of_turn_ids)
@@ -257,7 +261,7 @@ def test_a_whole_model_folder_is_served_beside_the_base(tiny_model_dir, customiz
                     dtype=torch.float32)
     try:
         question = [{"role": "user", "content": QUESTIONS[0]}]
-        with engine._cond:
+        with engine.scheduler.condition:
             full, city = (engine.stream(name, question, temperature=0, max_tokens=8) for name in ("full", "city"))
         ids = prompt_ids(engine, QUESTIONS[0])
         assert full.text() == reference(str(tmp_path / "full"), None, ids, 8, engine.end_of_turn_ids)
@@ -290,3 +294,65 @@ def test_optional_engines_name_their_missing_package(kind, package, pip_name, mo
     monkeypatch.setitem(sys.modules, package, None)  # as if not installed, whether it is or not
     with pytest.raises(TailorError, match=f"serve.engine: {kind} needs the package {pip_name}"):
         create_engine(kind, "model.gguf")
+
+
+def _engine_classes() -> list[type]:
+    from tailor.serve.external import LlamaCppEngine, VllmEngine
+
+    return [Engine, VllmEngine, LlamaCppEngine]
+
+
+@pytest.mark.parametrize("engine_class", _engine_classes(), ids=lambda cls: cls.__name__)
+def test_every_engine_implements_the_serving_protocol(engine_class):
+    """Each engine subclasses ServingEngine explicitly, implements every method with the protocol's parameters
+    (names, kinds and defaults: the OpenAI layer passes them by keyword) and sets every data member, capabilities
+    included, so the OpenAI layer never has to ask whether an engine has something."""
+    import inspect
+
+    from tailor.serve.protocol import ServingEngine
+
+    assert ServingEngine in engine_class.__mro__ and not engine_class.__abstractmethods__  # explicitly
+    methods = {name: member for name, member in vars(ServingEngine).items()
+               if inspect.isfunction(member) and not name.startswith("_")}
+    assert {"stream", "complete", "model_names", "outside_vocabulary", "close"} <= set(methods)
+    for name, declared in methods.items():
+        implemented = getattr(engine_class, name)
+        assert implemented is not declared, f"{engine_class.__name__}.{name} is the protocol's stub"
+        expected = [(p.name, p.kind, p.default) for p in inspect.signature(declared).parameters.values()]
+        found = [(p.name, p.kind, p.default) for p in inspect.signature(implemented).parameters.values()]
+        assert found == expected, f"{engine_class.__name__}.{name}"
+    init = "".join(inspect.getsource(cls.__init__) for cls in engine_class.__mro__ if "__init__" in vars(cls)
+                   and cls.__module__.startswith("tailor."))
+    for name in ServingEngine.__annotations__:
+        assert any(name in vars(cls) for cls in engine_class.__mro__ if cls is not ServingEngine) \
+            or f"self.{name} =" in init, f"{engine_class.__name__} never sets {name}"
+    assert isinstance(engine_class.supports_logprobs, bool) and isinstance(engine_class.kind, str)
+
+
+def test_the_built_in_engine_is_a_serving_engine_at_run_time(engine):
+    from tailor.serve.protocol import ServingEngine
+
+    assert isinstance(engine, ServingEngine) and engine.supports_logprobs and engine.kind == "tailor"
+    assert all(hasattr(engine, name) for name in ServingEngine.__annotations__)
+    assert engine.outside_vocabulary([0, 5, len(engine.tokenizer)]) == (2, len(engine.tokenizer))
+
+
+def test_the_openai_layer_asks_the_engine_nothing_outside_the_protocol():
+    """No getattr/hasattr on the engine in the HTTP layer: what an engine cannot do is a declared capability."""
+    import ast
+    import inspect
+
+    import tailor.serve.app
+    import tailor.serve.openai.routes
+    import tailor.serve.openai.serving
+    import tailor.serve.registry_watch
+
+    for module in (tailor.serve.app, tailor.serve.openai.routes, tailor.serve.openai.serving,
+                   tailor.serve.registry_watch):
+        tree = ast.parse(inspect.getsource(module))
+        sniffing = [ast.unparse(node) for node in ast.walk(tree)
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("getattr", "hasattr") and "engine" in ast.unparse(node.args[0])]
+        assert sniffing == [], module.__name__
+        assert "tailor.serve.engine" not in inspect.getsource(module)  # typed against the protocol alone
+    assert tailor.serve.openai.serving.Services.__annotations__["engine"] == "ServingEngine"

@@ -327,7 +327,7 @@ def test_openapi_schema_lists_the_endpoints(url):
 def reference_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
     """log p(ids[i] | ids[:i]) for i >= 1, from one plain forward pass of the served base model."""
     with torch.inference_mode():
-        logits = engine._backbones["base"](input_ids=torch.tensor([ids])).logits[0].float()
+        logits = engine.customizations.backbones["base"](input_ids=torch.tensor([ids])).logits[0].float()
     return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
@@ -368,6 +368,19 @@ def test_echoed_prompt_logprobs_match_a_forward_pass_as_lm_eval_reads_them(clien
         for logprob, top in zip(scored.token_logprobs[1:-1], scored.top_logprobs[1:-1], strict=True):
             assert len(top) == 1 and max(top.values()) >= logprob
         assert scored.text_offset[0] == 0 and scored.text_offset == sorted(scored.text_offset)
+
+
+def test_an_engine_without_logprobs_refuses_them_with_a_400_naming_the_field(client, engine, monkeypatch):
+    """vLLM and llama.cpp declare `supports_logprobs = False`: the OpenAI layer refuses before the engine runs."""
+    monkeypatch.setattr(engine, "supports_logprobs", False)
+    monkeypatch.setattr(engine, "kind", "llama_cpp")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", messages=QUESTION, logprobs=True, max_tokens=2)
+    assert caught.value.body["param"] == "logprobs" and "serve.engine llama_cpp" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="Hello", logprobs=1, echo=True, max_tokens=1)
+    assert caught.value.body["param"] == "logprobs"
+    assert client.completions.create(model="base", prompt="Hello", max_tokens=1).choices[0].text is not None
 
 
 def test_logprob_options_that_cannot_be_served_are_400_naming_them(client, url):

@@ -27,8 +27,6 @@ from tailor.config import ServeConfig
 from tailor.errors import TailorError
 from tailor.serve.ab import AliasRouter
 from tailor.serve.cache import ResponseCache
-from tailor.serve.engine import (Engine, PromptTooLongError, QueueFullError, RetrievalUnavailableError,
-                                 UnknownModelError, UnsupportedRequestError)
 from tailor.serve.feedback import FeedbackStore, UnknownResponseError
 from tailor.serve.filters import OutputFilter
 from tailor.serve.logs import RequestLog
@@ -36,12 +34,14 @@ from tailor.serve.metrics import ServerMetrics
 from tailor.serve.openai.protocol import ApiError, ErrorBody, ErrorResponse
 from tailor.serve.openai.routes import metrics_scope, router
 from tailor.serve.openai.serving import Services
+from tailor.serve.protocol import (PromptTooLongError, QueueFullError, RetrievalUnavailableError, ServingEngine,
+                                   UnknownModelError, UnsupportedRequestError)
 from tailor.serve.security import Caller, KeyStore, RateLimiter, Sanitizer
 
 log = logging.getLogger(__name__)
 
 
-def build_services(engine: Engine, config: ServeConfig, root: Path, state_dir: Path | None = None) -> Services:
+def build_services(engine: ServingEngine, config: ServeConfig, root: Path, state_dir: Path | None = None) -> Services:
     """Everything but the engine, from `serve.*`. The key file is relative to the workspace `root`; the feedback
     database and the request log to `state_dir` (the served run folder; default `root`). A bad setting is a
     TailorError naming its key, before the server listens."""
@@ -53,8 +53,7 @@ def build_services(engine: Engine, config: ServeConfig, root: Path, state_dir: P
     metrics = ServerMetrics()
     return Services(
         engine=engine,
-        # an external engine (llama.cpp) may hide its tokenizer: the common templates' markers are refused anyway
-        sanitizer=Sanitizer.for_tokenizer(getattr(engine, "tokenizer", None), config.max_turns, config.max_turn_chars,
+        sanitizer=Sanitizer.for_tokenizer(engine.tokenizer, config.max_turns, config.max_turn_chars,
                                           metrics),
         output_filter=OutputFilter(config.redact_pii, config.blocklist, config.pii_keep or []),
         cache=ResponseCache(config.cache_size),
@@ -69,7 +68,7 @@ def build_services(engine: Engine, config: ServeConfig, root: Path, state_dir: P
         default_model=engine.model_names()[-1])
 
 
-def create_app(engine: Engine, config: ServeConfig | None = None, root: Path | str = ".",
+def create_app(engine: ServingEngine, config: ServeConfig | None = None, root: Path | str = ".",
                state_dir: Path | str | None = None) -> FastAPI:
     """The app for `engine`. Without a config: no keys, an in-memory feedback database and no request log."""
     config = config or ServeConfig(feedback_db=":memory:", request_log=None)
@@ -87,7 +86,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, root: Path | s
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(caller: Caller = Depends(metrics_scope)) -> Response:
-        services.metrics.engine_figures(engine.stats() if hasattr(engine, "stats") else {})
+        services.metrics.engine_figures(engine.stats())
         return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -261,9 +260,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+def serve(engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           config: ServeConfig | None = None, root: Path | str = ".", state_dir: Path | str | None = None) -> None:
-    """Serve until interrupted (Ctrl+C). Without API keys only this machine may connect."""
+    """Serve until interrupted (Ctrl+C), then close the engine. Without API keys only this machine may connect."""
     app = create_app(engine, config, root, state_dir)
     if app.state.services.keys is None and host not in LOOPBACK:
         print(f"tailor: no API key configured (serve.api_key_file or --api-key-file), so listening on 127.0.0.1 "
@@ -275,4 +274,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: 
     auth = "API keys required" if app.state.services.keys is not None else "no API key needed, local only"
     print(f"tailor: chat at http://{shown}:{port}/  (OpenAI API: http://{shown}:{port}/v1, "
           f"models: {', '.join(names)}; {auth})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        engine.close()

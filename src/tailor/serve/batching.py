@@ -101,6 +101,14 @@ class DecodeBatch:
             layer.keys, layer.values = layer.keys[:, :, :-tokens], layer.values[:, :, :-tokens]
 
 
+def select_rows(cache: DynamicCache, mask: torch.Tensor, indices: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    """Only these rows of a freshly prefilled cache and its mask [rows, columns] (the rows that go on decoding)."""
+    index = torch.tensor(indices, device=mask.device)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    return cache, mask.index_select(0, index)
+
+
 def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 

@@ -1,11 +1,12 @@
-"""Optional engines behind the same interface as `tailor.serve.engine.Engine` (`model_names`, `stream`, `complete`,
-`add_adapter`, `remove_adapter`, `Generation` replies), for when a faster runtime is installed:
+"""Optional engines that implement `tailor.serve.protocol.ServingEngine`, as the built-in `Engine` does, for when a
+faster runtime is installed:
 
 - `VllmEngine`: vLLM's async engine (GPU): paged attention, continuous batching, multi-LoRA (`serve.engine: vllm`);
 - `LlamaCppEngine`: llama.cpp on a GGUF file (CPU), one request at a time (`serve.engine: llama_cpp`).
 
 Each imports its package only when constructed, so tailor imports and runs without them. Prompt profiles,
-prompt-tuning adapters and per-request timeouts are the built-in engine's; these engines refuse what they cannot do.
+prompt-tuning adapters, logprobs and per-request timeouts are the built-in engine's; these engines declare what they
+lack (`supports_logprobs = False`) and refuse it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from tailor.errors import TailorError
-from tailor.serve.engine import _END, Generation, UnknownModelError, UnsupportedRequestError, end_of_turn_ids
+from tailor.serve.decoding import end_of_turn_ids
+from tailor.serve.protocol import (Generation, PromptTooLongError, ServingEngine, UnknownModelError,
+                                   UnsupportedRequestError, outside_vocabulary)
+from tailor.serve.sampling import Decoder, pick
 
 
 def _require(package: str, pip_name: str, key: str):
@@ -28,11 +36,15 @@ def _require(package: str, pip_name: str, key: str):
         raise TailorError(f"serve.engine: {key} needs the package {pip_name} (pip install {pip_name})") from None
 
 
-class _ThreadedEngine:
+class _ThreadedEngine(ServingEngine):
     """Shared parts: the served names, and a Generation fed from a worker."""
 
+    kind: str
     base_name = "base"
-    revision = 0  # these engines serve a fixed set of models: cached answers never go stale
+    revision = 0  # bumped when a served name changes what it answers with (vLLM's add_adapter on a taken name)
+    supports_logprobs = False
+    tokenizer: Any  # set by each engine's __init__
+    system_prompt: str
 
     def passage(self, chunk_id: str) -> dict | None:
         """External engines serve no retrieval: no passage to show."""
@@ -41,29 +53,46 @@ class _ThreadedEngine:
     def model_names(self) -> list[str]:
         return [self.base_name, *self._adapters]
 
+    def outside_vocabulary(self, ids: list[int]) -> tuple[int, int] | None:
+        return outside_vocabulary(ids, len(self.tokenizer))
+
+    def stats(self) -> dict:
+        return {}  # the runtime keeps its own queue: no figures of tailor's
+
     def _check(self, model: str) -> None:
         if model not in self.model_names():
             raise UnknownModelError(f"model '{model}' does not exist; this server has {', '.join(self.model_names())}")
 
-    def _no_logprobs(self, sampling: dict) -> None:
-        if sampling.pop("logprobs", None) is not None or sampling.pop("echo", False):
+    def _no_logprobs(self, logprobs: int | None, echo: bool) -> None:
+        if logprobs is not None or echo:
             raise UnsupportedRequestError(f"logprobs: not available from serve.engine {self.kind}; the built-in "
                                           f"engine (serve.engine: tailor) returns them", param="logprobs")
 
-    def complete(self, model: str, prompt: str | list[int], **sampling) -> Generation:
+    def complete(self, model: str, prompt: str | list[int], *, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
+                 seed: int | None = None, timeout: float | None = None, logprobs: int | None = None,
+                 echo: bool = False) -> Generation:
         self._check(model)
-        self._no_logprobs(sampling)
+        self._no_logprobs(logprobs, echo)
         if not isinstance(prompt, str):
             raise UnsupportedRequestError(f"prompt: token ids are not accepted by serve.engine {self.kind}; send "
                                           f"text", param="prompt")
-        return self._start(model, {"prompt": prompt}, **sampling)
+        return self._start(model, {"prompt": prompt}, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                           stop=stop, seed=seed, timeout=timeout)
 
-    def stream(self, model: str, messages: list[dict], **sampling) -> Generation:
+    def stream(self, model: str, messages: list[dict], *, max_tokens: int | None = None, temperature: float = 1.0,
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+               timeout: float | None = None, logprobs: int | None = None) -> Generation:
         self._check(model)
-        self._no_logprobs(sampling)
+        self._no_logprobs(logprobs, False)
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self._start(model, {"messages": messages}, **sampling)
+        return self._start(model, {"messages": messages}, max_tokens=max_tokens, temperature=temperature,
+                           top_p=top_p, stop=stop, seed=seed, timeout=timeout)
+
+    def _start(self, model: str, request: dict, *, max_tokens: int | None, temperature: float, top_p: float,
+               stop: list[str] | None, seed: int | None, timeout: float | None) -> Generation:
+        raise NotImplementedError
 
 
 class VllmEngine(_ThreadedEngine):
@@ -94,10 +123,16 @@ class VllmEngine(_ThreadedEngine):
         if not (Path(folder) / "adapter_config.json").is_file():
             raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder")
         self._adapters[name] = self._lora_request(name, next(self._ids), str(folder))
+        self.revision += 1  # a replaced name must not answer from the response cache of its old weights
 
     def remove_adapter(self, name: str) -> None:
         self._check(name)
         self._adapters.pop(name)
+        self.revision += 1
+
+    def close(self) -> None:
+        self._engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
     def _start(self, model: str, request: dict, *, max_tokens=None, temperature=1.0, top_p=1.0, stop=None,
                seed=None, timeout=None) -> Generation:
@@ -119,13 +154,13 @@ class VllmEngine(_ThreadedEngine):
                         break
                     choice = out.outputs[0]
                     if choice.text[len(sent):]:
-                        generation._deltas.put(choice.text[len(sent):])
+                        generation.push(choice.text[len(sent):])
                         sent = choice.text
                     generation.completion_tokens = len(choice.token_ids)
                     generation.finish_reason = choice.finish_reason
             except Exception as exc:  # noqa: BLE001 - handed to the reader
-                generation._deltas.put(exc)
-            generation._deltas.put(_END)
+                generation.push_error(exc)
+            generation.end()
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         if timeout:
@@ -171,15 +206,14 @@ class LlamaCppEngine(_ThreadedEngine):
     def remove_adapter(self, name: str) -> None:
         self._check(name)
 
+    def close(self) -> None:
+        with self._lock:  # after the reply being decoded; llama.cpp frees the model when the reader is collected
+            self._llm = None
+
     def _start(self, model: str, request: dict, *, max_tokens=None, temperature=1.0, top_p=1.0, stop=None,
                seed=None, timeout=None) -> Generation:
-        import time
-
-        import torch
-
-        from tailor.serve.engine import PromptTooLongError
-        from tailor.serve.sampling import Decoder, pick
-
+        if self._llm is None:
+            raise TailorError("serve: the engine has stopped")
         text = request.get("prompt") or self.tokenizer.apply_chat_template(
             request["messages"], add_generation_prompt=True, tokenize=False)
         prompt_ids = self._llm.tokenize(text)
@@ -206,21 +240,21 @@ class LlamaCppEngine(_ThreadedEngine):
                         if generation.first_token_at is None:
                             generation.first_token_at = time.monotonic()
                         if delta:
-                            generation._deltas.put(delta)
+                            generation.push(delta)
                         if reason is None and generation.cancelled:
                             reason = "cancelled"
                         elif reason is None and deadline is not None and time.monotonic() > deadline:
                             reason, rest = "timeout", decoder._rest()
                             if rest:
-                                generation._deltas.put(rest)
+                                generation.push(rest)
                         if reason is not None:
                             generation.finish_reason = reason
                             break
                         logits = self._llm.step(token)
             except Exception as exc:  # noqa: BLE001 - handed to the reader
-                generation._deltas.put(exc)
+                generation.push_error(exc)
             generation.finished_at = time.monotonic()
-            generation._deltas.put(_END)
+            generation.end()
 
         threading.Thread(target=run, daemon=True).start()
         return generation

@@ -23,6 +23,7 @@ from tailor.errors import TailorError
 from tailor.registry import Registry
 from tailor.registry.store import verify_artifacts
 from tailor.registry.tables import ModelVersion
+from tailor.serve.protocol import ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,10 @@ def artifact_folder(version: ModelVersion) -> Path | None:
 
 
 class RegistryWatcher:
-    def __init__(self, engine, registry: Registry, *, interval: float = 2.0, names: list[str] | None = None):
-        for method in ("add_adapter", "remove_adapter"):
-            if not callable(getattr(engine, method, None)):
-                raise TailorError(f"serve --registry: this engine cannot swap adapters while serving "
-                                  f"(no {method})")
+    def __init__(self, engine: ServingEngine, registry: Registry, *, interval: float = 2.0,
+                 names: list[str] | None = None):
+        # every engine swaps names through add_adapter/remove_adapter; one that cannot load a kind of artifact
+        # (llama.cpp: none at runtime) raises there, and that version is reported as not servable
         self.engine = engine
         self.registry = registry
         self.interval = interval
@@ -139,7 +139,7 @@ class RegistryWatcher:
             self._thread.join(timeout=self.interval + 5)
 
 
-def watch_registry(engine, config, root: Path) -> RegistryWatcher:
+def watch_registry(engine: ServingEngine, config, root: Path) -> RegistryWatcher:
     """Start the watcher on the workspace's registry (`registry.url`, else WORKSPACE/registry.db)."""
     from tailor.registry import open_registry
 

@@ -1,5 +1,5 @@
 """Serving logic of the completion endpoints: a request becomes an engine call, and the engine's output becomes
-OpenAI's shapes. Routing lives in routes.py; the shapes in protocol.py; the model in ..engine.
+OpenAI's shapes. Routing lives in routes.py; the shapes in protocol.py; the engine is any ..protocol.ServingEngine.
 
 Around the engine call, in order: the A/B alias picks a model, the sanitizer cleans the input, the response cache may
 answer at once, the output filter redacts what goes out (streamed text too), and at the end the completion is
@@ -17,7 +17,6 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from tailor.serve.ab import AliasRouter
 from tailor.serve.cache import CachedAnswer, ResponseCache
-from tailor.serve.engine import Engine, Generation, outside_vocabulary
 from tailor.serve.feedback import FeedbackStore
 from tailor.serve.filters import OutputFilter, StreamFilter
 from tailor.serve.logs import RequestLog
@@ -28,6 +27,7 @@ from tailor.serve.openai.protocol import (ApiError, AssistantMessage, ChatComple
                                           CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, ErrorBody,
                                           ErrorResponse, ModelCard, ModelList, SamplingRequest, TokenLogprob,
                                           TopLogprob, Usage, completion_id, now)
+from tailor.serve.protocol import Generation, ServingEngine
 from tailor.serve.security import Caller, KeyStore, RateLimiter, Sanitizer
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class Services:
     """Everything a request may need besides the engine; one per app."""
 
-    engine: Engine
+    engine: ServingEngine
     sanitizer: Sanitizer
     output_filter: OutputFilter
     cache: ResponseCache
@@ -116,6 +116,14 @@ def _check_options(request: ChatCompletionRequest | CompletionRequest) -> None:
         raise ApiError(400, f"{field_name}: {message}", param=field_name, code="invalid_value")
 
 
+def _check_engine(services: Services, request: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse what the engine declares it cannot do, naming the request field."""
+    engine = services.engine
+    if request.logprob_count() is not None and not engine.supports_logprobs:
+        raise ApiError(400, f"logprobs: not available from serve.engine {engine.kind}; the built-in engine "
+                            f"(serve.engine: tailor) returns them", param="logprobs", code="unsupported_request")
+
+
 def _start(services: Services, answer: Answer, request: SamplingRequest,
            text_prompt: str | list[int] | None) -> Generation:
     """The engine call. Unknown models, over-long prompts and a full queue raise here, before any 200 is sent."""
@@ -170,7 +178,7 @@ def _finish(services: Services, answer: Answer, text: str, finish_reason: str, p
 def _cache_key(services: Services, answer: Answer, request: SamplingRequest) -> str | None:
     # the cache keeps texts, not logprobs; echo is rebuilt from the prompt, but is rare enough not to cache
     if not services.cache.size or not request.deterministic() or request.logprob_count() is not None or \
-            getattr(request, "echo", False):
+            (isinstance(request, CompletionRequest) and request.echo):
         return None
     # the engine's revision: a hot-swapped version (registry promote/rollback) must not answer from the old one's cache
     return services.cache.key(answer.endpoint, f"{answer.model}@{services.engine.revision}", answer.prompt,
@@ -226,6 +234,7 @@ async def chat_request(services: Services, request: ChatCompletionRequest, calle
     """A whole reply, or for `stream` an async iterator of server-sent events. Everything up to the first token
     happens before this returns, so ApiError (and the engine's errors) still become the HTTP status."""
     _check_options(request)
+    _check_engine(services, request)
     messages = services.sanitizer.messages([m.model_dump() for m in request.messages],
                                            model_label(services, request.model))
     answer = _prepare(services, request, caller, "chat", messages)
@@ -367,6 +376,7 @@ async def completion_request(services: Services, request: CompletionRequest, cal
     """One choice per prompt (a string or token ids): all are submitted before any is read, so the engine decodes
     them in one batch (lm-evaluation-harness sends its requests this way)."""
     _check_options(request)
+    _check_engine(services, request)
     prompts = request.prompts()
     texts = []
     for i, prompt in enumerate(prompts):
@@ -403,12 +413,11 @@ async def completion_request(services: Services, request: CompletionRequest, cal
 
 
 def _prompt_ids_text(services: Services, ids: list[int], param: str) -> str:
-    vocabulary = len(services.engine.tokenizer)
-    outside = outside_vocabulary(ids, vocabulary)
+    outside = services.engine.outside_vocabulary(ids)
     if outside is not None:  # checked before decoding: an unknown id cannot be decoded
         position, token = outside
         raise ApiError(400, f"{param}[{position}]: token id {token} is not in the vocabulary (0 to "
-                            f"{vocabulary - 1})", param=param, code="invalid_value")
+                            f"{len(services.engine.tokenizer) - 1})", param=param, code="invalid_value")
     return services.engine.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
