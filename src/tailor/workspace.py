@@ -168,3 +168,24 @@ def link_or_copy(source: Path, target: Path) -> None:
         target.symlink_to(Path(source).resolve())
     except OSError:
         shutil.copyfile(source, target)
+
+
+# what the stages before training leave in a run folder, and every method reads from there: the corpus (continued
+# pre-training, from_scratch), data/ with its subfolders (chat, preference, classification, pre-training blocks) and
+# the retrieval index (rag, raft, METHOD+rag)
+RUN_INPUTS = ("corpus.jsonl", "data", "index")
+
+
+def derive_run_folder(run_dir: Path | str, derived_dir: Path | str) -> list[Path]:
+    """Make `derived_dir` (a tune trial, a compared method) a run folder on RUN's inputs: each file of RUN_INPUTS is
+    linked at the same place, so every method finds its data where it looks in RUN; what it writes (adapter,
+    metrics, eval/) stays in `derived_dir`. Returns the linked files."""
+    run_dir, derived_dir = Path(run_dir), Path(derived_dir)
+    linked = []
+    for name in RUN_INPUTS:
+        source = run_dir / name
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            link_or_copy(path, derived_dir / path.relative_to(run_dir))
+            linked.append(derived_dir / path.relative_to(run_dir))
+    return linked

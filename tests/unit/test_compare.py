@@ -100,3 +100,25 @@ def test_keep_going_records_a_failed_method_and_compares_the_others(workspace):
     assert "from_scratch" in compare_table(summary).caption
     with pytest.raises(TailorError, match="corpus.jsonl"):  # without keep_going the first failure stops it
         run_compare(config, root, run_dir, ["from_scratch"], show_progress=False, latency_questions=1)
+
+
+def test_a_derived_run_folder_links_every_input_of_the_run(tmp_path):
+    """tune trials and compared methods share one helper: what a method reads in RUN it finds in its own folder,
+    dpo's preferences, classification sets and the index included, as links; what it writes stays its own."""
+    from tailor.workspace import derive_run_folder
+
+    run_dir = tmp_path / "run"
+    inputs = ["corpus.jsonl", "data/train.jsonl", "data/preferences.jsonl", "data/classification/eval.jsonl",
+              "data/pretrain/train.jsonl", "index/index.json", "index/bm25/params.index.json"]
+    for relative in inputs:
+        (run_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / relative).write_text(relative)
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")  # an output of RUN's own training: not linked
+    derived = run_dir / "compare" / "dpo"
+    linked = derive_run_folder(run_dir, derived)
+    assert sorted(str(path.relative_to(derived)) for path in linked) == sorted(inputs)
+    assert all((derived / relative).is_symlink() and (derived / relative).read_text() == relative
+               for relative in inputs)
+    assert not (derived / "adapter").exists()
+    assert derive_run_folder(run_dir, derived) == linked  # again: the links are replaced, nothing piles up

@@ -301,3 +301,20 @@ def test_bayesian_search_trains_each_point_of_a_small_space_once(workspace):
     points = {(t.params["train.learning_rate"], t.params["methods.lora.r"]) for t in result.study.trials}
     assert points == {(1e-3, 2), (1e-3, 4), (1e-2, 2), (1e-2, 4)}
     assert [t.user_attrs["steps"] for t in result.study.trials] == [2, 2, 2, 2]
+
+
+def test_trials_read_the_corpus_and_every_data_file_of_the_run(workspace):
+    """continued_pretraining (and from_scratch) train on RUN/corpus.jsonl: a trial folder must hold it, and the
+    rest of RUN's data (subfolders included), as links."""
+    run_dir = workspace / "run"
+    write_jsonl(run_dir / "corpus.jsonl", [{"text": f"{q} {a} " * 6, "source": f"doc{i}.txt", "chunk": 0}
+                                           for i, (q, a) in enumerate(FACTS * 3)])
+    write_jsonl(run_dir / "data" / "pretrain" / "train.jsonl", [{"text": "a block"}])
+    result = tune(workspace, "train.method=continued_pretraining", "tune.trials=1",
+                  "methods.continued_pretraining.block_tokens=32", "methods.continued_pretraining.overlap_tokens=4",
+                  "methods.continued_pretraining.eval_fraction=0")
+    assert result.trials_run == 1 and len(finished(result.study)) == 1
+    trial = run_dir / "tune" / "trial-0"
+    for relative in ("corpus.jsonl", "data/train.jsonl", "data/eval.jsonl", "data/pretrain/train.jsonl"):
+        assert (trial / relative).is_symlink() and (trial / relative).resolve() == (run_dir / relative).resolve()
+    assert (trial / "model" / "config.json").is_file()  # the whole model continued pre-training saves

@@ -1,7 +1,7 @@
 """`tailor compare`: several methods trained (or built) on the same run data and evaluated on the same questions,
 in one table ordered cheapest first — quality, training time, trainable parameters, artifact size, latency.
 
-Each method gets its own run folder RUN/compare/<method>/ whose data files are links to RUN's (no copies), so the
+Each method gets its own run folder RUN/compare/<method>/ whose inputs are links to RUN's (no copies), so the
 runs stay inspectable (`tailor eval -r RUN/compare/lora`) and a rerun replaces one method's folder only.
 """
 
@@ -18,10 +18,9 @@ from rich.table import Table
 from tailor.cli.common import OverridesArgument, RunOption, WorkspaceOption, console, open_workspace, run_folder
 from tailor.config import TailorConfig, apply_overrides, validate_config
 from tailor.errors import TailorError
-from tailor.workspace import link_or_copy
+from tailor.workspace import derive_run_folder
 
 COMPARE_DIR = "compare"
-LINKED = ("data/train.jsonl", "data/eval.jsonl", "corpus.jsonl")
 
 
 @dataclass
@@ -39,15 +38,6 @@ class CompareRow:
     fact_recall: float | None = None
     recall_at_5: float | None = None  # grounded models: retrieval and citations
     citation_accuracy: float | None = None
-
-
-def link_run_data(run_dir: Path, method_dir: Path) -> None:
-    """The method's run folder reads RUN's data files through symlinks (a copy only where links are refused)."""
-    for relative in LINKED:
-        source, target = run_dir / relative, method_dir / relative
-        if not source.is_file():
-            continue
-        link_or_copy(source, target)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -171,7 +161,7 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
     for position, name in enumerate(names):
         settings = configs[name]
         method_dir = run_dir / COMPARE_DIR / name
-        link_run_data(run_dir, method_dir)
+        derive_run_folder(run_dir, method_dir)  # RUN's corpus, data and index, linked
         console.print(f"[bold]{name}[/]: training in {method_dir}", highlight=False)
         try:
             result = run_training(settings, root, method_dir, show_progress=show_progress)

@@ -21,7 +21,7 @@ from tailor.config import TailorConfig, apply_overrides, dump_config
 from tailor.errors import TailorError
 from tailor.tune.report import metric_value, write_tune_report
 from tailor.tune.space import check_values, config_with, grid, params_to_values, sample, untried_first
-from tailor.workspace import atomic_write_text, link_or_copy
+from tailor.workspace import atomic_write_text, derive_run_folder
 
 TUNE_DIR = "tune"
 BEST_CONFIG = "best.yaml"
@@ -284,12 +284,6 @@ def reuse_same_point(study, trial) -> float | None:
     return float(repeated.value)
 
 
-def _link_data(run_dir: Path, trial_dir: Path) -> None:
-    """Trials reuse RUN/data/*.jsonl; a symlink where the file system allows it, else a copy."""
-    for source in sorted((run_dir / "data").glob("*.jsonl")):
-        link_or_copy(source, trial_dir / "data" / source.name)
-
-
 def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, source: str = "tailor.yaml",
              on_trial: Callable[[Any], None] | None = None, worker: int = 0) -> TuneResult | None:
     """Run the search `config.tune` describes on RUN/data; `data` is the raw config (best.yaml starts from it)."""
@@ -334,7 +328,7 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
         # the core computes the eval loss every `every` steps; checkpoints are not needed by a trial
         trial_config.train.eval_every, trial_config.train.save_every = every, 0
         trial_dir = tune_dir / f"trial-{trial.number}"
-        _link_data(run_dir, trial_dir)
+        derive_run_folder(run_dir, trial_dir)  # RUN's corpus, data and index, linked
         reporter = PruningReporter(trial, trial_dir / "metrics.jsonl", every, maximize=direction == "maximize",
                                    last_step=total_steps(n_train, trial_config.train))
         started = time.perf_counter()
