@@ -73,24 +73,27 @@ def check(url: str = typer.Option(..., "--url", "-u", help="The server (http://H
     if as_json:
         print(json.dumps([row.as_json() for row in rows], indent=2))
     else:
+        measured = f"{interval:g} s between scrapes" if interval else "since the server started"
         table = Table("alert", "severity", "series", "value", "threshold", "for", "state",
-                      title=f"{target} ({f'{interval:g} s between scrapes' if interval else 'since the server started'})")
+                      title=f"{target} ({measured})")
         for row in rows:
             state = {"firing": "[bold red]firing[/]", "ok": "[green]ok[/]"}.get(row.state, row.state)
             table.add_row(row.rule.name, row.rule.severity, row.series, _fmt(row.value), threshold(row.rule),
                           f"{row.rule.wait:g} s", state)
         console.print(table)
     firing = sorted({row.rule.name for row in rows if row.firing})
-    if firing:
+    if firing and not as_json:
         console.print(f"firing: {', '.join(firing)}" + (f" (posted to {webhook})" if webhook else ""),
                       highlight=False)
+    if firing:
         raise typer.Exit(FIRING)
 
 
 @monitor_app.command("drift")
 def drift(db: Path = typer.Option(None, "--db", help=(
               "Feedback database (default: RUN/serve.feedback_db, else the workspace's).")),
-          days: float = typer.Option(7.0, "--days", min=0, help="Look at the questions of the last DAYS days (0: all)."),
+          days: float = typer.Option(7.0, "--days", min=0, help=(
+              "Look at the questions of the last DAYS days (0: all).")),
           max_distance: float = typer.Option(0.6, "--max-distance", min=0.01, max=2.0, help=(
               "Cosine distance under which questions count as one topic (lower: more, tighter topics).")),
           examples: int = typer.Option(3, "--examples", min=1, help="Example questions shown per topic."),
@@ -98,16 +101,19 @@ def drift(db: Path = typer.Option(None, "--db", help=(
           run: Path = RunOption, workspace: Path = WorkspaceOption) -> None:
     """Topics users ask about that the model could not answer: the questions it abstained on or that got a thumbs
     down, clustered by meaning, biggest first, with examples."""
+    from tailor.config import CONFIG_NAME, RetrievalConfig
     from tailor.monitor.drift import drift_report
     from tailor.serve.feedback import read_answers
 
-    config, root = open_workspace(workspace, [], required=False)
-    if db is None:
-        run_dir = run_folder(root, run)
-        db = (run_dir if run_dir.is_dir() else root) / config.serve.feedback_db
+    retrieval = RetrievalConfig()  # a database given without a workspace: the default abstention and embedder
+    if db is None or (workspace / CONFIG_NAME).is_file():
+        config, root = open_workspace(workspace, [], required=False)
+        retrieval = config.retrieval
+        if db is None:
+            run_dir = run_folder(root, run)
+            db = (run_dir if run_dir.is_dir() else root) / config.serve.feedback_db
     answers = read_answers(db, time.time() - days * 86400 if days else None)
-    topics = drift_report(answers, config.retrieval.abstain_answer, config.retrieval.embedding_model,
-                          max_distance, examples)
+    topics = drift_report(answers, retrieval.abstain_answer, retrieval.embedding_model, max_distance, examples)
     if as_json:
         print(json.dumps([topic.as_json() for topic in topics], indent=2, ensure_ascii=False))
         return

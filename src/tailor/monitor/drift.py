@@ -69,7 +69,7 @@ def topics(questions: list[dict], vectors: np.ndarray, max_distance: float = 0.6
             if text.lower() not in seen:
                 seen.add(text.lower())
                 texts.append(text)
-        common = Counter(word for i in members for word in set(words(questions[i]["question"])))
+        common = Counter(word for i in members for word in set(words(questions[i]["question"])) if len(word) > 2)
         times = sorted(questions[i]["created_at"] for i in members)
         found.append(Topic(label=" ".join(word for word, _ in common.most_common(3)) or texts[0][:40],
                            size=len(members), abstained=sum(questions[i]["abstained"] for i in members),
