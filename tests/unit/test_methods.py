@@ -291,8 +291,8 @@ def test_every_module_of_the_methods_package_is_a_registered_method_or_a_named_h
 
 
 @pytest.mark.parametrize("found, listed, message", [
-    ({*registry.METHOD_MODULES, "kto"}, registry.METHOD_MODULES,
-     r"tailor\.methods\.kto: a module of the methods package that is neither in METHOD_MODULES"),
+    ({*registry.METHOD_MODULES, "orpo"}, registry.METHOD_MODULES,
+     r"tailor\.methods\.orpo: a module of the methods package that is neither in METHOD_MODULES"),
     (set(registry.METHOD_MODULES) - {"ppo"}, registry.METHOD_MODULES,
      r"METHOD_MODULES lists 'ppo', but the methods package has no module of that name"),
     ({*registry.METHOD_MODULES, "alignment"}, (*registry.METHOD_MODULES, "alignment"),
@@ -311,7 +311,7 @@ NESTING_LORA = [name for name in registry.names() if issubclass(registry.get(nam
 
 
 def test_methods_that_train_lora_nest_its_options():
-    assert set(NESTING_LORA) == {"continued_pretraining", "distill", "dpo", "ppo", "reward"}
+    assert set(NESTING_LORA) == {"continued_pretraining", "distill", "dpo", "grpo", "kto", "ppo", "reward"}
     assert registry.get("raft").options.model_fields["lora"].annotation is LoraOptions
 
 

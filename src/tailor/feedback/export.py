@@ -20,7 +20,8 @@ COLUMNS = ("id", "response_id", "model", "prompt", "answer", "rating", "correcti
            "created_at")
 
 
-def _check(record: dict, where: str) -> dict:
+def check_record(record: dict, where: str) -> dict:
+    """One feedback record (a table row or a JSONL line) checked and normalized; `where` names it in errors."""
     prompt = record.get("prompt")
     if isinstance(prompt, str):
         try:
@@ -48,7 +49,7 @@ def load_feedback(path: Path | str) -> list[dict]:
     if not path.is_file():
         raise TailorError(f"{path}: file not found")
     if path.suffix.lower() in (".jsonl", ".json"):
-        return [_check(record, f"{path}:{line_no}") for line_no, record in read_jsonl(path)]
+        return [check_record(record, f"{path}:{line_no}") for line_no, record in read_jsonl(path)]
     try:
         # read-only: exporting must never change (or lock for writing) the server's live database
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
@@ -57,7 +58,7 @@ def load_feedback(path: Path | str) -> list[dict]:
     except sqlite3.DatabaseError as exc:
         raise TailorError(f"{path}: not a feedback database ({exc}); expected a SQLite file with a `feedback` "
                           f"table, or a .jsonl file") from None
-    return [_check(row, f"{path}: feedback row {row.get('id')}") for row in rows]
+    return [check_record(row, f"{path}: feedback row {row.get('id')}") for row in rows]
 
 
 def to_pairs(records: list[dict]) -> list[dict]:
@@ -84,6 +85,20 @@ def to_pairs(records: list[dict]) -> list[dict]:
             for down in disliked.get(conversation, []):
                 add(up["prompt"], up["answer"], down["answer"], "up_vs_down")
     return pairs
+
+
+def to_unpaired(records: list[dict]) -> list[dict]:
+    """Unpaired examples `{prompt, completion, label, feedback_id}` for KTO: each rated answer as it was (thumbs
+    up: desirable, down: undesirable) and each correction as a desirable answer of its own."""
+    examples = []
+    for record in records:
+        if record["answer"].strip():
+            examples.append({"prompt": record["prompt"], "completion": record["answer"],
+                             "label": record["rating"] == "up", "feedback_id": record["id"]})
+        if record["correction"]:
+            examples.append({"prompt": record["prompt"], "completion": record["correction"], "label": True,
+                             "feedback_id": record["id"]})
+    return examples
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""What the alignment methods (reward, dpo, ppo) share: where their data and starting adapters come from, the
-policy with its frozen reference, and writing the artifact, metrics and manifest like the training core does.
+"""What the alignment methods (reward, dpo, kto, ppo, grpo) share: where their data and starting adapters come
+from, tokenized preference pairs and their batches, the reference's log-probabilities, the policy with its frozen
+reference, and writing the artifact and manifest like the training core does.
 
 Not a method itself: listed in the registry's HELPER_MODULES.
 """
@@ -10,6 +11,7 @@ import contextlib
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +21,9 @@ from tailor.errors import TailorError
 from tailor.methods.lora import LoraOptions
 from tailor.methods.lora import prepare as add_lora
 from tailor.models.base import load_model
-from tailor.workspace import atomic_dir, atomic_write_text, update_manifest
+from tailor.train.examples import Example, chat_ids, collate, tokenize_chat
+from tailor.train.loop import autocast, sequence_log_probs
+from tailor.workspace import atomic_dir, atomic_write_text, read_jsonl, update_manifest
 
 PREFERENCE_FILE = "data/preferences.jsonl"  # where `tailor data build` and `tailor feedback export` put pairs
 REFERENCE = "reference"  # name of the frozen copy of the starting adapter
@@ -62,19 +66,71 @@ def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[lis
     return train, [pairs[i] for i in order[len(order) - held:]]
 
 
+@dataclass
+class Pair:
+    """A tokenized preference pair; `reference`: the starting policy's log-probabilities of (chosen, rejected)."""
+
+    chosen: Example
+    rejected: Example
+    reference: tuple[float, float] = (0.0, 0.0)
+
+
+def pair_items(pairs: list[dict], tokenizer, where: str) -> list[Pair]:
+    from tailor.data.preference import with_answer
+
+    return [Pair(*(tokenize_chat(tokenizer, with_answer(p["prompt"], p[side]), where=f"{where}: pair {i + 1}",
+                                 last_turn_only=True) for side in ("chosen", "rejected")))
+            for i, p in enumerate(pairs)]
+
+
+def pair_lengths(items: list[Pair]) -> list[int]:
+    return [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in items]
+
+
+def collate_pairs(items: list[Pair], pad_id: int, device) -> dict:
+    """One padded batch of the chosen rows, then the rejected rows [2 x pairs, longest]; a pair is the unit."""
+    rows = [p.chosen for p in items] + [p.rejected for p in items]
+    return collate(rows, pad_id, device) | {
+        "units": len(items), "tokens": sum(len(e.input_ids) for e in rows),
+        "reference": torch.tensor([p.reference[0] for p in items] + [p.reference[1] for p in items],
+                                  dtype=torch.float32, device=device)}
+
+
+@torch.no_grad()
+def starting_log_probs(model, examples: list[Example], pad_id: int, batch_size: int,
+                       compute_dtype: torch.dtype) -> list[float]:
+    """log π(answer | prompt) of each example under the model as it is now, before the first step.
+
+    DPO and KTO compare the policy with where it started: computed once here (TRL's precompute_ref_log_probs),
+    no reference copy sits in memory beside the policy while it trains. A fresh LoRA starts equal to the base and
+    an SFT adapter equal to itself, so this is the reference either way.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    values: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        with autocast(model, compute_dtype):
+            values += sequence_log_probs(model, collate(examples[start:start + batch_size], pad_id, device)).tolist()
+    model.train(was_training)
+    return values
+
+
 def load_policy(base_ref: str, dtype: torch.dtype, init_adapter: str | None, root: Path, key: str,
-                lora: LoraOptions):
-    """The policy: the starting adapter (an SFT run's) trainable as "default", plus a frozen copy of it as the
-    reference; or, without one, a fresh LoRA (`lora`) on the base, whose reference is the base with adapters
-    disabled. Either way one set of base weights in memory. `key`: the method's options in tailor.yaml."""
+                lora: LoraOptions, keep_reference: bool = True):
+    """The policy: the starting adapter (an SFT run's) trainable as "default", plus (`keep_reference`) a frozen
+    copy of it as the reference; or, without one, a fresh LoRA (`lora`) on the base, whose reference is the base
+    with adapters disabled. Either way one set of base weights in memory. `key`: the method's options in
+    tailor.yaml."""
     import peft
 
     base = load_model(base_ref, dtype=dtype)
     if init_adapter:
         folder = adapter_folder(init_adapter, root, f"{key}.init_adapter")
         model = peft.PeftModel.from_pretrained(base, str(folder), is_trainable=True)
-        model.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
-        model.set_adapter("default")
+        if keep_reference:
+            model.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
+            model.set_adapter("default")
     else:
         model = add_lora(base, lora, f"{key}.lora")
     for param in model.parameters():
@@ -106,6 +162,104 @@ def save_adapter(model, run_dir: Path, config: TailorConfig) -> Path:
         model.save_pretrained(tmp, selected_adapters=["default"])
         atomic_write_text(tmp / "tailor.yaml", dump_config(config))
     return target
+
+
+def load_prompts(path: Path) -> list[tuple[list[dict], str | None]]:
+    """Prompts and their reference answers (a final assistant turn, or "reference"; None without one) from chat
+    `messages` or `prompt` records."""
+    prompts = []
+    for line_no, record in read_jsonl(path):
+        messages = record.get("messages", record.get("prompt"))
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, list) or not messages:
+            raise TailorError(f"{path}:{line_no}: expected chat \"messages\" or a \"prompt\"")
+        reference = record.get("reference")
+        while messages and messages[-1].get("role") == "assistant":
+            reference = reference if reference is not None else messages[-1].get("content")
+            messages = messages[:-1]
+        if not messages or messages[-1].get("role") != "user":
+            raise TailorError(f"{path}:{line_no}: the prompt must end with a user message")
+        prompts.append((messages, reference))
+    if not prompts:
+        raise TailorError(f"{path}: no prompts")
+    return prompts
+
+
+class AnswerLogProbs(torch.nn.Module):
+    """Log-probabilities of sampled answer tokens under the policy (PPO, GRPO); the output projection runs in fp32
+    on answer positions only, so log-probabilities (and the clipped ratio) are not rounded to bf16."""
+
+    def __init__(self, model, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+        base = model.get_base_model()
+        self.decoder = base.get_decoder()
+        # the output projection is frozen (LoRA does not touch it): one fp32 copy instead of a cast per forward
+        self.head_weight = base.get_output_embeddings().weight.detach().float()
+
+    def forward(self, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int):
+        """Log-probabilities of the answer tokens [B, R], the states predicting them [B, R, H], entropies [B, R]."""
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        hidden = self.decoder(input_ids=sequences, attention_mask=mask,
+                              position_ids=positions).last_hidden_state  # [B, P+R, H]
+        states = hidden[:, prompt_width - 1:-1].float()  # [B, R, H]: the states that predict each answer token
+        logits = states @ self.head_weight.T / self.temperature  # [B, R, V]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        answer = sequences[:, prompt_width:]
+        token_log_probs = log_probs.gather(-1, answer.unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return token_log_probs, states, entropy
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float):
+    """Sampled answers: sequences [B, P+R] (prompt left-padded), attention mask, prompt width, answer mask [B, R]."""
+    device = next(model.parameters()).device
+    encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids):] = 1
+    model.eval()
+    # top_k 0 and top_p 1: sample from the full distribution, the one whose log-probabilities PPO and GRPO use
+    sequences = model.generate(input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device),
+                               do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    answer = sequences[:, width:]
+    # an answer ends at its first end-of-sequence token (kept: the policy learns when to stop)
+    ended = (answer == tokenizer.eos_token_id).long().cumsum(dim=1)
+    answer_mask = ((ended == 0) | ((ended == 1) & (answer == tokenizer.eos_token_id))).long()
+    mask = torch.cat([prompt_mask.to(device), answer_mask], dim=1)
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(answer, answer_mask)]
+    return sequences, mask, width, answer_mask.float(), texts
+
+
+def rollout_steps(stepper, batches: list[dict], grad_accum: int, compute_dtype: torch.dtype, record: dict,
+                  should_stop) -> tuple[dict, bool]:
+    """Optimizer steps over one rollout batch's micro-batches (PPO, GRPO), grad_accum at a time, each step's summed
+    loss divided by its units. Returns the last step's record and whether `should_stop(step)` asked to stop (the
+    caller stops at the iteration's end, where a checkpoint can resume)."""
+    objective, stop, logged = stepper.module.objective, False, {}
+    for start in range(0, len(batches), grad_accum):
+        group = batches[start:start + grad_accum]
+        units = max(1, sum(batch["units"] for batch in group))
+        total, sums = 0.0, dict.fromkeys(objective.stats, 0.0)
+        for i, batch in enumerate(group):
+            with autocast(stepper.module.model, compute_dtype):
+                loss, stats = stepper.wrapped(batch)
+            stepper.backward(loss / units, sync=i == len(group) - 1)
+            total += float(loss.detach())
+            for name in sums:
+                sums[name] += float(stats[name])
+        logged = stepper.step(total / units, tokens=sum(batch["tokens"] for batch in group), record=record)
+        logged |= {name: round(value / units, 5) for name, value in sums.items()}
+        stepper.log(logged)
+        stop = should_stop(stepper.state.step) or stop
+    return logged, stop
 
 
 class MetricsLog:

@@ -1,31 +1,31 @@
-"""DPO: direct preference optimization (Rafailov et al., 2023) through TRL's DPOTrainer, on LoRA or full weights.
+"""DPO: direct preference optimization (Rafailov et al., 2023) on the training core, LoRA or full weights.
 
 No reward model and no sampling: the policy is pushed to raise the log-probability margin of chosen over rejected
-answers relative to a frozen reference. Starting from an SFT run's adapter (`init_adapter`), TRL keeps a frozen
-copy of that adapter as the reference; from the base, the reference is the base with the adapter switched off.
-The artifact is the usual `RUN/adapter/` (or `RUN/model/` for full), so `tailor eval` and `tailor serve` use it.
+answers relative to a reference, the policy as it started (an SFT run's adapter with `init_adapter`, else the base).
+The reference's log-probabilities are computed once before the first step, so no second model is held in memory.
+The loss variants and their formulas follow TRL's DPOTrainer. The artifact is the usual `RUN/adapter/` (or
+`RUN/model/` for full), so `tailor eval` and `tailor serve` use it.
 """
 
 from __future__ import annotations
 
-import math
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
-from tailor.config import TailorConfig
-from tailor.methods.alignment import (MetricsLog, adapter_folder, preference_pairs, record_training, save_adapter,
-                                      split_pairs)
-from tailor.methods.lora import UsesLora, lora_config
-from tailor.methods.registry import Method, register, require_modules
+from tailor.config import TailorConfig, dump_config
+from tailor.errors import TailorError
+from tailor.methods.alignment import (Pair, collate_pairs, load_policy, pair_items, pair_lengths, preference_pairs,
+                                      record_training, save_adapter, split_pairs, starting_log_probs)
+from tailor.methods.lora import UsesLora
+from tailor.methods.registry import Method, register
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.loop import TrainResult
-from tailor.train.progress import TrainProgress
+from tailor.train.checkpoint import run_record
+from tailor.train.loop import Objective, TrainResult, seed_everything, sequence_log_probs, train
+from tailor.workspace import atomic_dir, atomic_write_text
 
 
 class DpoOptions(UsesLora):
@@ -42,42 +42,65 @@ class DpoOptions(UsesLora):
         "sigmoid: the DPO paper's loss; ipo: identity preference optimization; hinge: SLiC; robust: noisy labels."))
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of pairs held out for an eval loss.")
     max_tokens: int = Field(512, gt=8, description="Pairs whose prompt + answer exceed this are reported.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "Assumed share of flipped preference labels (conservative DPO; with loss_type robust, the unbiased loss)."))
 
 
-def _policy(base_ref: str, dtype: torch.dtype, options: DpoOptions, root: Path):
-    """(model, peft_config for TRL or None)."""
-    import peft
+class DpoLoss(Objective):
+    """The DPO loss of each pair from the policy's and the reference's log-probabilities of both answers."""
 
+    stats = ("accuracy", "margin", "chosen_reward", "rejected_reward")
+
+    def __init__(self, options: DpoOptions, pad_id: int):
+        super().__init__()
+        self.options, self.pad_id = options, pad_id
+
+    def lengths(self, items: list[Pair]) -> list[int]:
+        return pair_lengths(items)
+
+    def collate(self, items: list[Pair], device) -> dict:
+        return collate_pairs(items, self.pad_id, device)
+
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n, beta, smoothing = batch["units"], self.options.beta, self.options.label_smoothing
+        ratios = sequence_log_probs(model, batch) - batch["reference"]  # log π/π_ref of chosen rows, then rejected
+        logits = ratios[:n] - ratios[n:]  # [pairs]
+        kind = self.options.loss_type
+        if kind == "sigmoid":
+            losses = -F.logsigmoid(beta * logits) * (1 - smoothing) - F.logsigmoid(-beta * logits) * smoothing
+        elif kind == "robust":
+            losses = (-F.logsigmoid(beta * logits) * (1 - smoothing)
+                      + F.logsigmoid(-beta * logits) * smoothing) / (1 - 2 * smoothing)
+        elif kind == "hinge":
+            losses = torch.relu(1 - beta * logits)
+        else:  # ipo: the log-ratio margin regressed to 1/(2β)
+            losses = (logits - 1 / (2 * beta)) ** 2
+        rewards = (beta * ratios).detach()
+        return losses.sum(), {"accuracy": (logits > 0).sum().detach(), "margin": rewards[:n].sum() - rewards[n:].sum(),
+                              "chosen_reward": rewards[:n].sum(), "rejected_reward": rewards[n:].sum()}
+
+
+def policy(base_ref: str, dtype: torch.dtype, options: DpoOptions, root: Path):
+    """The model to train: an adapter (the SFT run's, or fresh) on the base stored in `dtype`, or every weight."""
     if options.adapter == "full":
         if options.init_adapter:
-            from tailor.errors import TailorError
-
             raise TailorError("methods.dpo.init_adapter: an adapter start needs methods.dpo.adapter: lora (to start "
                               "a full fine-tune from an SFT run, set base_model to its merged export)")
-        return load_model(base_ref, dtype=torch.float32), None
-    base = load_model(base_ref, dtype=dtype)
-    if options.init_adapter:
-        folder = adapter_folder(options.init_adapter, root, "methods.dpo.init_adapter")
-        model = peft.PeftModel.from_pretrained(base, str(folder), is_trainable=True)
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-        return model, None  # TRL copies the adapter as the frozen reference ("ref")
-    require_modules(base, options.lora.targets, "methods.dpo.lora.targets")
-    return base, lora_config(options.lora)  # the `lora` options shape a fresh adapter only
+        model = load_model(base_ref, dtype=torch.float32)
+        return model.requires_grad_(True)
+    return load_policy(base_ref, dtype, options.init_adapter, root, "methods.dpo", options.lora,
+                       keep_reference=False)
 
 
-def _conversational(pair: dict) -> dict:
-    return {"prompt": pair["prompt"], "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-            "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
+def with_reference(model, items: list[Pair], pad_id: int, batch_size: int, dtype: torch.dtype) -> list[Pair]:
+    """The pairs with the starting policy's log-probabilities of both answers."""
+    rows = [p.chosen for p in items] + [p.rejected for p in items]
+    values = starting_log_probs(model, rows, pad_id, batch_size, dtype)
+    return [Pair(p.chosen, p.rejected, (values[i], values[len(items) + i])) for i, p in enumerate(items)]
 
 
 def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
-        **_) -> TrainResult:
-    from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
+        resume: bool = False, **_) -> TrainResult:
     options: DpoOptions = config.method_options("dpo")
     cfg = config.train
     run_dir = Path(run_dir)
@@ -87,80 +110,28 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
                                      tokenizer, options.max_tokens)
     train_pairs, eval_pairs = split_pairs(pairs, options.eval_fraction, cfg.seed)
     dtype = pick_dtype(cfg.dtype)
-    from tailor.train.run import seed_everything
-
     seed_everything(cfg.seed)
-    model, peft_config = _policy(base_ref, dtype, options, root)
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
-                                              / cfg.grad_accum))
-    started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".dpo-", dir=run_dir)  # TRL wants an output folder; we save ourselves
-    args = DPOConfig(
-        output_dir=scratch, max_steps=steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, beta=options.beta, loss_type=[options.loss_type], max_length=options.max_tokens,
-        logging_steps=cfg.log_every, save_strategy="no", report_to=[], disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, eval_strategy="no",
-        per_device_eval_batch_size=cfg.batch_size,
-        # the policy's weights are stored in the compute dtype already (no autocast needed, see train/loop.py)
-        bf16=False, fp16=False)
-
-    progress = TrainProgress(total=steps, enabled=show_progress, description="dpo")
-    metrics = MetricsLog(run_dir)
-    last: dict = {}
-
-    class Report(TrainerCallback):
-        """TRL's log lines → metrics.jsonl and our progress bar; `should_stop` ends the run between steps."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                last.update(logs)
-                metrics.write({"step": state.global_step, **{k: v for k, v in logs.items()
-                                                               if isinstance(v, int | float)},
-                               "elapsed_s": time.perf_counter() - started})
-                progress.update(state.global_step, loss=logs["loss"], tokens_per_s=0.0)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if should_stop is not None and should_stop(state.global_step):
-                control.should_training_stop = True
-
-    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                         train_dataset=Dataset.from_list([_conversational(p) for p in train_pairs]),
-                         eval_dataset=Dataset.from_list([_conversational(p) for p in eval_pairs]) if eval_pairs
-                         else None, callbacks=[Report()])
-    trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer prints every log dict; ours is the bar
-    try:
-        with progress:
-            output = trainer.train()
-        eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_pairs else None
-    finally:
-        metrics.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    model = trainer.model
+    model = policy(base_ref, dtype, options, root)
+    pad_id = tokenizer.pad_token_id
+    items = with_reference(model, pair_items(train_pairs, tokenizer, str(source)), pad_id, cfg.batch_size, dtype)
+    eval_items = with_reference(model, pair_items(eval_pairs, tokenizer, str(source)), pad_id, cfg.batch_size,
+                                dtype)
+    result = train(model, items, eval_items, cfg, run_dir, objective=DpoLoss(options, pad_id), compute_dtype=dtype,
+                   resume=resume, show_progress=show_progress, should_stop=should_stop,
+                   run=run_record("dpo", config), description="dpo")
     if options.adapter == "lora":
         artifact = save_adapter(model, run_dir, config)
     else:
-        from tailor.config import dump_config
-        from tailor.workspace import atomic_dir, atomic_write_text
-
         artifact = run_dir / "model"
         with atomic_dir(artifact) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "tailor.yaml", dump_config(config))
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    result = TrainResult(steps=output.global_step, train_loss=float(last.get("loss", output.training_loss)),
-                         eval_loss=eval_loss, label_tokens=0, tokens=0, seconds=time.perf_counter() - started,
-                         tokens_per_s=0.0, trainable_params=trainable)
     record_training(run_dir, config, "dpo", base_ref, dtype, [source], artifact,
-                    {**result.to_dict(), **{k: last[k] for k in ("rewards/accuracies", "rewards/margins")
-                                             if k in last}})
+                    result.to_dict())
     return result
 
 
 register(Method(name="dpo", options=DpoOptions, run=run, artifact="adapter",
                 artifact_for=lambda options: "adapter" if options.adapter == "lora" else "model",
-                summary="Direct preference optimization on preference pairs (TRL's DPOTrainer), LoRA or full."))
+                summary="Direct preference optimization on preference pairs, LoRA or full weights."))

@@ -14,11 +14,9 @@ the usual `RUN/adapter/`, so `tailor eval` and `tailor serve` use it unchanged.
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,17 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.methods.alignment import (MetricsLog, load_policy, record_training, reference, resolve_path,
-                                      save_adapter)
+from tailor.methods.alignment import (AnswerLogProbs, MetricsLog, load_policy, load_prompts, record_training,
+                                      reference, resolve_path, rollout, save_adapter)
+from tailor.methods.graders import call_reward_function, load_reward_function
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.examples import chat_ids
 from tailor.train.loop import TrainResult
 from tailor.workspace import read_jsonl
-
-RewardFunction = Callable[[list[dict], str], float]
-
 
 class PpoOptions(UsesLora):
     init_adapter: str | None = Field(None, description=(
@@ -66,41 +62,6 @@ class PpoOptions(UsesLora):
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
 
 
-def load_reward_function(spec: str, root: Path) -> RewardFunction:
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise TailorError(f"methods.ppo.reward_function: expected module:function (found {spec!r})")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # the workspace's own modules, like the example's rewards.py
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 — any failure importing user code is the user's to fix
-        raise TailorError(f"methods.ppo.reward_function: cannot import {module_name!r} from {root} "
-                          f"({type(exc).__name__}: {exc})") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise TailorError(f"methods.ppo.reward_function: {module_name} has no function {function_name!r}")
-    return function
-
-
-def load_prompts(path: Path) -> list[list[dict]]:
-    prompts = []
-    for line_no, record in read_jsonl(path):
-        messages = record.get("messages", record.get("prompt"))
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if not isinstance(messages, list) or not messages:
-            raise TailorError(f"{path}:{line_no}: expected chat \"messages\" or a \"prompt\"")
-        while messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        if not messages or messages[-1].get("role") != "user":
-            raise TailorError(f"{path}:{line_no}: the prompt must end with a user message")
-        prompts.append(messages)
-    if not prompts:
-        raise TailorError(f"{path}: no prompts")
-    return prompts
-
-
 class Scorer:
     """Total reward of (prompt, answer) pairs: the rule-based function and/or the reward model."""
 
@@ -109,7 +70,8 @@ class Scorer:
             raise TailorError("methods.ppo: name a reward_function (module:function) and/or a reward_model "
                               "(a reward run folder)")
         self.spec = options.reward_function
-        self.function = load_reward_function(options.reward_function, root) if options.reward_function else None
+        self.function = (load_reward_function(options.reward_function, root, "methods.ppo.reward_function")
+                         if options.reward_function else None)
         self.weight, self.model = options.reward_model_weight, None
         if options.reward_model:
             from tailor.methods.reward import load_reward_model, reward_folder
@@ -121,16 +83,8 @@ class Scorer:
         scores = [0.0] * len(prompts)
         if self.function is not None:
             for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-                question = prompt[-1]["content"]
-                try:
-                    value = self.function(prompt, answer)
-                except Exception as exc:  # noqa: BLE001 — user code: stop with the prompt that broke it
-                    raise TailorError(f"methods.ppo.reward_function: {self.spec} raised {type(exc).__name__}: {exc} "
-                                      f"on the prompt {question!r} (answer {answer!r})") from None
-                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                    raise TailorError(f"methods.ppo.reward_function: {self.spec} returned {value!r}, not a finite "
-                                      f"number, on the prompt {question!r} (answer {answer!r})")
-                scores[i] += float(value)
+                scores[i] += call_reward_function(self.function, self.spec, "methods.ppo.reward_function", prompt,
+                                                  answer)
         if self.model is not None:
             from tailor.methods.reward import score
 
@@ -150,61 +104,22 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
 
 
-class Policy(torch.nn.Module):
-    """The LoRA policy with a value head on its hidden states; the output projection runs in fp32 on answer
-    positions only, so log-probabilities (and the PPO ratio) are not rounded to bf16."""
+class Policy(AnswerLogProbs):
+    """The LoRA policy with a value head on its hidden states."""
 
     def __init__(self, model, temperature: float):
-        super().__init__()
-        self.model, self.temperature = model, temperature
-        base = model.get_base_model()
-        self.decoder = base.get_decoder()
-        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, device=next(model.parameters()).device)
+        super().__init__(model, temperature)
+        self.value_head = torch.nn.Linear(self.model.get_base_model().config.hidden_size, 1,
+                                          device=next(model.parameters()).device)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-        # the output projection is frozen (LoRA does not touch it): one fp32 copy instead of a cast per forward
-        self.head_weight = base.get_output_embeddings().weight.detach().float()
 
     def forward(self, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int):
         """Log-probabilities of the answer tokens, values and entropies, each [B, R]."""
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-        hidden = self.decoder(input_ids=sequences, attention_mask=mask,
-                              position_ids=positions).last_hidden_state  # [B, P+R, H]
-        states = hidden[:, prompt_width - 1:-1].float()  # [B, R, H]: the states that predict each answer token
-        logits = states @ self.head_weight.T / self.temperature  # [B, R, V]
-        log_probs = torch.log_softmax(logits, dim=-1)
-        answer = sequences[:, prompt_width:]
-        token_log_probs = log_probs.gather(-1, answer.unsqueeze(-1)).squeeze(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        token_log_probs, states, entropy = super().forward(sequences, mask, prompt_width)
         # the value head reads detached states: its regression error must not reshape the policy's body (a shared
         # trunk with a fresh zero head wrecked small policies in a step or two)
         return token_log_probs, self.value_head(states.detach()).squeeze(-1), entropy
-
-
-@torch.no_grad()
-def rollout(policy: Policy, tokenizer, prompts: list[list[dict]], options: PpoOptions):
-    """Sampled answers: sequences [B, P+R] (prompt left-padded), attention mask, prompt width, answer mask [B, R]."""
-    device = next(policy.parameters()).device
-    encoded = [chat_ids(tokenizer, messages, add_generation_prompt=True) for messages in prompts]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        prompt_mask[row, width - len(ids):] = 1
-    policy.model.eval()
-    # top_k 0 and top_p 1: sample from the full distribution, the one whose log-probabilities PPO uses
-    sequences = policy.model.generate(input_ids=input_ids.to(device), attention_mask=prompt_mask.to(device),
-                                      do_sample=True, temperature=options.temperature, top_k=0, top_p=1.0,
-                                      max_new_tokens=options.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id)
-    answer = sequences[:, width:]
-    # an answer ends at its first end-of-sequence token (kept: the policy learns when to stop)
-    ended = (answer == tokenizer.eos_token_id).long().cumsum(dim=1)
-    answer_mask = ((ended == 0) | ((ended == 1) & (answer == tokenizer.eos_token_id))).long()
-    mask = torch.cat([prompt_mask.to(device), answer_mask], dim=1)
-    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(answer, answer_mask)]
-    return sequences, mask, width, answer_mask.float(), texts
 
 
 def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -234,7 +149,7 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     if not prompts_path.is_file():
         raise TailorError(f"methods.ppo.prompts_file: {prompts_path} not found; name a prompts file or run "
                           f"`tailor data build`")
-    prompts = load_prompts(prompts_path)
+    prompts = [messages for messages, _ in load_prompts(prompts_path)]
     base_ref = resolve_base_model(config.base_model, root=root)
     dtype = pick_dtype(cfg.dtype)
     seed_everything(cfg.seed)
@@ -262,7 +177,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
             batch_prompts = [prompts[i] for i in order[:options.rollout_batch]]
             order = order[options.rollout_batch:]
 
-            sequences, mask, width, answer_mask, texts = rollout(policy, tokenizer, batch_prompts, options)
+            sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, batch_prompts, options.max_new_tokens,
+                                                                  options.temperature)
             scores = scorer(batch_prompts, texts).to(answer_mask.device)  # [B]
             with torch.no_grad():
                 old_log_probs, old_values, _ = policy(sequences, mask, width)

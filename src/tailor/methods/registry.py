@@ -22,9 +22,9 @@ from tailor.errors import TailorError
 # Modules imported on first use, in cheapest-to-costliest order (the order `tailor methods` lists them in).
 METHOD_MODULES = ("prompt", "rag", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "lora", "raft", "full",
                   "continued_pretraining", "distill", "from_scratch",
-                  "reward", "dpo", "ppo")
+                  "reward", "dpo", "kto", "ppo", "grpo")
 # Modules of the package that register no method: this registry and what several methods share.
-HELPER_MODULES = frozenset({"registry", "artifacts", "alignment"})
+HELPER_MODULES = frozenset({"registry", "artifacts", "alignment", "graders"})
 
 
 @dataclass

@@ -8,8 +8,6 @@ The reward is the head applied to the hidden state of the conversation's last to
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -21,14 +19,15 @@ from tailor.config import TailorConfig, dump_config
 from tailor.data.preference import with_answer
 from tailor.errors import TailorError
 from tailor.methods import artifacts
-from tailor.methods.alignment import MetricsLog, preference_pairs, record_training, split_pairs
+from tailor.methods.alignment import (Pair, collate_pairs, pair_items, pair_lengths, preference_pairs,
+                                      record_training, split_pairs)
 from tailor.methods.lora import UsesLora
 from tailor.methods.lora import prepare as add_lora
 from tailor.methods.registry import Method, register
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
+from tailor.train.checkpoint import run_record
 from tailor.train.examples import chat_ids
-from tailor.train.loop import TrainResult
-from tailor.train.progress import TrainProgress
+from tailor.train.loop import Objective, TrainResult, seed_everything, train
 from tailor.workspace import atomic_dir, atomic_write_text, read_json, write_json
 
 REWARD_DIR = "reward"
@@ -50,6 +49,15 @@ class RewardOptions(UsesLora):
     max_tokens: int = Field(512, gt=8, description="Pairs whose prompt + answer exceed this are reported.")
 
 
+def last_token_rewards(body, head: torch.nn.Linear, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head on the hidden state of each row's last real token (right padding) [B]."""
+    model = body.get_base_model() if hasattr(body, "get_base_model") else body
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,T,H]
+    last = attention_mask.sum(dim=1) - 1
+    return head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
+
+
 class RewardModel(torch.nn.Module):
     """A causal LM body (optionally with LoRA) and a linear head on the last real token's hidden state."""
 
@@ -58,10 +66,31 @@ class RewardModel(torch.nn.Module):
         self.body, self.head = body, head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        model = self.body.get_base_model() if hasattr(self.body, "get_base_model") else self.body
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,T,H]
-        last = attention_mask.sum(dim=1) - 1  # right padding: the last real token of each row
-        return self.head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)  # [B]
+        return last_token_rewards(self.body, self.head, input_ids, attention_mask)
+
+
+class PairwiseLoss(Objective):
+    """−log σ(r_chosen − r_rejected) summed over pairs; the head is the objective's own parameter, so it trains
+    and is checkpointed with the body's LoRA weights."""
+
+    stats = ("accuracy", "margin")
+
+    def __init__(self, head: torch.nn.Linear, pad_id: int):
+        super().__init__()
+        self.head, self.pad_id = head, pad_id
+
+    def lengths(self, items: list[Pair]) -> list[int]:
+        return pair_lengths(items)
+
+    def collate(self, items: list[Pair], device) -> dict:
+        return collate_pairs(items, self.pad_id, device)
+
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rewards = last_token_rewards(model, self.head, batch["input_ids"], batch["attention_mask"])
+        n = batch["units"]
+        margin = rewards[:n] - rewards[n:]  # [pairs]
+        return (-torch.nn.functional.logsigmoid(margin).sum(),
+                {"accuracy": (margin > 0).sum().detach(), "margin": margin.sum().detach()})
 
 
 def batch_ids(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,29 +102,6 @@ def batch_ids(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
         input_ids[row, :len(ids)] = torch.tensor(ids)
         attention_mask[row, :len(ids)] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def pair_rewards(model: RewardModel, tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and of the rejected answers, each [pairs]; one forward pass for both."""
-    sequences = [chat_ids(tokenizer, with_answer(p["prompt"], p[side])) for side in ("chosen", "rejected")
-                 for p in pairs]
-    device = next(model.parameters()).device
-    rewards = model(*batch_ids(sequences, tokenizer.pad_token_id, device))
-    return rewards[:len(pairs)], rewards[len(pairs):]
-
-
-@torch.no_grad()
-def pair_accuracy(model: RewardModel, tokenizer, pairs: list[dict], batch_size: int) -> tuple[float, float]:
-    """(share of pairs where the chosen answer scores higher, mean pairwise loss)."""
-    was_training = model.training
-    model.eval()
-    right, loss = 0, 0.0
-    for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_rewards(model, tokenizer, pairs[start:start + batch_size])
-        right += int((chosen > rejected).sum())
-        loss += float(-torch.nn.functional.logsigmoid(chosen - rejected).sum())
-    model.train(was_training)
-    return right / len(pairs), loss / len(pairs)
 
 
 def build(base_ref: str, dtype: torch.dtype, options: RewardOptions) -> RewardModel:
@@ -115,11 +121,7 @@ def build(base_ref: str, dtype: torch.dtype, options: RewardOptions) -> RewardMo
 
 
 def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
-        **_) -> TrainResult:
-    from transformers import get_scheduler
-
-    from tailor.train.run import seed_everything
-
+        resume: bool = False, **_) -> TrainResult:
     options: RewardOptions = config.method_options("reward")
     cfg = config.train
     base_ref = resolve_base_model(config.base_model, root=root)
@@ -130,50 +132,16 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     dtype = pick_dtype(cfg.dtype)
     seed_everything(cfg.seed)
     model = build(base_ref, dtype, options)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)))
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
-                              num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    started, loss_ema, step, loss_value = time.perf_counter(), None, 0, float("nan")
-    eval_accuracy = eval_loss = None
-    with MetricsLog(run_dir) as metrics, TrainProgress(total=steps, enabled=show_progress,
-                                                       description="reward model") as progress:
-        while step < steps:
-            if len(order) < cfg.batch_size:
-                order += torch.randperm(len(train_pairs), generator=generator).tolist()
-            batch, order = [train_pairs[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-            chosen, rejected = pair_rewards(model, tokenizer, batch)
-            margin = chosen - rejected  # [pairs]
-            loss = -torch.nn.functional.logsigmoid(margin).mean()
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = float(loss.detach())
-            loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
-            record = {"step": step, "loss": loss_value, "accuracy": float((margin > 0).float().mean()),
-                      "margin": float(margin.detach().mean()), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "elapsed_s": time.perf_counter() - started}
-            if eval_pairs and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                eval_accuracy, eval_loss = pair_accuracy(model, tokenizer, eval_pairs, cfg.batch_size)
-                record |= {"eval_accuracy": eval_accuracy, "eval_loss": eval_loss}
-            metrics.write(record)
-            progress.update(step, loss=loss_ema, tokens_per_s=0.0)
-            if should_stop is not None and should_stop(step):
-                break
-    seconds = time.perf_counter() - started
+    result = train(model.body, pair_items(train_pairs, tokenizer, str(source)),
+                   pair_items(eval_pairs, tokenizer, str(source)), cfg, run_dir,
+                   objective=PairwiseLoss(model.head, tokenizer.pad_token_id), compute_dtype=dtype, resume=resume,
+                   show_progress=show_progress, should_stop=should_stop, run=run_record("reward", config),
+                   description="reward model")
+    accuracy = result.eval_stats.get("accuracy")
     artifact = save(model, tokenizer, run_dir, config, base_ref,
-                    {"pair_accuracy": eval_accuracy, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)})
-    result = TrainResult(steps=step, train_loss=loss_value, eval_loss=eval_loss, label_tokens=0, tokens=0,
-                         seconds=seconds, tokens_per_s=0.0, trainable_params=sum(p.numel() for p in trainable))
+                    {"pair_accuracy": accuracy, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)})
     record_training(run_dir, config, "reward", base_ref, dtype, [source], artifact,
-                    {**result.to_dict(), "pair_accuracy": eval_accuracy})
+                    {**result.to_dict(), "pair_accuracy": accuracy})
     return result
 
 

@@ -19,21 +19,22 @@ LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
 
 
 class LossModule(torch.nn.Module):
-    """The model and its loss in one forward.
+    """The model and its objective (loop.Objective) in one forward, and one module holding every trainable
+    parameter (an objective may own some, e.g. a reward head).
 
     A data-parallel wrapper (DDP, FSDP) only syncs gradients of what ran inside its own forward; the loss calls the
     decoder and the output projection separately (label positions only), so both must run inside this forward.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn
+        self.objective = objective
         # FSDP's auto-wrap policy looks for the transformer block classes here
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.objective(self.model, batch)
 
 
 def make_accelerator(report_to: list[str], logging_dir: Path):
@@ -47,6 +48,14 @@ def make_accelerator(report_to: list[str], logging_dir: Path):
 def _cpu_only() -> bool:
     # without cpu=True accelerate ignores torchrun's RANK/WORLD_SIZE on a machine without GPUs (no gloo group)
     return not torch.cuda.is_available()
+
+
+def process_layout() -> tuple[int, int]:
+    """(processes, this process's rank): (1, 0) outside a launcher."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_cpu_only())
+    return state.num_processes, state.process_index
 
 
 def is_main_process() -> bool:

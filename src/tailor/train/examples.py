@@ -52,19 +52,20 @@ def count_chat_tokens(tokenizer, messages: list[dict]) -> int:
     return len(chat_ids(tokenizer, messages))
 
 
-def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of example indices for one epoch, the same for a given (seed, epoch) so resume can replay them.
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of item indices for one epoch (`lengths`: tokens per item), the same for a given (seed, epoch) so
+    resume can replay them.
 
-    Examples are grouped by length before batching (less padding), then the batches are shuffled.
+    Items are grouped by length before batching (less padding), then the batches are shuffled.
     """
     rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(len(examples)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     # sort within windows of 16 batches: similar lengths together, still random across windows
     window = batch_size * 16
     grouped = []
     for start in range(0, len(order), window):
-        grouped += sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
+        grouped += sorted(order[start:start + window], key=lambda i: lengths[i])
     batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
     rng.shuffle(batches)
     return batches

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from transformers import get_scheduler
 from tailor.config import TrainConfig
 from tailor.errors import TailorError
 from tailor.train import checkpoint, trackers
-from tailor.train.distributed import LossFn, LossModule, make_accelerator
+from tailor.train.distributed import LossFn, LossModule, make_accelerator, process_layout
 from tailor.train.examples import IGNORE, Example, collate, epoch_batches
 from tailor.train.packing import pack
 from tailor.train.progress import TrainProgress
@@ -44,9 +46,18 @@ class TrainResult:
     tokens_per_s: float
     trainable_params: int
     stopped_early: bool = False
+    eval_stats: dict = field(default_factory=dict)  # the objective's statistics on the eval items (e.g. accuracy)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat: the objective's eval statistics as eval_<name>."""
+        flat = asdict(self)
+        return flat | {f"eval_{k}": v for k, v in flat.pop("eval_stats").items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
 def autocast(model, dtype: torch.dtype):
@@ -167,31 +178,120 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int(mask.sum())
 
 
+def _token_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each token [N] (not summed: pair and unpaired losses weight each sequence differently),
+    one chunk of logits at a time, recomputed in backward instead of kept."""
+    chunk = max(1, CHUNK_LOGITS // head.weight.shape[0])
+
+    def chunk_loss(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="none")
+
+    parts = [recompute(chunk_loss, hidden[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+             if torch.is_grad_enabled() else chunk_loss(hidden[s:s + chunk], targets[s:s + chunk])
+             for s in range(0, hidden.shape[0], chunk)]
+    return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
+
+
+def sequence_log_probs(model, batch: dict) -> torch.Tensor:
+    """Summed log-probability of each row's label tokens [B] (DPO's and KTO's log π(y|x)); padded batches only."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE  # [B, T-1]
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:]
+        token_loss = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
+    else:
+        hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state  # [B, T, H]
+        token_loss = _token_cross_entropy(hidden[:, :-1][mask], head, labels[mask])  # [label tokens]
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=token_loss.device)
+    per_token[mask] = -token_loss
+    return per_token.sum(dim=1)
+
+
+class Objective(torch.nn.Module):
+    """What a phase of training minimizes on the one core: how its items become batches, the summed loss of a batch
+    with summed statistics, and the units the sums are divided by (label tokens, pairs, examples).
+
+    A subclass's own parameters (e.g. the reward model's head) train with the model's and are checkpointed with
+    them. `collate` puts two ints in every batch: "units" (what the summed loss is normalized by, so gradient
+    accumulation and data parallelism equal one big batch) and "tokens" (real tokens, for tokens/s).
+    """
+
+    stats: tuple[str, ...] = ()  # names of the summed statistics `forward` returns, reported per unit
+
+    def lengths(self, items: list) -> list[int]:
+        """Tokens per item, so batches group similar lengths."""
+        raise NotImplementedError
+
+    def collate(self, items: list, device) -> dict:
+        raise NotImplementedError
+
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class NextToken(Objective):
+    """Next-token cross-entropy on the label tokens of chat records or corpus blocks (or a method's loss with the
+    same contract, e.g. distillation's), packed into rows where allowed."""
+
+    def __init__(self, pad_id: int, packing: bool = False, pack_length: int | None = None,
+                 loss_fn: LossFn | None = None):
+        super().__init__()
+        self.pad_id, self.packing, self.pack_length, self.loss_fn = pad_id, packing, pack_length, loss_fn or loss_sum
+
+    def lengths(self, items: list[Example]) -> list[int]:
+        return [len(e.input_ids) for e in items]
+
+    def collate(self, items: list[Example], device) -> dict:
+        batch = pack(items, self.pack_length, self.pad_id, device) if self.packing else collate(items, self.pad_id,
+                                                                                                 device)
+        return batch | {"units": int((batch["labels"][:, 1:] != IGNORE).sum()),
+                        "tokens": sum(len(e.input_ids) for e in items)}
+
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss_fn(model, batch)[0], {}
+
+
 @torch.no_grad()
+def evaluate(model, items: list, objective: Objective, *, batch_size: int,
+             compute_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """The objective's loss and statistics per unit over `items` ({"loss": nan} without items)."""
+    if not items:
+        return {"loss": float("nan")}
+    device = next(model.parameters()).device
+    was_training = model.training, objective.training
+    model.eval()
+    objective.eval()
+    totals = dict.fromkeys(("loss", *objective.stats), 0.0)
+    units = 0
+    lengths = objective.lengths(items)
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        batch = objective.collate([items[i] for i in order[start:start + batch_size]], device)
+        with autocast(model, compute_dtype):
+            loss, stats = objective(model, batch)
+        totals["loss"] += float(loss)
+        for name in objective.stats:
+            totals[name] += float(stats[name])
+        units += batch["units"]
+    model.train(was_training[0])
+    objective.train(was_training[1])
+    return {name: value / max(units, 1) for name, value in totals.items()}
+
+
 def evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: int,
                   compute_dtype: torch.dtype = torch.float32, loss_fn: LossFn | None = None) -> float:
     """Mean cross-entropy per answer token over `examples` (`loss_fn`: another loss with loss_sum's signature)."""
-    if not examples:
-        return float("nan")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
-        with autocast(model, compute_dtype):
-            loss, n = (loss_fn or loss_sum)(model, batch)
-        total += float(loss)
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    return evaluate(model, examples, NextToken(pad_id, loss_fn=loss_fn), batch_size=batch_size,
+                    compute_dtype=compute_dtype)["loss"]
 
 
-def _micro_batches(examples: list[Example], cfg: TrainConfig, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
+def _micro_batches(lengths: list[int], cfg: TrainConfig, epoch: int, index: int
+                   ) -> Iterator[tuple[int, int, list[int]]]:
     """Endless (epoch, index-in-epoch, example indices) from a position, so resume replays the same order."""
     while True:
-        batches = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
         for i in range(index, len(batches)):
             yield epoch, i, batches[i]
         epoch, index = epoch + 1, 0
@@ -228,138 +328,209 @@ def _prepare_model(model, cfg: TrainConfig) -> None:
         base.get_decoder().compile(dynamic=True)
 
 
-def train(model, train_examples: list[Example], eval_examples: list[Example], cfg: TrainConfig, out_dir: Path, *,
-          pad_id: int, compute_dtype: torch.dtype = torch.float32, resume: bool = False, show_progress: bool = True,
-          should_stop: Callable[[int], bool] | None = None, loss_fn: LossFn | None = None,
-          run: dict | None = None) -> TrainResult:
-    """Train the parameters of `model` that require grad. `out_dir` receives metrics.jsonl and checkpoints/.
+class Stepper:
+    """What every optimizer step does, once, for the loop below and for the rollout methods (PPO, GRPO): AdamW over
+    the trainable parameters of the model and of the objective, warm-up and decay, clipping, metrics.jsonl, the
+    progress bar, checkpoints and resume. The caller computes the loss and calls `backward` on each micro-batch,
+    then `step` once per optimizer step.
+    """
 
-    `loss_fn(model, batch) -> (summed loss, label tokens)` replaces loss_sum (e.g. distillation); a batch holds
-    input_ids, labels and either attention_mask or, packed, position_ids (see model_inputs).
+    def __init__(self, model, objective: Objective, cfg: TrainConfig, out_dir: Path, steps: int, *,
+                 run: dict | None = None, resume: bool = False, show_progress: bool = True,
+                 description: str = "training"):
+        trackers.check(cfg.report_to)
+        self.cfg, self.out_dir, self.steps, self.run = cfg, Path(out_dir), steps, run
+        self.accelerator = make_accelerator(cfg.report_to, self.out_dir / "logs")
+        self.main = self.accelerator.is_main_process
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        # model and loss as one module, so DDP/FSDP see the whole forward (distributed.py); its parameter names
+        # (model.*, objective.*) are the checkpoint's
+        self.module = LossModule(model, objective)
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in self.trainable)
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
+        # not prepared: accelerate's scheduler wrapper steps once per process, we step once per optimizer step
+        self.scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+                                       self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                                       num_training_steps=steps)
+        self.state = checkpoint.TrainState()
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if resume and (latest := checkpoint.latest(self.out_dir)) is not None:
+            self.state = checkpoint.load(latest, self.module, self.optimizer, self.scheduler,
+                                         method=run["method"] if run else None)
+            if self.main:
+                checkpoint.truncate_metrics(self.metrics_path, self.state.step)
+        elif self.main and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh log
+        if cfg.report_to:
+            self.accelerator.init_trackers(self.out_dir.name or "tailor", config=trackers.hyperparameters(cfg))
+        self.progress = TrainProgress(total=steps, start=self.state.step, enabled=show_progress and self.main,
+                                      description=description)
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8") if self.main else None
+        self._started = time.perf_counter() - self.state.elapsed
+        self._window_start = time.perf_counter()
+        self.loss_ema = self.state.last_loss
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._metrics is not None:
+            self._metrics.close()
+        return self.progress.__exit__(*exc)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.steps
+
+    def backward(self, loss: torch.Tensor, *, sync: bool = True) -> None:
+        """Backward of one micro-batch's (already normalized) loss; `sync`: the step's last, whose gradients
+        cross processes."""
+        if sync:
+            self.accelerator.backward(loss)
+        else:
+            with self.accelerator.no_sync(self.wrapped):
+                self.accelerator.backward(loss)
+
+    def step(self, loss: float, *, tokens: int = 0, label_tokens: int = 0, record: dict | None = None) -> dict:
+        """Clip, step optimizer and schedule, count, and log `record` (with loss, lr, grad norm, tokens/s added);
+        returns the record, to which the caller may add before `log`."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state = self.state
+        state.step += 1
+        state.tokens += tokens
+        state.label_tokens += label_tokens
+        state.last_loss = loss
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        now = time.perf_counter()
+        tokens_per_s = tokens / max(now - self._window_start, 1e-9)
+        self._window_start = now
+        state.elapsed = now - self._started
+        self.tokens_per_s = tokens_per_s
+        return {"step": state.step, **(record or {}), "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": round(float(grad_norm or 0.0), 4), "tokens_per_s": round(tokens_per_s, 1),
+                "elapsed_s": round(state.elapsed, 2)}
+
+    def log(self, record: dict, *, force: bool = False) -> None:
+        """Write a step's record (every log_every steps, the last, and any `force`d one) and move the bar."""
+        if self.main and (force or self.state.step % self.cfg.log_every == 0 or self.done):
+            self._metrics.write(json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                            for k, v in record.items()}) + "\n")
+            self._metrics.flush()
+            if self.cfg.report_to:
+                self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"},
+                                     step=self.state.step)
+        self.progress.update(self.state.step, loss=self.loss_ema, tokens_per_s=self.tokens_per_s)
+
+    def checkpoint(self) -> None:
+        if self.main:
+            checkpoint.save(self.out_dir, self.state, self.module, self.optimizer, self.scheduler, self.run)
+        self.accelerator.wait_for_everyone()
+
+    def finish(self, eval_metrics: dict | None = None) -> None:
+        if self.cfg.report_to:
+            if eval_metrics:
+                self.accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=self.state.step)
+            self.accelerator.end_training()
+
+    def result(self, eval_metrics: dict | None = None, stopped_early: bool = False) -> TrainResult:
+        seconds = time.perf_counter() - self._started
+        eval_metrics = eval_metrics or {}
+        return TrainResult(steps=self.state.step, train_loss=self.state.last_loss if self.state.last_loss is not None
+                           else float("nan"), eval_loss=eval_metrics.get("loss"),
+                           label_tokens=self.state.label_tokens, tokens=self.state.tokens, seconds=seconds,
+                           tokens_per_s=self.state.tokens / max(seconds, 1e-9),
+                           trainable_params=self.trainable_params, stopped_early=stopped_early,
+                           eval_stats={k: v for k, v in eval_metrics.items() if k != "loss"})
+
+
+def train(model, train_examples: list, eval_examples: list, cfg: TrainConfig, out_dir: Path, *,
+          pad_id: int | None = None, compute_dtype: torch.dtype = torch.float32, resume: bool = False,
+          show_progress: bool = True, should_stop: Callable[[int], bool] | None = None,
+          loss_fn: LossFn | None = None, objective: Objective | None = None, run: dict | None = None,
+          description: str = "training") -> TrainResult:
+    """Train the parameters of `model` (and of `objective`) that require grad. `out_dir` receives metrics.jsonl
+    and checkpoints/.
+
+    `objective` turns the items into batches and losses (reward pairs, DPO pairs, KTO examples); None: next-token
+    cross-entropy on `Example`s padded with `pad_id`, through `loss_fn(model, batch) -> (summed loss, label
+    tokens)` when given (e.g. distillation) instead of loss_sum; a batch holds input_ids, labels and either
+    attention_mask or, packed, position_ids (see model_inputs).
     `run` (checkpoint.run_record: method and resolved config) is stored with every checkpoint, and resuming from
     a checkpoint of another method is refused.
     Under `accelerate launch` each process trains on its share of every step and only the main one writes files.
     """
-    out_dir = Path(out_dir)
-    trackers.check(cfg.report_to)
-    packing = use_packing(model, cfg, custom_loss=loss_fn is not None)
-    loss_fn = loss_fn or loss_sum
+    if objective is None:
+        objective = NextToken(pad_id, use_packing(model, cfg, custom_loss=loss_fn is not None), cfg.pack_length,
+                              loss_fn)
     _prepare_model(model, cfg)
-    accelerator = make_accelerator(cfg.report_to, out_dir / "logs")
-    main, processes, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    device = accelerator.device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    lengths = objective.lengths(train_examples)
+    processes, rank = process_layout()
     steps = total_steps(len(train_examples), cfg, processes)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # model and loss as one module, so DDP/FSDP see the whole forward (distributed.py)
-    wrapped, optimizer = accelerator.prepare(LossModule(model, loss_fn), optimizer)
-    # not prepared: accelerate's scheduler wrapper steps once per process, we step once per optimizer step
-    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
-                              num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
-    state = checkpoint.TrainState()
-    metrics_path = out_dir / "metrics.jsonl"
-    if resume and (latest := checkpoint.latest(out_dir)) is not None:
-        state = checkpoint.load(latest, model, optimizer, scheduler, method=run["method"] if run else None)
-        if main:
-            checkpoint.truncate_metrics(metrics_path, state.step)
-    elif main and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
-    if cfg.report_to:
-        accelerator.init_trackers(out_dir.name or "tailor", config=trackers.hyperparameters(cfg))
-
-    def to_batch(ids: list[int]) -> dict:
-        examples = [train_examples[i] for i in ids]
-        if packing:
-            return pack(examples, cfg.pack_length, pad_id, device)
-        return collate(examples, pad_id, device)
+    stepper = Stepper(model, objective, cfg, out_dir, steps, run=run, resume=resume, show_progress=show_progress,
+                      description=description)
+    accelerator, device, state = stepper.accelerator, stepper.accelerator.device, stepper.state
+    per_epoch = max(1, math.ceil(len(train_examples) / cfg.batch_size))
 
     model.train()
-    batches = _micro_batches(train_examples, cfg, state.epoch, state.batch_index)
-    progress = TrainProgress(total=steps, start=state.step, enabled=show_progress and main)
-    started = time.perf_counter() - state.elapsed
-    window_tokens, window_start = 0, time.perf_counter()
-    loss_ema, eval_loss, best_eval, stopped_early = state.last_loss, None, math.inf, False
-    with progress, (open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext()) as metrics:
-        while state.step < steps:
+    objective.train()
+    batches = _micro_batches(lengths, cfg, state.epoch, state.batch_index)
+    eval_metrics: dict = {}
+    best_eval, stopped_early = math.inf, False
+    with stepper:
+        while not stepper.done:
             # every process draws the same micro-batches and takes every processes-th one from its rank on, so
             # N processes with grad_accum k train exactly like one process with grad_accum N*k
             micro = [next(batches) for _ in range(cfg.grad_accum * processes)]
-            mine = [to_batch(ids) for _, _, ids in micro[rank::processes]]
-            local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in mine),
-                                  sum(len(train_examples[i].input_ids) for _, _, ids in micro[rank::processes]
-                                      for i in ids), 0.0], dtype=torch.float64, device=device)
-            # normalize by the label tokens of the whole step on all processes, so accumulation and data
-            # parallelism both equal one big batch (DDP averages gradients over processes: hence * processes)
-            step_label_tokens = int(accelerator.reduce(local.clone(), "sum")[0])
-            scale = processes / max(step_label_tokens, 1)
+            mine = [objective.collate([train_examples[i] for i in ids], device) for _, _, ids in micro[rank::processes]]
+            local = torch.tensor([sum(b["units"] for b in mine), sum(b["tokens"] for b in mine), 0.0,
+                                  *[0.0] * len(objective.stats)], dtype=torch.float64, device=device)
+            # normalize by the units of the whole step on all processes, so accumulation and data parallelism
+            # both equal one big batch (DDP averages gradients over processes: hence * processes)
+            step_units = int(accelerator.reduce(local.clone(), "sum")[0])
+            scale = processes / max(step_units, 1)
             for index, batch in enumerate(mine):
-                sync = index == len(mine) - 1  # gradients cross processes once per step, after the last one
-                with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
-                    with autocast(model, compute_dtype):
-                        loss, _ = wrapped(batch)
-                    accelerator.backward(loss * scale)
+                with autocast(model, compute_dtype):
+                    loss, stats = stepper.wrapped(batch)
+                # gradients cross processes once per step, after the last micro-batch
+                stepper.backward(loss * scale, sync=index == len(mine) - 1)
                 local[2] += float(loss.detach())
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            _, step_tokens, step_loss = (float(x) for x in accelerator.reduce(local, "sum"))
-
-            state.step += 1
-            state.tokens += int(step_tokens)
-            window_tokens += int(step_tokens)
-            state.label_tokens += step_label_tokens
+                for j, name in enumerate(objective.stats):
+                    local[3 + j] += float(stats[name])
+            totals = [float(x) for x in accelerator.reduce(local, "sum")]
             state.epoch, state.batch_index = micro[-1][0], micro[-1][1] + 1
-            state.last_loss = step_loss / max(step_label_tokens, 1)
-            loss_ema = state.last_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * state.last_loss
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-            window_tokens, window_start = 0, now
-            state.elapsed = now - started
-
-            record = {"step": state.step, "epoch": round(state.epoch + state.batch_index / max(1, math.ceil(
-                len(train_examples) / cfg.batch_size)), 3), "loss": round(state.last_loss, 5),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm or 0.0), 4),
-                "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(state.elapsed, 2)}
+            record = stepper.step(totals[2] / max(step_units, 1), tokens=int(totals[1]),
+                                  label_tokens=step_units if isinstance(objective, NextToken) else 0,
+                                  record={"epoch": round(state.epoch + state.batch_index / per_epoch, 3)})
+            record |= {name: round(totals[3 + j] / max(step_units, 1), 5) for j, name in enumerate(objective.stats)}
             if cfg.eval_every and state.step % cfg.eval_every == 0 and eval_examples:
                 # every process evaluates the whole set: same number everywhere, so early stopping agrees
-                eval_loss = evaluate_loss(model, eval_examples, batch_size=cfg.batch_size, pad_id=pad_id,
-                                          compute_dtype=compute_dtype, loss_fn=loss_fn)
-                record["eval_loss"] = round(eval_loss, 5)
-                if cfg.early_stopping_patience and eval_loss >= best_eval:
+                eval_metrics = evaluate(model, eval_examples, objective, batch_size=cfg.batch_size,
+                                        compute_dtype=compute_dtype)
+                record |= {f"eval_{k}": round(v, 5) for k, v in eval_metrics.items()}
+                if cfg.early_stopping_patience and eval_metrics["loss"] >= best_eval:
                     state.bad_evals += 1
                 else:
                     state.bad_evals = 0
-                best_eval = min(best_eval, eval_loss)
-            if main and (state.step % cfg.log_every == 0 or state.step == steps or "eval_loss" in record):
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if cfg.report_to:
-                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
-            progress.update(state.step, loss=loss_ema, tokens_per_s=tokens_per_s)
+                best_eval = min(best_eval, eval_metrics["loss"])
+            stepper.log(record, force="eval_loss" in record)
 
             if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
                 stopped_early = True
             interrupted = should_stop is not None and should_stop(state.step)
             if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted:
-                if main:
-                    checkpoint.save(out_dir, state, model, optimizer, scheduler, run)
-                accelerator.wait_for_everyone()
+                stepper.checkpoint()
             if interrupted or stopped_early:
                 break
 
-    if eval_examples and (state.step >= steps or stopped_early):
-        eval_loss = evaluate_loss(model, eval_examples, batch_size=cfg.batch_size, pad_id=pad_id,
-                                  compute_dtype=compute_dtype, loss_fn=loss_fn)
-    if cfg.report_to:
-        if eval_loss is not None:
-            accelerator.log({"eval/loss": eval_loss}, step=state.step)
-        accelerator.end_training()
-    seconds = time.perf_counter() - started
-    return TrainResult(steps=state.step, train_loss=state.last_loss if state.last_loss is not None else float("nan"),
-                       eval_loss=eval_loss, label_tokens=state.label_tokens, tokens=state.tokens, seconds=seconds,
-                       tokens_per_s=state.tokens / max(seconds, 1e-9), trainable_params=n_trainable,
-                       stopped_early=stopped_early)
+    if eval_examples and (stepper.done or stopped_early):
+        eval_metrics = evaluate(model, eval_examples, objective, batch_size=cfg.batch_size,
+                                compute_dtype=compute_dtype)
+    stepper.finish(eval_metrics)
+    return stepper.result(eval_metrics, stopped_early)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train import checkpoint
 from tailor.train.distributed import is_main_process
 from tailor.train.examples import Example, tokenize_chat
-from tailor.train.loop import TrainResult, total_steps, train
+from tailor.train.loop import TrainResult, seed_everything, total_steps, train
 from tailor.workspace import read_jsonl, update_manifest
 
 
@@ -50,23 +48,15 @@ class BuildResult:
     artifact: Path
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
-
-
 def run_training(config: TailorConfig, root: Path, run_dir: Path, *, resume: bool = False,
                  show_progress: bool = True, should_stop=None) -> TrainResult | BuildResult:
     """Train the configured method, or build the artifact of one that trains nothing (`resume`, `show_progress`
     and `should_stop` only concern training)."""
     run_dir = Path(run_dir)
     train_path = run_dir / "data" / "train.jsonl"
-    if (own_loop := registry.get(config.train.method, key="train.method").run) is not None:
-        if resume:  # their loops (TRL's, PPO's, the reward model's) write no checkpoints: say so, never retrain silently
-            raise TailorError(f"--resume: {config.train.method} trains in its own loop without checkpoints; "
-                              f"run it again without --resume")
-        return own_loop(config, root, run_dir, show_progress=show_progress, should_stop=should_stop)  # DPO, PPO…
+    if (own_run := registry.get(config.train.method, key="train.method").run) is not None:
+        # its own data and artifact (reward, DPO, KTO, PPO, GRPO), trained through the same core (train/loop.py)
+        return own_run(config, root, run_dir, show_progress=show_progress, should_stop=should_stop, resume=resume)
     method = registry.get(config.train.method, key="train.method")
     base_ref = resolve_base_model(config.base_model, root=root)
     if not method.trains:
