@@ -98,8 +98,31 @@ def test_html_report_is_self_contained(evaluated):
     worst = page.split("Worst 10 answers of lora", 1)[1]
     lora_rows = [r for r in read_rows(run_dir) if r["model"] == "lora"]
     assert worst.count("<tr>") == 1 + len(lora_rows)  # header + every row (fewer than 10 here)
-    assert all(row["source"] in worst for row in lora_rows)
+    assert all(f"<td>run/data/eval.jsonl:{line}</td>" in worst for line in range(1, len(lora_rows) + 1))
     assert not list((run_dir / "eval").glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_html_report_names_files_relative_to_the_workspace(evaluated):
+    workspace, run_dir, report = evaluated
+    page = (run_dir / "eval" / "report.html").read_text()
+    assert report["eval_file"] == str(run_dir / "data" / "eval.jsonl")  # report.json keeps where it read
+    # the page is read on other machines and attached to tickets: no /tmp/pytest-.../ in it
+    assert str(workspace) not in page and str(workspace.resolve()) not in page
+    assert "<h1>Evaluation of run</h1>" in page
+    assert "4 questions from run/data/eval.jsonl;" in page and "logged steps from run/metrics.jsonl." in page
+
+
+def test_report_paths_outside_the_workspace_and_relative_sources_are_kept(tmp_path):
+    from tailor.evaluate.report import render_html
+
+    report = {"models": {"base": {"token_f1": 0.5, "exact_match": 0.0}}, "n_questions": 2, "created_at": "now",
+              "eval_file": "/elsewhere/eval.jsonl", "sources": {}}
+    rows = [{"model": "base", "source": source, "question": "Q?", "reference": "A.", "prediction": "A.",
+             "token_f1": 0.5} for source in ("qa.jsonl:3", str(tmp_path / "run" / "data" / "eval.jsonl") + ":2")]
+    page = render_html(report, rows, tmp_path / "run")
+    assert "2 questions from /elsewhere/eval.jsonl;" in page
+    assert "<td>qa.jsonl:3</td>" in page and "<td>run/data/eval.jsonl:2</td>" in page
+    assert "No training log (run/metrics.jsonl)" in page
 
 
 def test_fail_under_exits_with_one_line_per_failing_gate(evaluated, tmp_path, capsys, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 
 from tailor.errors import TailorError
@@ -39,39 +40,62 @@ blockquote { margin: .3rem 0; padding: .3rem .6rem; border-left: 3px solid #ccc;
 """
 
 
-def write_html_report(report: dict, predictions: list[dict], run_dir: Path) -> Path:
+def write_html_report(report: dict, predictions: list[dict], run_dir: Path, workspace: Path | None = None) -> Path:
     """Write `RUN/eval/report.html` atomically and return its path."""
     path = Path(run_dir) / "eval" / REPORT_HTML
-    atomic_write_text(path, render_html(report, predictions, Path(run_dir)))
+    atomic_write_text(path, render_html(report, predictions, Path(run_dir), workspace))
     return path
 
 
-def render_html(report: dict, predictions: list[dict], run_dir: Path) -> str:
-    run_dir = run_dir.resolve()
+def render_html(report: dict, predictions: list[dict], run_dir: Path, workspace: Path | None = None) -> str:
+    """The page; paths in it are shown relative to `workspace` (default: the run folder's parent, the workspace in
+    the default layout) where they lie inside it."""
+    shown_path = _PathShown(workspace if workspace is not None else Path(run_dir).absolute().parent)
     names = list(report["models"])
     shown = report.get("method") if report.get("method") in names else names[-1]
     parts = [
-        f"<h1>Evaluation of {_e(str(run_dir))}</h1>",
-        (f"<p class=meta>{report['n_questions']} questions from {_e(report['eval_file'])}; "
+        f"<h1>Evaluation of {_e(shown_path(run_dir))}</h1>",
+        (f"<p class=meta>{report['n_questions']} questions from {_e(shown_path(report['eval_file']))}; "
          f"created {_e(report['created_at'])}; greedy decoding; BLEU: {_e(report.get('bleu_signature', ''))}</p>"),
         "<h2>Metrics</h2>", _metrics_table(report, names, shown),
         "<h2>Scores per model</h2>", _img(_score_bars(report, names), "score bars per model"),
         *_classification_section(report, names),
         *_judge_section(report, names),
         *_probe_section(report, names),
-        "<h2>Training</h2>", *_training_sections(report, run_dir),
+        "<h2>Training</h2>", *_training_sections(report, Path(run_dir), shown_path),
         f"<h2>Worst {WORST_SHOWN} answers of {_e(shown)}</h2>",
         "<p class=meta>Lowest token F1 first; every row is in predictions.jsonl with its source line.</p>",
-        _worst_table([row for row in predictions if row["model"] == shown]),
+        _worst_table([row for row in predictions if row["model"] == shown], shown_path),
         *_grounding_section(predictions, names),
     ]
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>tailor eval: {_e(run_dir.name)}</title><style>{_STYLE}</style></head>\n<body>\n"
+            f"<title>tailor eval: {_e(Path(run_dir).absolute().name)}</title><style>{_STYLE}</style></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
 
 def _e(text) -> str:
     return html.escape(str(text), quote=True)
+
+
+class _PathShown:
+    """A file as the page names it: relative to the workspace when inside it (the page is read elsewhere, attached
+    to a ticket, where /home/someone/... means nothing), as given otherwise. `FILE:LINE` keeps its line."""
+
+    def __init__(self, workspace: Path):
+        self.workspace = Path(os.path.abspath(workspace))
+
+    def __call__(self, path) -> str:
+        text = str(path)
+        name, colon, line = text.rpartition(":")
+        if not (colon and line.isdigit()):
+            name, colon, line = text, "", ""
+        if not Path(name).is_absolute():
+            return text  # already relative: a record's own "source", written by data build
+        # abspath, not resolve: a trial's linked data file is named where the trial reads it
+        absolute = Path(os.path.abspath(name))
+        if not absolute.is_relative_to(self.workspace):
+            return text
+        return str(absolute.relative_to(self.workspace)) + colon + line
 
 
 def _fmt(value) -> str:
@@ -150,25 +174,25 @@ def _score_bars(report: dict, names: list[str]):
     return figure
 
 
-def _training_sections(report: dict, run_dir: Path) -> list[str]:
+def _training_sections(report: dict, run_dir: Path, shown_path: _PathShown) -> list[str]:
     """One loss plot per compared run folder (this run's first); exported folders and endpoints have no log."""
-    runs = [(name, Path(src["target"]).resolve()) for name, src in report.get("sources", {}).items()
+    runs = [(name, Path(src["target"])) for name, src in report.get("sources", {}).items()
             if src.get("kind") == "run"]
     if not runs:
-        return [_training_section(run_dir / "metrics.jsonl")]
-    runs.sort(key=lambda item: item[1] != run_dir)
+        return [_training_section(run_dir / "metrics.jsonl", shown_path)]
+    runs.sort(key=lambda item: item[1].resolve() != run_dir.resolve())
     parts = []
     for name, folder in runs:
         if len(runs) > 1:
             parts.append(f"<h3>{_e(name)}</h3>")
-        parts.append(_training_section(folder / "metrics.jsonl"))
+        parts.append(_training_section(folder / "metrics.jsonl", shown_path))
     return parts
 
 
-def _training_section(metrics_path: Path) -> str:
+def _training_section(metrics_path: Path, shown_path: _PathShown) -> str:
     if not metrics_path.is_file():
-        return (f"<p class=meta>No training log ({_e(metrics_path)}): nothing was trained there (not yet, or a "
-                f"method that trains no weights, such as a prompt profile).</p>")
+        return (f"<p class=meta>No training log ({_e(shown_path(metrics_path))}): nothing was trained there (not "
+                f"yet, or a method that trains no weights, such as a prompt profile).</p>")
     try:
         records = [record for _, record in read_jsonl(metrics_path)]
     except TailorError as exc:  # a log cut short by a crash must not cost the rest of the report
@@ -176,7 +200,7 @@ def _training_section(metrics_path: Path) -> str:
     steps = [(r["step"], r["loss"]) for r in records if "step" in r and "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "step" in r and "eval_loss" in r]
     if not steps:
-        return f"<p class=meta>{_e(metrics_path)} has no loss records.</p>"
+        return f"<p class=meta>{_e(shown_path(metrics_path))} has no loss records.</p>"
     figure = _figure(10, 3.4)
     axis = figure.subplots()
     axis.plot(*zip(*steps, strict=True), label="training loss", linewidth=1.2)
@@ -189,7 +213,7 @@ def _training_section(metrics_path: Path) -> str:
     axis.grid(alpha=0.3)
     note = "" if evals else " No eval loss during training (train.eval_every is 0)."
     return (_img(figure, "training and eval loss by step")
-            + f"<p class=meta>{len(steps)} logged steps from {_e(metrics_path)}.{note}</p>")
+            + f"<p class=meta>{len(steps)} logged steps from {_e(shown_path(metrics_path))}.{note}</p>")
 
 
 def extra_rows(report: dict) -> list[tuple[str, list]]:
@@ -375,7 +399,7 @@ def _probe_section(report: dict, names: list[str]) -> list[str]:
     return parts
 
 
-def _worst_table(rows: list[dict]) -> str:
+def _worst_table(rows: list[dict], shown_path: _PathShown) -> str:
     worst = sorted(rows, key=lambda row: (row["token_f1"], row.get("rouge_l", 0.0)))[:WORST_SHOWN]
     has_rules = any("broken_rules" in row for row in rows)
     head = ("<tr><th>source</th><th>question</th><th>reference</th><th>prediction</th><th>F1</th><th>ROUGE-L</th>"
@@ -383,7 +407,7 @@ def _worst_table(rows: list[dict]) -> str:
     body = []
     for row in worst:
         rules = f"<td>{_e(', '.join(row.get('broken_rules', [])))}</td>" if has_rules else ""
-        body.append(f"<tr><td>{_e(row['source'])}</td><td>{_e(row['question'])}</td>"
+        body.append(f"<tr><td>{_e(shown_path(row['source']))}</td><td>{_e(row['question'])}</td>"
                     f"<td>{_e(row['reference'])}</td><td>{_e(row['prediction'])}</td>"
                     f"<td class=num>{row['token_f1']:.2f}</td><td class=num>{row.get('rouge_l', 0.0):.2f}</td>"
                     f"{rules}</tr>")
