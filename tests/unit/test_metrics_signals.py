@@ -143,3 +143,14 @@ def test_grounded_answers_count_abstentions_and_retrieval_misses(rag_server):
     assert grew("tailor_grounded_requests_total", model="rag") == 4
     assert grew("tailor_retrieval_misses_total", model="rag") == 3  # off-topic: nothing above the gate
     assert grew("tailor_abstentions_total", model="rag") >= 3  # the three misses abstain, the tiny model may too
+
+
+def test_monitor_scrapes_a_keyed_server_only_with_an_admin_key(keyed):
+    from tailor.errors import TailorError
+    from tailor.monitor.check import scrape
+
+    url, keys = keyed
+    for key in (None, keys["chat"]):
+        with pytest.raises(TailorError, match="/metrics: 40[13]; /metrics needs a key with the admin scope"):
+            scrape(f"{url}/metrics", key)
+    assert "tailor_feedback_total" in scrape(f"{url}/metrics", keys["admin"]).exported

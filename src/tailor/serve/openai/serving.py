@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from tailor.retrieval.grounding import is_abstention
 from tailor.serve.ab import AliasRouter
 from tailor.serve.cache import CachedAnswer, ResponseCache
 from tailor.serve.feedback import FeedbackStore
 from tailor.serve.filters import OutputFilter, StreamFilter
 from tailor.serve.logs import RequestLog
 from tailor.serve.metrics import ServerMetrics
-from tailor.retrieval.grounding import is_abstention
 from tailor.serve.openai.protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk,
                                           ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice, Completion,
                                           CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, ErrorBody,
