@@ -78,6 +78,7 @@ def create_app(engine: ServingEngine, config: ServeConfig | None = None, root: P
     app.state.services = services
     app.state.engine = engine
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     chat_page = resources.files("tailor.serve").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.get("/health")
@@ -233,7 +234,22 @@ async def _bad_request(request: Request, exc: TailorError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, ErrorBody(message=f"{request.method} {request.url.path}: {exc.detail}"))
+    # the exception's headers too: a 405 lists the allowed methods in Allow, as RFC 9110 requires
+    return _error(exc.status_code, ErrorBody(message=f"{request.method} {request.url.path}: {exc.detail}"),
+                  exc.headers)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, less its 422 answers: a request that fails validation is a 400 with the error body here
+    (`_invalid_request`), which each route documents with its other error statuses (routes.errors)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+    return app.openapi_schema
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, WithJsonSchema, field_serializer, field_validator,
+                      model_serializer)
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
@@ -97,10 +98,18 @@ class ChatCompletionRequest(SamplingRequest):
         return None
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# what the schema promises: no empty prompt anywhere (`option_problem` refuses one with a single 400 naming `prompt`,
+# where pydantic's own constraints on a union would list one error per member)
+_PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                            _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description=(
-        "The text to continue (no chat template is applied): a string, token ids, or a list of either for one "
-        "choice per prompt."))
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)] = Field(
+        description="The text to continue (no chat template is applied): a string, token ids, or a list of either "
+                    "for one choice per prompt.")
     logprobs: int | None = Field(None, ge=0, le=5, description=(
         "Return each token's log-probability and this many most likely alternatives per position."))
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs if asked).")

@@ -3,18 +3,42 @@ serving.py, wrap the answer."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from tailor.errors import TailorError
 from tailor.serve.openai import serving
 from tailor.serve.openai.protocol import (AdapterRequest, ApiError, ChatCompletion, ChatCompletionRequest,
-                                          Completion, CompletionRequest, FeedbackReceipt, FeedbackRequest, ModelCard,
-                                          ModelList, SourcePassage)
+                                          Completion, CompletionRequest, ErrorResponse, FeedbackReceipt,
+                                          FeedbackRequest, ModelCard, ModelList, SourcePassage)
+from tailor.serve.protocol import UnsupportedRequestError
 from tailor.serve.security import Caller, bearer_token
 
 router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}}}
+# every error status a route can answer, as the OpenAPI schema documents it: each one carries ErrorResponse
+ERROR_STATUSES: dict[int, dict[str, Any]] = {
+    400: {"description": "The request is invalid; `error.param` names the field at fault."},
+    401: {"description": "No API key, or an unknown one (only when the server has keys).",
+          "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}},
+    403: {"description": "The API key lacks the scope this route needs."},
+    404: {"description": "What the request names (a model, a completion, a passage) does not exist here."},
+    409: {"description": "The name is taken by the base model or an A/B alias."},
+    413: {"description": "The request body is over serve.max_request_bytes."},
+    429: {"description": "Over the key's rate limit (serve.rate_limit), or every decoding slot and queue place is "
+                         "taken.", "headers": _RETRY_AFTER},
+    503: {"description": "A grounded model could not retrieve: its index server is unreachable."},
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route that may answer these error statuses."""
+    return {status: {"model": ErrorResponse, **ERROR_STATUSES[status]} for status in statuses}
 
 
 def services_of(request: Request) -> serving.Services:
@@ -69,7 +93,7 @@ def _events(result) -> StreamingResponse:
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=errors(400, 401, 403, 404, 413, 429, 503))
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            caller: Caller = Depends(chat_scope)) -> ChatCompletion | StreamingResponse:
     _label(request, body.model)
@@ -77,7 +101,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     return _events(result) if body.stream else result
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=errors(400, 401, 403, 404, 413, 429))
 async def completions(body: CompletionRequest, request: Request,
                       caller: Caller = Depends(chat_scope)) -> Completion | StreamingResponse:
     _label(request, body.model)
@@ -85,12 +109,12 @@ async def completions(body: CompletionRequest, request: Request,
     return _events(result) if body.stream else result
 
 
-@router.get("/models")
+@router.get("/models", responses=errors(401, 403, 429))
 async def models(request: Request, caller: Caller = Depends(chat_scope)) -> ModelList:
     return serving.list_models(services_of(request))
 
 
-@router.get("/sources/{chunk_id}")
+@router.get("/sources/{chunk_id}", responses=errors(401, 403, 404, 429))
 async def source_passage(chunk_id: str, request: Request, caller: Caller = Depends(chat_scope)) -> SourcePassage:
     """The whole passage a citation's `id` points to (a grounded answer's citation carries only a snippet)."""
     chunk = services_of(request).engine.passage(chunk_id)
@@ -100,7 +124,7 @@ async def source_passage(chunk_id: str, request: Request, caller: Caller = Depen
     return SourcePassage(**{key: chunk.get(key) for key in SourcePassage.model_fields})
 
 
-@router.post("/feedback")
+@router.post("/feedback", responses=errors(400, 401, 403, 404, 413, 429))
 async def feedback(body: FeedbackRequest, request: Request, caller: Caller = Depends(chat_scope)) -> FeedbackReceipt:
     """Thumbs up or down on a completion, with an optional correction; stored (and synced to disk) before the 200."""
     store = services_of(request).feedback
@@ -111,20 +135,30 @@ async def feedback(body: FeedbackRequest, request: Request, caller: Caller = Dep
     return FeedbackReceipt(id=feedback_id, response_id=body.response_id, model=model, rating=body.rating)
 
 
-@router.post("/admin/adapters", status_code=201)
+@router.post("/admin/adapters", status_code=201, responses=errors(400, 401, 403, 409, 413, 429))
 async def add_adapter(body: AdapterRequest, request: Request, caller: Caller = Depends(admin_scope)) -> ModelCard:
     """Serve another PEFT adapter on the base model, without a restart."""
     services = services_of(request)
     if body.name in services.aliases.names():
         raise ApiError(409, f"name: '{body.name}' is an A/B alias", param="name", code="name_taken")
-    await run_in_threadpool(services.engine.add_adapter, body.name, body.path)
+    if body.name == services.engine.base_name:
+        raise ApiError(409, f"name: '{body.name}' is the base model", param="name", code="name_taken")
+    try:
+        await run_in_threadpool(services.engine.add_adapter, body.name, body.path)
+    except UnsupportedRequestError:
+        raise  # the engine loads no adapters at all (llama.cpp): it names the field itself
+    except TailorError as exc:  # the name is checked above: what is left is the folder
+        raise ApiError(400, f"path: {exc}", param="path", code="invalid_adapter") from None
     services.cache.clear()  # a name served before may now mean different weights
     return ModelCard(id=body.name)
 
 
-@router.delete("/admin/adapters/{name}", status_code=204)
+@router.delete("/admin/adapters/{name}", status_code=204, responses=errors(400, 401, 403, 404, 429))
 async def remove_adapter(name: str, request: Request, caller: Caller = Depends(admin_scope)) -> Response:
+    """Stop serving an adapter added at runtime or at start; requests already running finish first."""
     services = services_of(request)
+    if name == services.engine.base_name:
+        raise ApiError(400, f"name: the base model '{name}' cannot be removed", param="name", code="base_model")
     await run_in_threadpool(services.engine.remove_adapter, name)
     services.aliases.remove_model(name)
     services.cache.clear()
