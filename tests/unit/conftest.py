@@ -7,6 +7,8 @@ from tailor.config import validate_config
 from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
 
+from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py; pytest puts tests/unit on sys.path
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
@@ -17,20 +19,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-# rollout methods (ppo, grpo): rule-based rewards a workspace module provides, and prompts answered yes or no
-REWARDS = """
-def says_yes(prompt, answer):
-    return 1.0 if "yes" in answer.lower() else 0.0
-
-def broken(prompt, answer):
-    raise ValueError("no score today")
-
-def not_a_number(prompt, answer):
-    return "high"
-"""
-PROMPTS = [[{"role": "user", "content": f"Is topic {i} open?"}] for i in range(8)]
-
-
+# rollout methods (ppo, grpo): a workspace with rule-based rewards and yes/no prompts (tests/unit/rollouts.py)
 @pytest.fixture
 def prompts_workspace(tmp_path):
     (tmp_path / "test_rewards.py").write_text(REWARDS)
@@ -53,5 +42,3 @@ def workspace(prompts_workspace, tiny_model_dir):
     (tmp_path / "sft" / "data" / "train.jsonl").write_text((tmp_path / "data" / "train.jsonl").read_text())
     run_training(sft, tmp_path, tmp_path / "sft", show_progress=False)
     return tmp_path
-
-

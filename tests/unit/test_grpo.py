@@ -11,6 +11,7 @@ from tailor.errors import TailorError
 from tailor.methods.graders import Graders, StringCheck, TextSimilarity
 from tailor.methods.grpo import group_advantages, iteration_prompts
 from tailor.train.run import run_training
+from rollouts import yes_margin  # tests/unit/rollouts.py
 
 PROMPT = [{"role": "user", "content": "Is the pool open?"}]
 
@@ -33,7 +34,12 @@ def test_grpo_raises_the_mean_reward_of_a_weighted_grader_mix(tiny_model_dir, wo
     assert [line["iteration"] for line in lines[::4]] == list(range(1, 17))
     rewards = [line["reward"] for line in lines[::4]]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert 0.1 < first < 0.9 and last > first + 0.15, rewards
+    # 16 sampled answers per iteration make the mean reward too noisy to show the change on this tiny model
+    # (seeds 1-4: last quarter -0.06 to +0.23 against the first); the policy itself moves: log P("Yes.") - log P("No.")
+    # rose from -0.01 to 0.43-0.71 on those seeds
+    assert 0.1 < first < 0.9 and last > first - 0.1, rewards
+    before, after = yes_margin(workspace / "sft" / "model"), yes_margin(workspace / "sft" / "model", workspace)
+    assert after > before + 0.3, (before, after)
     # both graders see the same rule here, so the weighted mean equals each of them
     assert all(l["reward"] == pytest.approx(l["reward/yes"]) == pytest.approx(l["reward/contains_yes"])
                for l in lines)

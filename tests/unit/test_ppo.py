@@ -1,4 +1,4 @@
-"""PPO on the tiny model: a trivially learnable rule's mean reward rises within a bounded number of iterations
+"""PPO on the tiny model: the policy moves towards a trivially learnable rule within a bounded number of iterations
 while the KL to the reference stays finite; a broken reward function stops the run naming the prompt."""
 
 import json
@@ -11,9 +11,11 @@ from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods.ppo import advantages_and_returns
 from tailor.train.run import run_training
+from rollouts import yes_margin  # tests/unit/rollouts.py
 
 def config(model_dir, function, **ppo):
     return validate_config({"base_model": str(model_dir), "train": {"method": "ppo", "learning_rate": 1e-2,
+                                                               "scheduler": "constant", "warmup_ratio": 0.0,
                                                                "dtype": "fp32", "seed": 1},
                             "methods": {"ppo": {"reward_function": f"test_rewards:{function}", "r": 8, "alpha": 16,
                                                 "iterations": 16, "rollout_batch": 16, "mini_batch": 8,
@@ -23,11 +25,19 @@ def config(model_dir, function, **ppo):
 def test_ppo_raises_the_mean_reward_and_keeps_kl_finite(tiny_model_dir, workspace):
     result = run_training(config(workspace / "sft" / "model", "says_yes"), workspace, workspace, show_progress=False)
     lines = [json.loads(line) for line in (workspace / "metrics.jsonl").read_text().splitlines()]
-    assert result.steps == len(lines) == 16
+    assert result.steps == len(lines) == 64  # 16 iterations x 2 passes x 2 mini-batches of 8 rollouts
+    assert [line["iteration"] for line in lines[::4]] == list(range(1, 17))
     assert all(math.isfinite(line["kl"]) and math.isfinite(line["value_loss"]) for line in lines)
-    first, last = sum(l["reward"] for l in lines[:4]) / 4, sum(l["reward"] for l in lines[-4:]) / 4
-    assert 0.1 < first < 0.9 and last > first + 0.15, [l["reward"] for l in lines]
-    assert all(key in lines[-1] for key in ("entropy", "clip_fraction", "policy_loss"))
+    rewards = [line["reward"] for line in lines[::4]]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    # 16 sampled answers per iteration make the mean reward too noisy to show the change on this tiny model
+    # (seeds 1-4: last quarter -0.06 to +0.23 against the first); the policy itself moves: log P("Yes.") - log P("No.")
+    # rose from -0.01 to 0.43-0.71 on those seeds
+    assert 0.1 < first < 0.9 and last > first - 0.1, rewards
+    before, after = yes_margin(workspace / "sft" / "model"), yes_margin(workspace / "sft" / "model", workspace)
+    assert after > before + 0.3, (before, after)
+    assert all(key in lines[-1] for key in ("entropy", "clip_fraction", "policy_loss", "lr", "grad_norm"))
+    assert lines[-1]["tokens_per_s"] > 0
     assert (workspace / "adapter" / "adapter_config.json").is_file()
     assert json.loads((workspace / "manifest.json").read_text())["stages"]["train"]["method"] == "ppo"
 

@@ -8,7 +8,6 @@ Not a method itself: listed in the registry's HELPER_MODULES.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,6 +237,20 @@ def rollout(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, te
     return sequences, mask, width, answer_mask.float(), texts
 
 
+def iteration_prompts(count: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
+    """The prompts of an iteration: seeded passes over all prompts, the same for a given iteration on resume."""
+    chosen: list[int] = []
+    position = iteration * per_iteration
+    while len(chosen) < per_iteration:
+        epoch, offset = divmod(position, count)
+        order = list(range(count))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        take = order[offset:offset + per_iteration - len(chosen)]
+        chosen += take
+        position += len(take)
+    return chosen
+
+
 def rollout_steps(stepper, batches: list[dict], grad_accum: int, compute_dtype: torch.dtype, record: dict,
                   should_stop) -> tuple[dict, bool]:
     """Optimizer steps over one rollout batch's micro-batches (PPO, GRPO), grad_accum at a time, each step's summed
@@ -260,29 +273,6 @@ def rollout_steps(stepper, batches: list[dict], grad_accum: int, compute_dtype: 
         stepper.log(logged)
         stop = should_stop(stepper.state.step) or stop
     return logged, stop
-
-
-class MetricsLog:
-    """metrics.jsonl, one line per step, started fresh like the training core does."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
-                         + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def record_training(run_dir: Path, config: TailorConfig, method: str, base_ref: str, dtype: torch.dtype,

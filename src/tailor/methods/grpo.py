@@ -15,7 +15,6 @@ metrics, checkpoints at iteration ends, resume).
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import torch
@@ -23,8 +22,8 @@ from pydantic import Field
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.methods.alignment import (AnswerLogProbs, load_policy, load_prompts, record_training, reference,
-                                      resolve_path, rollout, rollout_steps, save_adapter)
+from tailor.methods.alignment import (AnswerLogProbs, iteration_prompts, load_policy, load_prompts,
+                                      record_training, reference, resolve_path, rollout, rollout_steps, save_adapter)
 from tailor.methods.graders import Graders, GraderSpec
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import Method, register
@@ -94,20 +93,6 @@ class ClippedGroupLoss(Objective):
                                        "clip_fraction": ((clipped < unclipped).float() * m).sum()}
 
 
-def iteration_prompts(count: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
-    """The prompts of an iteration: seeded passes over all prompts, the same for a given iteration on resume."""
-    chosen: list[int] = []
-    position = iteration * per_iteration
-    while len(chosen) < per_iteration:
-        epoch, offset = divmod(position, count)
-        order = list(range(count))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        take = order[offset:offset + per_iteration - len(chosen)]
-        chosen += take
-        position += len(take)
-    return chosen
-
-
 def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
         resume: bool = False, **_) -> TrainResult:
     options: GrpoOptions = config.method_options("grpo")
@@ -165,11 +150,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
                       "reward_std": round(float(scores.view(-1, options.group_size).std(dim=1).mean()), 5),
                       **{f"reward/{name}": round(sum(values) / len(values), 5) for name, values in each.items()},
                       "answer_tokens": round(float(answer_mask.sum(dim=1).mean()), 2)}
-
-            def stop(step: int) -> bool:
-                return should_stop is not None and should_stop(step)
-
-            last, stop_requested = rollout_steps(stepper, batches, cfg.grad_accum, dtype, record, stop)
+            last, stop_requested = rollout_steps(stepper, batches, cfg.grad_accum, dtype, record,
+                                                 lambda step: should_stop is not None and should_stop(step))
             # checkpoints only at iteration ends: the sampling RNG and the prompts of the next iteration resume
             if stop_requested or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
                 stepper.checkpoint()

@@ -15,26 +15,21 @@ the usual `RUN/adapter/`, so `tailor eval` and `tailor serve` use it unchanged.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 from pydantic import Field
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.methods.alignment import (AnswerLogProbs, MetricsLog, load_policy, load_prompts, record_training,
-                                      reference, resolve_path, rollout, save_adapter)
+from tailor.methods.alignment import (AnswerLogProbs, iteration_prompts, load_policy, load_prompts,
+                                      record_training, reference, resolve_path, rollout, rollout_steps, save_adapter)
 from tailor.methods.graders import call_reward_function, load_reward_function
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.examples import chat_ids
-from tailor.train.loop import TrainResult
-from tailor.workspace import read_jsonl
+from tailor.train.checkpoint import run_record
+from tailor.train.loop import Objective, Stepper, TrainResult, seed_everything
 
 class PpoOptions(UsesLora):
     init_adapter: str | None = Field(None, description=(
@@ -137,10 +132,33 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return masked_whiten(advantages, mask), returns
 
 
-def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
-        **_) -> TrainResult:
-    from tailor.train.run import seed_everything
+class ClippedPpoLoss(Objective):
+    """PPO's clipped policy loss plus the weighted clipped value loss, summed over the answer tokens of a
+    mini-batch of rollouts (the unit is an answer token). The value head is the objective's own parameter."""
 
+    stats = ("policy_loss", "value_loss", "entropy", "clip_fraction")
+
+    def __init__(self, policy: Policy, options: PpoOptions):
+        super().__init__()
+        self.policy, self.options = policy, options
+
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        o, m = self.options, batch["answer_mask"]
+        log_probs, values, entropy = self.policy(batch["sequences"], batch["mask"], batch["width"])
+        ratio = torch.exp(log_probs - batch["old"])
+        unclipped = -batch["advantages"] * ratio
+        clipped = -batch["advantages"] * ratio.clamp(1 - o.clip_range, 1 + o.clip_range)
+        policy_loss = torch.maximum(unclipped, clipped)
+        old_values, returns = batch["old_values"], batch["returns"]
+        values_clipped = old_values + (values - old_values).clamp(-o.value_clip, o.value_clip)
+        value_loss = 0.5 * torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2)
+        return ((policy_loss + o.vf_coef * value_loss) * m).sum(), {
+            "policy_loss": (policy_loss.detach() * m).sum(), "value_loss": (value_loss.detach() * m).sum(),
+            "entropy": (entropy.detach() * m).sum(), "clip_fraction": ((clipped > unclipped).float() * m).sum()}
+
+
+def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool = True, should_stop=None,
+        resume: bool = False, **_) -> TrainResult:
     options: PpoOptions = config.method_options("ppo")
     cfg = config.train
     root, run_dir = Path(root), Path(run_dir)
@@ -158,27 +176,19 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     tokenizer = load_tokenizer(base_ref)
     model = load_policy(base_ref, dtype, options.init_adapter, root, "methods.ppo", options.lora)
     policy = Policy(model, options.temperature)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-
-    progress = Progress(TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("iterations"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        TextColumn("reward {task.fields[reward]} kl {task.fields[kl]}"),
-                        console=Console(file=sys.stderr), disable=not show_progress)
-    task = progress.add_task("ppo", total=options.iterations, reward="-", kl="-")
-    started, iteration, record = time.perf_counter(), 0, {}
-    first_reward = None
-    with progress, MetricsLog(run_dir) as metrics:
-        while iteration < options.iterations:
-            if len(order) < options.rollout_batch:
-                order += torch.randperm(len(prompts), generator=generator).tolist()
-            batch_prompts = [prompts[i] for i in order[:options.rollout_batch]]
-            order = order[options.rollout_batch:]
-
-            sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, batch_prompts, options.max_new_tokens,
-                                                                  options.temperature)
+    steps_per_iteration = options.ppo_epochs * math.ceil(math.ceil(options.rollout_batch / options.mini_batch)
+                                                         / cfg.grad_accum)
+    stepper = Stepper(model, ClippedPpoLoss(policy, options), cfg, run_dir, options.iterations * steps_per_iteration,
+                      run=run_record("ppo", config), resume=resume, show_progress=show_progress, description="ppo")
+    first_reward = last = None
+    stop_requested = False
+    with stepper:
+        while not stepper.done and not stop_requested:
+            iteration = stepper.state.step // steps_per_iteration
+            batch_prompts = [prompts[i] for i in iteration_prompts(len(prompts), options.rollout_batch, cfg.seed,
+                                                                   iteration)]
+            sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, batch_prompts,
+                                                                 options.max_new_tokens, options.temperature)
             scores = scorer(batch_prompts, texts).to(answer_mask.device)  # [B]
             with torch.no_grad():
                 old_log_probs, old_values, _ = policy(sequences, mask, width)
@@ -186,53 +196,33 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
                     ref_log_probs, _, _ = policy(sequences, mask, width)
             kl = (old_log_probs - ref_log_probs) * answer_mask  # [B, R]
             rewards = -options.kl_coef * kl
-            last = answer_mask.sum(dim=1).long().clamp(min=1) - 1
-            rewards[torch.arange(len(texts)), last] += scores
+            last_token = answer_mask.sum(dim=1).long().clamp(min=1) - 1
+            rewards[torch.arange(len(texts)), last_token] += scores
             advantages, returns = advantages_and_returns(rewards, old_values, answer_mask, options.gamma, options.lam)
-
-            policy.model.train()
-            stats = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_fraction": []}
-            for _ in range(options.ppo_epochs):
-                for start in range(0, len(texts), options.mini_batch):
-                    rows = slice(start, start + options.mini_batch)
-                    m = answer_mask[rows]
-                    log_probs, values, entropy = policy(sequences[rows], mask[rows], width)
-                    ratio = torch.exp(log_probs - old_log_probs[rows])
-                    unclipped = -advantages[rows] * ratio
-                    clipped = -advantages[rows] * ratio.clamp(1 - options.clip_range, 1 + options.clip_range)
-                    policy_loss = masked_mean(torch.maximum(unclipped, clipped), m)
-                    values_clipped = old_values[rows] + (values - old_values[rows]).clamp(-options.value_clip,
-                                                                                          options.value_clip)
-                    value_loss = 0.5 * masked_mean(torch.maximum((values - returns[rows]) ** 2,
-                                                                 (values_clipped - returns[rows]) ** 2), m)
-                    (policy_loss + options.vf_coef * value_loss).backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    stats["policy_loss"].append(float(policy_loss.detach()))
-                    stats["value_loss"].append(float(value_loss.detach()))
-                    stats["entropy"].append(float(masked_mean(entropy.detach(), m)))
-                    stats["clip_fraction"].append(float(masked_mean((clipped > unclipped).float(), m)))
-
-            iteration += 1
+            model.train()
+            batches = [{"sequences": sequences[rows], "mask": mask[rows], "width": width,
+                        "answer_mask": answer_mask[rows], "advantages": advantages[rows], "old": old_log_probs[rows],
+                        "old_values": old_values[rows], "returns": returns[rows],
+                        "units": int(answer_mask[rows].sum()), "tokens": int(mask[rows].sum())}
+                       for _ in range(options.ppo_epochs)
+                       for rows in (slice(s, s + options.mini_batch) for s in range(0, len(texts), options.mini_batch))]
             mean_reward = float(scores.mean())
             first_reward = mean_reward if first_reward is None else first_reward
-            record = {"step": iteration, "reward": mean_reward, "kl": float(kl.sum(dim=1).mean()),
-                      **{k: sum(v) / len(v) for k, v in stats.items()},
-                      "answer_tokens": float(answer_mask.sum(dim=1).mean()),
-                      "elapsed_s": time.perf_counter() - started}
-            metrics.write(record)
-            progress.update(task, completed=iteration, reward=f"{mean_reward:.3f}", kl=f"{record['kl']:.3f}")
-            if should_stop is not None and should_stop(iteration):
-                break
-
+            record = {"iteration": iteration + 1, "reward": round(mean_reward, 5),
+                      "kl": round(float(kl.sum(dim=1).mean()), 5),
+                      "answer_tokens": round(float(answer_mask.sum(dim=1).mean()), 2)}
+            last, stop_requested = rollout_steps(stepper, batches, cfg.grad_accum, dtype, record,
+                                                 lambda step: should_stop is not None and should_stop(step))
+            # checkpoints only at iteration ends: the sampling RNG and the prompts of the next iteration resume
+            if stop_requested or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
+                stepper.checkpoint()
+    stepper.finish()
     artifact = save_adapter(model, run_dir, config)
-    result = TrainResult(steps=iteration, train_loss=record.get("policy_loss", float("nan")), eval_loss=None,
-                         label_tokens=0, tokens=0, seconds=time.perf_counter() - started, tokens_per_s=0.0,
-                         trainable_params=sum(p.numel() for p in trainable))
+    result = stepper.result()
     record_training(run_dir, config, "ppo", base_ref, dtype, [prompts_path], artifact,
-                    {**result.to_dict(), "first_reward": first_reward, "last_reward": record.get("reward"),
-                     "last_kl": record.get("kl")})
+                    {**result.to_dict(), "first_reward": first_reward,
+                     "last_reward": None if last is None else last.get("reward"),
+                     "last_kl": None if last is None else last.get("kl")})
     return result
 
 
