@@ -22,6 +22,8 @@ from tailor.train.loop import train
 from tailor.train.run import prepare_training, run_training, seed_everything, train_phases
 from tailor.workspace import write_jsonl
 
+from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py
+
 FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("How much is a parking permit?", "A parking permit costs $45 per year."),
          ("What is city hall's phone number?", "Call (555) 201-4400.")]
@@ -90,8 +92,10 @@ def train_fresh(config, examples, out_dir, tokenizer, **kwargs):
     return model, result
 
 
-# methods with their own loop and data (preference pairs: reward, dpo, ppo) are tested in their own files
+# methods with their own data (preference pairs, rated answers, prompts to sample) train on the same core: their
+# registry-wide test is test_methods_with_their_own_data_train_on_the_core_and_resume below
 CORE = [name for name in registry.names() if registry.get(name).run is None]
+OWN_DATA = [name for name in registry.names() if registry.get(name).run is not None]
 TRAINED = [name for name in CORE if registry.get(name).trains]
 BUILT = [name for name in CORE if not registry.get(name).trains]
 
@@ -371,3 +375,76 @@ def test_tailor_eval_compares_every_method_with_its_base(name, tiny_model_dir, r
     assert manifest["stages"]["train"]["method"] == name
     artifact = ARTIFACT_DIRS[registry.get(name).artifact]
     assert any(path.endswith(artifact) for path in manifest["stages"]["train"]["outputs"])
+
+
+def own_data_run(name, model_dir, run_dir):
+    """The data `name` trains on, written into run_dir, and a config of 4 steps (rollout methods: 4 iterations of
+    one step each, so an interruption lands on an iteration's end)."""
+    pairs = [{"prompt": [{"role": "user", "content": f"Who handles {topic}?"}],
+              "chosen": f"Please contact the {topic.title()} Department, thank you.", "rejected": f"{topic}. no"}
+             for topic in ("library", "parking", "pool", "permits", "taxes", "trash", "parks", "water")]
+    write_jsonl(run_dir / "data" / "preferences.jsonl", pairs)
+    write_jsonl(run_dir / "data" / "unpaired.jsonl",
+                [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"} for p in pairs
+                 for side in ("chosen", "rejected")])
+    write_jsonl(run_dir / "data" / "train.jsonl",
+                [{"messages": [*prompt, {"role": "assistant", "content": "Yes."}]} for prompt in PROMPTS])
+    (run_dir / "test_rewards.py").write_text(REWARDS)
+    options = {"reward": {"r": 4, "alpha": 8}, "dpo": {"r": 4, "alpha": 8}, "kto": {"r": 4, "alpha": 8},
+               "ppo": {"r": 4, "alpha": 8, "reward_function": "test_rewards:says_yes", "iterations": 4,
+                       "rollout_batch": 4, "mini_batch": 4, "ppo_epochs": 1, "max_new_tokens": 4},
+               "grpo": {"r": 4, "alpha": 8, "graders": [{"type": "python", "function": "test_rewards:says_yes"},
+                                                        {"type": "text_similarity", "weight": 0.5}],
+                        "iterations": 4, "prompts_per_iteration": 2, "group_size": 2, "mini_batch": 4,
+                        "max_new_tokens": 4}}[name]
+    steps = {} if registry.get(name).train_keys == registry.ROLLOUT_TRAIN_KEYS else {"max_steps": 4, "batch_size": 4}
+    return validate_config({"base_model": model_dir, "train": {
+        "method": name, "learning_rate": 1e-2, "scheduler": "constant", "warmup_ratio": 0.0, "dtype": "fp32",
+        "save_every": 0} | steps, "methods": {name: options}})
+
+
+def artifact_weights(run_dir):
+    folder = run_dir / ("reward" if (run_dir / "reward").is_dir() else "adapter")
+    return {f"{path.name}:{key}": value for path in sorted(folder.glob("*.safetensors"))
+            for key, value in load_file(path).items()}
+
+
+@pytest.mark.parametrize("name", OWN_DATA)
+def test_methods_with_their_own_data_train_on_the_core_and_resume(name, tiny_model_dir, tmp_path):
+    config = own_data_run(name, tiny_model_dir, tmp_path / "straight")
+    result = run_training(config, tmp_path / "straight", tmp_path / "straight", show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == len(lines) == 4 and not result.interrupted
+    assert all(math.isfinite(line["loss"]) and line["tokens_per_s"] > 0 and "lr" in line for line in lines)
+    manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["method"] == name
+    straight = artifact_weights(tmp_path / "straight")
+    assert straight
+
+    # interrupted after step 2 (a checkpoint, no artifact), then resumed to the end: the same weights
+    resumed_dir = tmp_path / "resumed"
+    own_data_run(name, tiny_model_dir, resumed_dir)
+    stopped = run_training(config, resumed_dir, resumed_dir, show_progress=False, should_stop=lambda step: step == 2)
+    assert stopped.interrupted and stopped.steps == 2 and not artifact_weights(resumed_dir)
+    resumed = run_training(config, resumed_dir, resumed_dir, resume=True, show_progress=False)
+    assert resumed.steps == 4 and not resumed.interrupted
+    weights = artifact_weights(resumed_dir)
+    assert weights.keys() == straight.keys()
+    for key, value in straight.items():
+        torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=1e-5)
+    # another method's checkpoint is not resumed
+    other = "dpo" if name != "dpo" else "kto"
+    assert list((resumed_dir / "checkpoints").glob("step-2"))
+    with pytest.raises(TailorError, match=f"--resume: .* was trained by method '{name}', not '{other}'"):
+        run_training(own_data_run(other, tiny_model_dir, resumed_dir), resumed_dir, resumed_dir, resume=True,
+                     show_progress=False)
+
+
+@pytest.mark.parametrize("name, key", [("ppo", "max_steps"), ("grpo", "batch_size"), ("reward", "packing")])
+def test_a_train_key_the_method_does_not_use_stops_the_run(name, key, tiny_model_dir, tmp_path):
+    config = own_data_run(name, tiny_model_dir, tmp_path)
+    value = {"max_steps": 7, "batch_size": 3, "packing": True}[key]
+    config = config.model_copy(update={"train": config.train.model_copy(update={key: value})})
+    with pytest.raises(TailorError, match=rf"train\.{key}: method '{name}' does not use it \(it uses train\."):
+        run_training(config, tmp_path, tmp_path, show_progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -21,7 +21,7 @@ from tailor.errors import TailorError
 from tailor.methods.alignment import (Pair, collate_pairs, load_policy, pair_items, pair_lengths, preference_pairs,
                                       record_training, save_adapter, split_pairs, starting_log_probs)
 from tailor.methods.lora import UsesLora
-from tailor.methods.registry import Method, register
+from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.checkpoint import run_record
 from tailor.train.loop import Objective, TrainResult, seed_everything, sequence_log_probs, train
@@ -119,6 +119,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     result = train(model, items, eval_items, cfg, run_dir, objective=DpoLoss(options, pad_id), compute_dtype=dtype,
                    resume=resume, show_progress=show_progress, should_stop=should_stop,
                    run=run_record("dpo", config), description="dpo")
+    if result.interrupted:  # a checkpoint to resume from, no artifact
+        return result
     if options.adapter == "lora":
         artifact = save_adapter(model, run_dir, config)
     else:
@@ -134,4 +136,5 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
 
 register(Method(name="dpo", options=DpoOptions, run=run, artifact="adapter",
                 artifact_for=lambda options: "adapter" if options.adapter == "lora" else "model",
-                summary="Direct preference optimization on preference pairs, LoRA or full weights."))
+                summary="Direct preference optimization on preference pairs, LoRA or full weights.",
+                train_keys=PAIR_TRAIN_KEYS))

@@ -60,7 +60,7 @@ class _Grader(BaseModel):
 
 
 class StringCheck(_Grader):
-    type: Literal["string_check"]
+    type: Literal["string_check"] = Field(description="Compare the answer with a text.")
     operation: Literal["eq", "ne", "like", "ilike"] = Field("eq", description=(
         "eq / ne: the answer (stripped) equals / differs from the reference; like / ilike: contains it, case-"
         "sensitive / not."))
@@ -68,20 +68,20 @@ class StringCheck(_Grader):
 
 
 class TextSimilarity(_Grader):
-    type: Literal["text_similarity"]
+    type: Literal["text_similarity"] = Field(description="Score the answer's similarity to the reference answer.")
     metric: Literal["token_f1", "rouge_l", "bleu", "fuzzy_match"] = Field("token_f1", description=(
         "Similarity to the prompt's reference answer, 0 to 1: SQuAD token F1, ROUGE-L, sentence BLEU (sacrebleu) "
         "or difflib's character ratio."))
 
 
 class PythonGrader(_Grader):
-    type: Literal["python"]
+    type: Literal["python"] = Field(description="Score the answer with a Python function.")
     function: str = Field(description="A callable module:function(prompt_messages, answer) -> float in the "
                                       "workspace folder.")
 
 
 class ScoreModel(_Grader):
-    type: Literal["score_model"]
+    type: Literal["score_model"] = Field(description="Score the answer with a trained reward model.")
     model: str = Field(description="A reward run folder (`tailor train --method reward`).")
 
 

@@ -26,7 +26,7 @@ from tailor.methods.alignment import (AnswerLogProbs, iteration_prompts, load_po
                                       record_training, reference, resolve_path, rollout, rollout_steps, save_adapter)
 from tailor.methods.graders import Graders, GraderSpec
 from tailor.methods.lora import UsesLora
-from tailor.methods.registry import Method, register
+from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.checkpoint import run_record
 from tailor.train.loop import Objective, Stepper, TrainResult, seed_everything
@@ -156,8 +156,10 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
             if stop_requested or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
                 stepper.checkpoint()
     stepper.finish()
+    result = stepper.result(interrupted=not stepper.done)
+    if result.interrupted:  # a checkpoint at the iteration's end to resume from, no artifact
+        return result
     artifact = save_adapter(model, run_dir, config)
-    result = stepper.result()
     record_training(run_dir, config, "grpo", base_ref, dtype, [prompts_path], artifact,
                     {**result.to_dict(), "first_reward": first_reward,
                      "last_reward": None if last is None else last.get("reward"),
@@ -167,4 +169,5 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
 
 register(Method(name="grpo", options=GrpoOptions, run=run, artifact="adapter",
                 summary="Group-relative policy optimization: answers sampled in groups, scored by graders "
-                        "(string, similarity, Python, reward model), LoRA."))
+                        "(string, similarity, Python, reward model), LoRA.",
+                train_keys=ROLLOUT_TRAIN_KEYS))

@@ -21,7 +21,7 @@ from tailor.errors import TailorError
 from tailor.methods.alignment import (load_policy, record_training, resolve_path, save_adapter, split_pairs,
                                       starting_log_probs)
 from tailor.methods.lora import UsesLora
-from tailor.methods.registry import Method, register
+from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.checkpoint import run_record
 from tailor.train.examples import Example, collate, tokenize_chat
@@ -174,6 +174,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
                    objective=KtoLoss(options, pad_id), compute_dtype=dtype, resume=resume,
                    show_progress=show_progress, should_stop=should_stop, run=run_record("kto", config),
                    description="kto")
+    if result.interrupted:  # a checkpoint to resume from, no artifact
+        return result
     artifact = save_adapter(model, run_dir, config)
     desirable = sum(r.desirable for r in train_items)
     record_training(run_dir, config, "kto", base_ref, dtype, [path], artifact,
@@ -183,4 +185,5 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
 
 register(Method(name="kto", options=KtoOptions, run=run, artifact="adapter",
                 summary="Kahneman–Tversky optimization on unpaired thumbs-up/down answers (the chat page's "
-                        "feedback), LoRA."))
+                        "feedback), LoRA.",
+                train_keys=PAIR_TRAIN_KEYS))

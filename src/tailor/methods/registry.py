@@ -113,6 +113,33 @@ class Method:
     # run(config, root, run_dir, show_progress=, should_stop=) -> TrainResult: a method with its own loop and data
     # (DPO through TRL, PPO, the reward model) trains and saves its artifact itself; `prepare` is then unused
     run: Callable[..., Any] | None = None
+    # the train.* keys the method uses; None: all of them. A key it does not use, set to anything but its default,
+    # stops the run with one message instead of being silently ignored
+    train_keys: frozenset[str] | None = None
+
+
+# what the methods on the one core use when they bring their own data and loss (reward, dpo, kto): everything but
+# packing, which joins chat records into rows; and what the rollout methods (ppo, grpo) use: their iterations,
+# rollout and mini-batch sizes replace steps, epochs and batch size, and they have no eval set
+PAIR_TRAIN_KEYS = frozenset({"method", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum",
+                             "warmup_ratio", "scheduler", "weight_decay", "max_grad_norm", "dtype", "seed",
+                             "save_every", "log_every", "eval_every", "early_stopping_patience",
+                             "gradient_checkpointing", "compile", "report_to"})
+ROLLOUT_TRAIN_KEYS = frozenset({"method", "learning_rate", "grad_accum", "warmup_ratio", "scheduler", "weight_decay",
+                                "max_grad_norm", "dtype", "seed", "save_every", "log_every", "report_to"})
+
+
+def check_train_keys(method: Method, train) -> None:
+    """train.* keys the method would ignore, set away from their defaults: one message naming the first."""
+    if method.train_keys is None:
+        return
+    defaults = type(train)()
+    unused = [key for key in type(train).model_fields
+              if key not in method.train_keys and getattr(train, key) != getattr(defaults, key)]
+    if unused:
+        raise TailorError(f"train.{unused[0]}: method '{method.name}' does not use it (it uses train."
+                          f"{', train.'.join(sorted(method.train_keys - {'method'}))}); remove it or set it back to "
+                          f"{getattr(defaults, unused[0])!r} for this run")
 
 
 _METHODS: dict[str, Method] = {}

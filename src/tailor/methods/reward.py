@@ -23,7 +23,7 @@ from tailor.methods.alignment import (Pair, collate_pairs, pair_items, pair_leng
                                       record_training, split_pairs)
 from tailor.methods.lora import UsesLora
 from tailor.methods.lora import prepare as add_lora
-from tailor.methods.registry import Method, register
+from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.checkpoint import run_record
 from tailor.train.examples import chat_ids
@@ -137,6 +137,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
                    objective=PairwiseLoss(model.head, tokenizer.pad_token_id), compute_dtype=dtype, resume=resume,
                    show_progress=show_progress, should_stop=should_stop, run=run_record("reward", config),
                    description="reward model")
+    if result.interrupted:  # a checkpoint to resume from, no artifact
+        return result
     accuracy = result.eval_stats.get("accuracy")
     artifact = save(model, tokenizer, run_dir, config, base_ref,
                     {"pair_accuracy": accuracy, "eval_pairs": len(eval_pairs), "train_pairs": len(train_pairs)})
@@ -200,4 +202,5 @@ def score(model: RewardModel, tokenizer, conversations: list[list[dict]], batch_
 
 
 register(Method(name="reward", options=RewardOptions, run=run, artifact="reward",
-                summary="Reward model: a scalar head on the base (LoRA or full) trained on preference pairs."))
+                summary="Reward model: a scalar head on the base (LoRA or full) trained on preference pairs.",
+                train_keys=PAIR_TRAIN_KEYS))

@@ -46,6 +46,7 @@ class TrainResult:
     tokens_per_s: float
     trainable_params: int
     stopped_early: bool = False
+    interrupted: bool = False  # should_stop ended it before the last step: resume it, the artifact is not written
     eval_stats: dict = field(default_factory=dict)  # the objective's statistics on the eval items (e.g. accuracy)
 
     def to_dict(self) -> dict:
@@ -439,7 +440,8 @@ class Stepper:
                 self.accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=self.state.step)
             self.accelerator.end_training()
 
-    def result(self, eval_metrics: dict | None = None, stopped_early: bool = False) -> TrainResult:
+    def result(self, eval_metrics: dict | None = None, stopped_early: bool = False,
+               interrupted: bool = False) -> TrainResult:
         seconds = time.perf_counter() - self._started
         eval_metrics = eval_metrics or {}
         return TrainResult(steps=self.state.step, train_loss=self.state.last_loss if self.state.last_loss is not None
@@ -447,7 +449,7 @@ class Stepper:
                            label_tokens=self.state.label_tokens, tokens=self.state.tokens, seconds=seconds,
                            tokens_per_s=self.state.tokens / max(seconds, 1e-9),
                            trainable_params=self.trainable_params, stopped_early=stopped_early,
-                           eval_stats={k: v for k, v in eval_metrics.items() if k != "loss"})
+                           interrupted=interrupted, eval_stats={k: v for k, v in eval_metrics.items() if k != "loss"})
 
 
 def train(model, train_examples: list, eval_examples: list, cfg: TrainConfig, out_dir: Path, *,
@@ -482,7 +484,7 @@ def train(model, train_examples: list, eval_examples: list, cfg: TrainConfig, ou
     objective.train()
     batches = _micro_batches(lengths, cfg, state.epoch, state.batch_index)
     eval_metrics: dict = {}
-    best_eval, stopped_early = math.inf, False
+    best_eval, stopped_early, interrupted = math.inf, False, False
     with stepper:
         while not stepper.done:
             # every process draws the same micro-batches and takes every processes-th one from its rank on, so
@@ -533,4 +535,4 @@ def train(model, train_examples: list, eval_examples: list, cfg: TrainConfig, ou
         eval_metrics = evaluate(model, eval_examples, objective, batch_size=cfg.batch_size,
                                 compute_dtype=compute_dtype)
     stepper.finish(eval_metrics)
-    return stepper.result(eval_metrics, stopped_early)
+    return stepper.result(eval_metrics, stopped_early, interrupted and not stepper.done)

@@ -54,10 +54,11 @@ def run_training(config: TailorConfig, root: Path, run_dir: Path, *, resume: boo
     and `should_stop` only concern training)."""
     run_dir = Path(run_dir)
     train_path = run_dir / "data" / "train.jsonl"
-    if (own_run := registry.get(config.train.method, key="train.method").run) is not None:
+    method = registry.get(config.train.method, key="train.method")
+    registry.check_train_keys(method, config.train)
+    if (own_run := method.run) is not None:
         # its own data and artifact (reward, DPO, KTO, PPO, GRPO), trained through the same core (train/loop.py)
         return own_run(config, root, run_dir, show_progress=show_progress, should_stop=should_stop, resume=resume)
-    method = registry.get(config.train.method, key="train.method")
     base_ref = resolve_base_model(config.base_model, root=root)
     if not method.trains:
         if method.needs_data and not train_path.is_file():
