@@ -330,6 +330,69 @@ class RegistryConfig(Section):
         "How often `tailor serve --registry` checks the registry for promotions and rollbacks."))
 
 
+class ImproveConfig(Section):
+    """`tailor improve`: feedback since the production version was trained → data → training on top of it → eval
+    against it → gates → registry → canary → promote or roll back (docs/operators/improve.md)."""
+
+    model: str | None = Field(None, description=(
+        "The registry model to improve (`tailor models list`); its production version is the starting point. "
+        "null: the project name."))
+    feedback_db: str | None = Field(None, description=(
+        "The server's feedback database (serve.feedback_db), relative to the workspace; null: RUN/feedback.db of "
+        "the production version's run folder, else WORKSPACE/feedback.db."))
+    folder: str = Field("improve", description=(
+        "Working folder (relative to the workspace): state.json, the lock and one cycle-NNNN/ folder per cycle "
+        "with its data, candidate run and eval."))
+    lock_file: str | None = Field(None, description=(
+        "File locked while `tailor improve` runs, so two runs never overlap; null: FOLDER/improve.lock."))
+    corrections: Literal["reviewed", "all"] = Field("reviewed", description=(
+        "Which corrections train: reviewed (only those accepted in the review queue, `tailor improve review` or "
+        "/admin) or all (every correction not rejected)."))
+    sft: bool = Field(True, description=(
+        "Supervised fine-tuning on the corrections (LoRA, continued from the production adapter), with "
+        "`replay` records of the production version's training data per correction against forgetting."))
+    kto: bool = Field(False, description=(
+        "Then KTO (methods.kto options) on the thumbs: up-voted answers desirable, down-voted undesirable."))
+    dpo: bool = Field(False, description=(
+        "Then DPO (methods.dpo options) on up/down pairs: an up-voted and a down-voted answer to the same "
+        "conversation, and each correction against the answer it corrects."))
+    replay: int = Field(4, ge=0, description=(
+        "Records of the production version's data/train.jsonl mixed into SFT per correction (seeded sample)."))
+    train: dict[str, Any] = Field(default_factory=lambda: {"epochs": 6, "learning_rate": 5.0e-4}, description=(
+        "train.* settings for the improvement training (e.g. {epochs: 6, learning_rate: 5.0e-4}); the rest "
+        "comes from `train:`."))
+    min_corrections: int = Field(1, ge=0, description=(
+        "Corrections (or, without SFT, rated answers) needed to start a cycle; fewer: nothing to learn, no cycle."))
+    regression_size: int = Field(50, ge=0, description=(
+        "Past up-voted answers (newest first, one per question) in the regression set the candidate must keep "
+        "answering as well as production."))
+    eval_limit: int = Field(0, ge=0, description=(
+        "Held-out questions (the production run's data/eval.jsonl) in the comparison; 0: all."))
+    max_regression: float = Field(0.02, ge=0, le=1, description=(
+        "Gate: largest allowed drop of the candidate's token F1 below production's on the held-out and "
+        "regression questions."))
+    min_gain: float = Field(0.0, ge=-1, le=1, description=(
+        "Gate: least token F1 gain of the candidate over production on the corrected questions."))
+    fail_under: list[str] = Field(default_factory=list, description=(
+        "More gates, as `tailor eval --fail-under`: METRIC=VALUE on the candidate (e.g. token_f1=0.3) or "
+        "production.METRIC=VALUE; measured over all compared questions."))
+    fail_over: list[str] = Field(default_factory=list, description=(
+        "Lower-is-better gates, as `tailor eval --fail-over` (e.g. eval_loss=2.5)."))
+    canary_share: float = Field(0.1, gt=0, lt=1, description=(
+        "Share of users (sticky per user) the candidate answers during the canary; production answers the rest "
+        "under the same name."))
+    significance: float = Field(0.05, gt=0, lt=1, description=(
+        "Promote when Fisher's exact test on thumbs up/down (candidate vs production) gives p below this and "
+        "the candidate's up-rate is higher; roll back when it is significantly lower."))
+    min_canary_samples: int = Field(30, ge=1, description=(
+        "Rated answers each side needs before the A/B test may decide."))
+    monitor_url: str | None = Field(None, description=(
+        "The server whose /metrics the alerting rules are checked against during the canary (a rule firing for "
+        "the candidate rolls it back); null: only the rules on thumbs, counted from the feedback database."))
+    monitor_rules: str | None = Field(None, description=(
+        "Prometheus rule file for the canary check, relative to the workspace; null: deploy/prometheus/alerts.yml."))
+
+
 TUNE_METRICS = ("token_f1", "exact_match", "rouge_l", "bleu", "adherence", "eval_loss", "perplexity")
 
 
@@ -455,6 +518,8 @@ class TailorConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry (`tailor models`).")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter search (`tailor tune`).")
+    improve: ImproveConfig = Field(default_factory=ImproveConfig, description=(
+        "The feedback loop (`tailor improve`): collect, build data, train on production, gate, canary, promote."))
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description=(
         "Retrieval over the corpus (`tailor index`; method `rag`, or retrieval.enabled for any method)."))
     answer_sentences: int | None = Field(None, ge=0, description=(
@@ -474,6 +539,23 @@ class TailorConfig(Section):
                 # raised as TailorError (not ValueError) so pydantic passes it through with our wording
                 raise TailorError(_format_error(exc.errors()[0], "", root=schema, prefix=("methods", name))) from None
         return self
+
+    @model_validator(mode="after")
+    def _improve_settings(self) -> TailorConfig:
+        self.improve_train()  # improve.fail_under/fail_over are checked by `tailor improve` before any work
+        return self
+
+    def improve_train(self) -> TrainConfig:
+        """`train:` with `improve.train` over it: the settings of the improvement training."""
+        unknown = sorted(set(self.improve.train) - set(TrainConfig.model_fields))
+        if unknown:
+            raise TailorError(f"improve.train.{unknown[0]}: not a train setting (allowed: "
+                              f"{', '.join(TrainConfig.model_fields)})")
+        try:
+            return TrainConfig.model_validate({**self.train.model_dump(), **self.improve.train})
+        except ValidationError as exc:
+            raise TailorError(_format_error(exc.errors()[0], "", root=TrainConfig,
+                                            prefix=("improve", "train"))) from None
 
     def sentence_limit(self) -> int | None:
         """The answer's sentence cap: explicit, else 1 when the system prompt asks for one sentence."""

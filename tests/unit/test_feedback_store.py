@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from tailor.errors import TailorError
 from tailor.serve.feedback import FeedbackStore, UnknownResponseError
 
 SERVER = """
@@ -43,7 +44,7 @@ def test_feedback_references_a_recorded_completion(tmp_path):
         db.row_factory = sqlite3.Row
         row = dict(db.execute("SELECT * FROM feedback").fetchone())
     assert set(row) == {"id", "response_id", "model", "prompt", "answer", "rating", "correction", "comment", "user",
-                        "created_at"}
+                        "created_at", "review", "reviewed_correction", "reviewed_by", "reviewed_at", "review_note"}
     assert json.loads(row["prompt"]) == prompt and row["answer"] == "9 to 5." and row["user"] == "ann"
     assert (row["rating"], row["correction"], row["comment"]) == ("down", "9 to 6.", None)
 
@@ -76,3 +77,27 @@ def test_acknowledged_feedback_survives_killing_the_server(tiny_model_dir, tmp_p
     with sqlite3.connect(db_path) as db:
         rows = db.execute("SELECT response_id, rating, correction FROM feedback").fetchall()
     assert rows == [(reply["id"], "down", "Hello!")]
+
+
+def test_a_database_from_before_the_review_queue_is_migrated(tmp_path):
+    """An existing feedback.db keeps its rows and gains the review columns when a server (or improve) opens it."""
+    path = tmp_path / "feedback.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE completions (id TEXT PRIMARY KEY, model TEXT NOT NULL, alias TEXT, endpoint TEXT NOT NULL,
+                prompt TEXT NOT NULL, answer TEXT NOT NULL, user TEXT, created_at TEXT NOT NULL, latency_ms REAL,
+                first_token_ms REAL, completion_tokens INTEGER);
+            CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL, model TEXT NOT NULL,
+                prompt TEXT NOT NULL, answer TEXT NOT NULL, rating TEXT NOT NULL, correction TEXT, comment TEXT,
+                user TEXT, created_at TEXT NOT NULL);
+            INSERT INTO completions VALUES ('c1', 'city', NULL, 'chat', '[]', 'Noon.', NULL, '2025-01-01', 1, 1, 1);
+            INSERT INTO feedback (response_id, model, prompt, answer, rating, correction, created_at)
+                VALUES ('c1', 'city', '[]', 'Noon.', 'down', 'At 9 am.', '2025-01-01');""")
+    store = FeedbackStore(path)
+    assert store.review(1, "accepted", by="ann", correction="At 9 am sharp.")["correction"] == "At 9 am sharp."
+    with pytest.raises(TailorError, match="feedback 1: the correction is empty"):
+        store.review(1, "accepted", by="ann", correction="  ")
+    (row,) = store.rows()
+    store.close()
+    assert (row["correction"], row["review"], row["reviewed_correction"], row["reviewed_by"]) == (
+        "At 9 am.", "accepted", "At 9 am sharp.", "ann")

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from tailor.cli import demo, export, init, models, retrieval, serving, stages, tune
+from tailor.cli import demo, export, improve, init, models, retrieval, serving, stages, tune
 from tailor.cli import data as data_commands  # noqa: F401 - registers `data synth` and `data inspect`
 from tailor.cli.ab import ab_app
 from tailor.cli.alignment import feedback_app, reward_app
@@ -38,6 +38,9 @@ app.add_typer(models.models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(ab_app, name="ab")
 app.add_typer(feedback_app, name="feedback")
+feedback_app.command("queue")(improve.queue)
+feedback_app.command("review")(improve.review)
+app.command("improve")(improve.improve)
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(reward_app, name="reward")
 app.command("export")(export.export)

@@ -126,13 +126,14 @@ def serve(overrides: list[str] = OverridesArgument, run: Path = RunOption, works
         KeyStore.load(root / serve_config.api_key_file)
     run_dir = run_folder(root, run)
     engine = build_engine(config, root, run_dir if run_dir.is_dir() else None)
+    watcher = None
     if registry or config.registry.url:
         from tailor.serve.registry_watch import watch_registry
 
-        watch_registry(engine, config, root)
+        watcher = watch_registry(engine, config, root)
     # completions, feedback and request logs belong to the run being served (the workspace when it has none)
     run_server(engine, host or serve_config.host, port or serve_config.port, config=serve_config, root=root,
-               state_dir=run_dir if run_dir.is_dir() else root)
+               state_dir=run_dir if run_dir.is_dir() else root, watcher=watcher)
 
 
 def chat(overrides: list[str] = OverridesArgument, run: Path = RunOption, workspace: Path = WorkspaceOption,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from tailor.errors import TailorError
 from tailor.registry.lineage import read_lineage
-from tailor.registry.tables import Base, ModelVersion, StageChange
+from tailor.registry.tables import Base, Canary, ModelVersion, StageChange, VersionFeedback, utc_now
 from tailor.workspace import file_sha256
 
 REGISTRY_FILE = "registry.db"
@@ -155,8 +155,9 @@ class Registry:
     # ---- changing ------------------------------------------------------------------------------------------
 
     def register_run(self, run_dir: Path | str, name: str, parent: str | None = None, *, by: str | None = None,
-                     reason: str = "") -> ModelVersion:
-        """Record the run as the next version of `name`, as a candidate."""
+                     reason: str = "", feedback: tuple[str, dict[str, list[int]]] | None = None) -> ModelVersion:
+        """Record the run as the next version of `name`, as a candidate; `feedback`: (feedback database, {use:
+        row ids}) the run was built from, kept as its lineage (`feedback_of`)."""
         if not NAME_PATTERN.match(name):
             raise TailorError(f"--name '{name}': use letters, digits, '_', '.' and '-', starting with a letter "
                               "or digit")
@@ -173,6 +174,11 @@ class Registry:
                 session.add(version)
                 session.add(StageChange(version=version, action="register", from_stage=None,
                                         to_stage="candidate", changed_by=current_user(by), reason=reason))
+                if feedback is not None:
+                    database, uses = feedback
+                    session.flush()  # the version's id
+                    session.add_all(VersionFeedback(version_id=version.id, feedback_db=database, feedback_id=row,
+                                                    use=use) for use, rows in uses.items() for row in rows)
         except IntegrityError:  # another process registered the same version number at the same moment
             raise TailorError(f"{name}: registered concurrently by someone else; run the command again") from None
         return version
@@ -221,7 +227,109 @@ class Registry:
             self._move(session, restored, "production", "rollback", who, note)
         return current_version, restored
 
+    def decide(self, name: str, version: int | str, stage: str, *, action: str, by: str | None = None,
+               reason: str = "") -> StageChange:
+        """A decision about a version that is no promotion (e.g. `refuse`: a candidate the gates stopped goes to
+        archived), recorded in the audit log like any stage change. Not for production: use promote/rollback."""
+        check_stage(stage)
+        if stage == "production":
+            raise TailorError("production is reached by promote or rollback only")
+        with self.transaction() as session:
+            target = self._resolve(session, f"{name}@{version}")
+            if stage not in TRANSITIONS[target.stage]:
+                raise TailorError(f"{target.label} is in {target.stage}; from there it can go to "
+                                  f"{', '.join(TRANSITIONS[target.stage])} (not {stage})")
+            return self._move(session, target, stage, action, current_user(by), reason)
+
+    def feedback_of(self, version: ModelVersion) -> dict[str, list[int]]:
+        """The feedback rows a version was built from, by use (sft, kto, dpo, regression)."""
+        with self.transaction() as session:
+            rows = session.scalars(select(VersionFeedback).where(VersionFeedback.version_id == version.id)
+                                   .order_by(VersionFeedback.id))
+            uses: dict[str, list[int]] = {}
+            for row in rows:
+                uses.setdefault(row.use, []).append(row.feedback_id)
+            return uses
+
+    def used_feedback(self, name: str) -> set[int]:
+        """Every feedback row id a version of `name` that reached production was trained on (regression checks not
+        counted). A refused or rolled-back candidate's rows stay available: the next cycle may use them better."""
+        with self.transaction() as session:
+            promoted = select(StageChange.version_id).where(StageChange.to_stage == "production")
+            return set(session.scalars(select(VersionFeedback.feedback_id)
+                                       .join(ModelVersion, VersionFeedback.version_id == ModelVersion.id)
+                                       .where(ModelVersion.name == name, VersionFeedback.use != "regression",
+                                              ModelVersion.id.in_(promoted))))
+
+    # ---- canaries ------------------------------------------------------------------------------------------
+
+    def start_canary(self, name: str, version: int | str, share: float, *, by: str | None = None,
+                     reason: str = "") -> Canary:
+        """Serve NAME@VERSION to `share` of NAME's users beside production: the version goes to staging (action
+        `canary` in the audit log) and a server with --registry starts routing within one poll."""
+        if not 0 < share < 1:
+            raise TailorError(f"canary share must be between 0 and 1 (found {share})")
+        who = current_user(by)
+        with self.transaction() as session:
+            candidate = self._resolve(session, f"{name}@{version}")
+            running = self._active_canaries(session, name)
+            if running:
+                raise TailorError(f"{name}: the canary of {running[0].candidate.label} is still running; decide it "
+                                  f"first (tailor improve --decide)")
+            production = self._in_stage(session, name, "production")
+            if not production:
+                raise TailorError(f"{name} has no version in production to compare the canary with")
+            if candidate.stage != "candidate":
+                raise TailorError(f"{candidate.label} is in {candidate.stage}; only a candidate can start a canary")
+            verify_artifacts(candidate)  # a corrupted artifact must never answer users
+            self._move(session, candidate, "staging", "canary", who,
+                       reason or f"canary: {share:.0%} of {name}'s users beside {production[-1].label}")
+            canary = Canary(name=name, candidate=candidate, control=production[-1], share=share, started_by=who,
+                            reason=reason)
+            session.add(canary)
+        return canary
+
+    def active_canaries(self, name: str | None = None) -> list[Canary]:
+        with self.transaction() as session:
+            return self._active_canaries(session, name)
+
+    def canaries(self, name: str) -> list[Canary]:
+        """Every canary of `name`, oldest first."""
+        with self.transaction() as session:
+            return list(session.scalars(select(Canary).where(Canary.name == name).order_by(Canary.id)))
+
+    def end_canary(self, canary_id: int, outcome: str, *, by: str | None = None, reason: str = "") -> Canary:
+        """End a canary: `promoted` puts the candidate in production (the old version archived), `rolled_back`
+        archives the candidate (action `rollback`), `stopped` archives it without judging it. One transaction:
+        the canary's end and the stage changes are written together or not at all."""
+        if outcome not in ("promoted", "rolled_back", "stopped"):
+            raise TailorError(f"canary outcome must be promoted, rolled_back or stopped (found {outcome!r})")
+        who = current_user(by)
+        with self.transaction() as session:
+            canary = session.get(Canary, canary_id)
+            if canary is None or canary.ended_at is not None:
+                raise TailorError(f"canary {canary_id}: no such running canary")
+            candidate = canary.candidate
+            if outcome == "promoted":
+                verify_artifacts(candidate)
+                for previous in self._in_stage(session, canary.name, "production"):
+                    self._move(session, previous, "archived", "demote", who,
+                               f"replaced in production by {candidate.label}: {reason}")
+                self._move(session, candidate, "production", "promote", who, reason)
+            else:
+                self._move(session, candidate, "archived", "rollback" if outcome == "rolled_back" else "stop", who,
+                           reason)
+            canary.ended_at, canary.outcome, canary.reason = utc_now(), outcome, reason
+        return canary
+
     # ---- helpers -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _active_canaries(session: Session, name: str | None) -> list[Canary]:
+        query = select(Canary).where(Canary.ended_at.is_(None))
+        if name is not None:
+            query = query.where(Canary.name == name)
+        return list(session.scalars(query.order_by(Canary.id)))
 
     @staticmethod
     def _in_stage(session: Session, name: str, stage: str) -> list[ModelVersion]:

@@ -1,12 +1,13 @@
-"""The registry's two tables. Plain SQLAlchemy 2.x ORM with portable column types, so the same schema runs on the
-default SQLite file and on PostgreSQL."""
+"""The registry's tables: versions, their stage changes (the audit log), canaries and the feedback rows behind a
+version. Plain SQLAlchemy 2.x ORM with portable column types, so the same schema runs on the default SQLite file and
+on PostgreSQL; tables added later are created in an existing database when it is opened (create_all)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -59,3 +60,42 @@ class StageChange(Base):
     changed_by: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text, default="")
     version: Mapped[ModelVersion] = relationship(lazy="joined")  # loaded with the row: usable after the session
+
+
+class Canary(Base):
+    """A candidate served to a share of the users of its model's name beside the production version (`tailor
+    improve`), until a decision ends it: promoted, rolled back or stopped."""
+
+    __tablename__ = "canaries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)  # the model name clients ask for
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    control_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))  # production when the canary started
+    share: Mapped[float] = mapped_column(Float)  # of users, sticky per user
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    started_by: Mapped[str] = mapped_column(String(200))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)  # promoted, rolled_back, stopped
+    reason: Mapped[str] = mapped_column(Text, default="")
+    candidate: Mapped[ModelVersion] = relationship(foreign_keys=[candidate_id], lazy="joined")
+    control: Mapped[ModelVersion] = relationship(foreign_keys=[control_id], lazy="joined")
+
+    @property
+    def served_name(self) -> str:
+        """What the server calls the candidate while the canary runs (its label, e.g. city@4): feedback on its
+        answers carries this name, so the A/B report and the monitor tell the two versions apart."""
+        return self.candidate.label
+
+
+class VersionFeedback(Base):
+    """Lineage down to the feedback rows: which rows of which feedback database a version was trained or
+    checked on, and how (sft: a correction; kto: a rated answer; dpo: one side of a pair; regression: eval)."""
+
+    __tablename__ = "version_feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    feedback_db: Mapped[str] = mapped_column(Text)
+    feedback_id: Mapped[int] = mapped_column(Integer)
+    use: Mapped[str] = mapped_column(String(20))

@@ -31,9 +31,22 @@ class AliasRouter:
                     raise TailorError(f"{where}.{model}: the weight must be a positive number (found {weight})")
             total = sum(weights.values())
             self.aliases[alias] = [(model, weight / total) for model, weight in weights.items()]
+        self.canaries: set[str] = set()  # aliases named after the model they split (a canary beside production)
 
     def names(self) -> list[str]:
-        return list(self.aliases)
+        """The aliases clients may name that are not also a model's own name."""
+        return [alias for alias in self.aliases if alias not in self.canaries]
+
+    def start_canary(self, name: str, candidate: str, share: float) -> None:
+        """Send `share` of the users who ask for `name` to `candidate` (sticky per user, as any alias), the rest to
+        `name` itself: clients keep asking for the same name while a new version is tried on a few of them."""
+        self.aliases[name] = [(name, 1.0 - share), (candidate, share)]
+        self.canaries.add(name)
+
+    def end_canary(self, name: str) -> None:
+        if name in self.canaries:
+            self.aliases.pop(name, None)
+            self.canaries.discard(name)
 
     def resolve(self, model: str, caller: str) -> tuple[str, str | None]:
         """(the model that answers, the alias asked for or None)."""
@@ -66,10 +79,10 @@ def _quantile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def report(db_path: Path | str, alias: str | None = None) -> dict:
+def report(db_path: Path | str, alias: str | None = None, since: str | None = None) -> dict:
     """Per version of each alias: completions, feedback, up-rate and latency; and each version against the
     alias's most-used one: Fisher's exact test on up/down counts, a two-proportion z-test, and Mann-Whitney U on
-    latency."""
+    latency. `since` (ISO 8601 UTC): only completions from then on (one canary of an alias used by several)."""
     from scipy import stats
 
     path = Path(db_path)
@@ -80,8 +93,8 @@ def report(db_path: Path | str, alias: str | None = None) -> dict:
         rows = db.execute(
             "SELECT c.alias, c.model, c.id, c.latency_ms, c.first_token_ms, "
             "SUM(f.rating = 'up'), SUM(f.rating = 'down') FROM completions c LEFT JOIN feedback f "
-            "ON f.response_id = c.id WHERE c.alias IS NOT NULL AND (? IS NULL OR c.alias = ?) GROUP BY c.id",
-            (alias, alias)).fetchall()
+            "ON f.response_id = c.id WHERE c.alias IS NOT NULL AND (? IS NULL OR c.alias = ?) AND c.created_at >= ? "
+            "GROUP BY c.id", (alias, alias, since or "")).fetchall()
         db.close()
     except sqlite3.DatabaseError as exc:
         raise TailorError(f"{path}: cannot read the feedback database ({exc})") from None

@@ -69,10 +69,14 @@ def build_services(engine: ServingEngine, config: ServeConfig, root: Path, state
 
 
 def create_app(engine: ServingEngine, config: ServeConfig | None = None, root: Path | str = ".",
-               state_dir: Path | str | None = None) -> FastAPI:
-    """The app for `engine`. Without a config: no keys, an in-memory feedback database and no request log."""
+               state_dir: Path | str | None = None, watcher=None) -> FastAPI:
+    """The app for `engine`. Without a config: no keys, an in-memory feedback database and no request log.
+    `watcher`: the RegistryWatcher following the registry, which routes canaries through this app's aliases."""
     config = config or ServeConfig(feedback_db=":memory:", request_log=None)
     services = build_services(engine, config, Path(root), Path(state_dir) if state_dir else None)
+    if watcher is not None:
+        watcher.aliases = services.aliases
+        watcher.sync()  # a canary already running is routed before the first request
     # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline
     app = FastAPI(title="tailor", docs_url=None, redoc_url=None)
     app.state.services = services
@@ -277,9 +281,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          config: ServeConfig | None = None, root: Path | str = ".", state_dir: Path | str | None = None) -> None:
+          config: ServeConfig | None = None, root: Path | str = ".", state_dir: Path | str | None = None,
+          watcher=None) -> None:
     """Serve until interrupted (Ctrl+C), then close the engine. Without API keys only this machine may connect."""
-    app = create_app(engine, config, root, state_dir)
+    app = create_app(engine, config, root, state_dir, watcher)
     if app.state.services.keys is None and host not in LOOPBACK:
         print(f"tailor: no API key configured (serve.api_key_file or --api-key-file), so listening on 127.0.0.1 "
               f"only, not {host}", flush=True)

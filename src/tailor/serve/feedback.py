@@ -4,11 +4,16 @@ Two tables; `feedback` is the contract other stages read (e.g. to turn correctio
 
     completions(id, model, alias, endpoint, prompt, answer, user, created_at, latency_ms, first_token_ms,
                 completion_tokens)
-    feedback(id, response_id, model, prompt, answer, rating, correction, comment, user, created_at)
+    feedback(id, response_id, model, prompt, answer, rating, correction, comment, user, created_at,
+             review, reviewed_correction, reviewed_by, reviewed_at, review_note)
 
 `prompt` is a JSON list of chat messages (a legacy completion's prompt is one user message); `rating` is "up" or
 "down"; times are ISO 8601 UTC. A write is committed before the call returns, with the write-ahead log synced
 (`synchronous=FULL`), so feedback the server acknowledged survives the process being killed the next instant.
+
+A correction waits in the review queue (`review` NULL) until staff accept it (optionally edited: the text that
+trains is `reviewed_correction`) or reject it; `tailor improve` trains on accepted ones. The review columns were
+added later: opening an older database adds them (`migrate`).
 
 `read_feedback_counts` and `read_answers` read a database a running server writes, read-only (`tailor monitor`).
 """
@@ -36,6 +41,18 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE INDEX IF NOT EXISTS feedback_response ON feedback(response_id);
 CREATE INDEX IF NOT EXISTS completions_alias ON completions(alias);
 """
+# the review queue's columns, added to databases written before it existed
+REVIEW_COLUMNS = {"review": "TEXT CHECK (review IN ('accepted', 'rejected'))", "reviewed_correction": "TEXT",
+                  "reviewed_by": "TEXT", "reviewed_at": "TEXT", "review_note": "TEXT"}
+REVIEWS = ("accepted", "rejected")
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Add the columns a database from an older version lacks (ALTER TABLE ... ADD COLUMN keeps every row)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
+    for column, kind in REVIEW_COLUMNS.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE feedback ADD COLUMN {column} {kind}")
 
 
 class UnknownResponseError(TailorError):
@@ -53,6 +70,7 @@ class FeedbackStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            migrate(self._db)
         except sqlite3.DatabaseError as exc:
             raise TailorError(f"serve.feedback_db: {self.path} is not a usable SQLite database ({exc})") from None
         self._lock = threading.Lock()
@@ -80,6 +98,32 @@ class FeedbackStore:
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (response_id, model, prompt, answer, rating, correction, comment, user or asked_by, now_iso()))
             return cursor.lastrowid, model
+
+    def review(self, feedback_id: int, decision: str, *, by: str, correction: str | None = None,
+               note: str | None = None) -> dict:
+        """Accept (optionally with an edited correction) or reject the correction of one feedback row."""
+        if decision not in REVIEWS:
+            raise TailorError(f"review: must be accepted or rejected (found {decision!r})")
+        with self._lock:
+            row = self._db.execute("SELECT correction FROM feedback WHERE id = ?", (feedback_id,)).fetchone()
+            if row is None:
+                raise TailorError(f"feedback {feedback_id}: no such row in {self.path}")
+            text = (correction if correction is not None else row[0] or "").strip()
+            if decision == "accepted" and not text:
+                raise TailorError(f"feedback {feedback_id}: the correction is empty; edit it or reject it")
+            self._db.execute("UPDATE feedback SET review = ?, reviewed_correction = ?, reviewed_by = ?, "
+                             "reviewed_at = ?, review_note = ? WHERE id = ?",
+                             (decision, text if decision == "accepted" else None, by, now_iso(), note, feedback_id))
+        return {"id": feedback_id, "review": decision, "correction": text if decision == "accepted" else None}
+
+    def rows(self, where: str = "1", params: tuple = ()) -> list[dict]:
+        """Feedback rows with the alias their completion was asked under, oldest first."""
+        with self._lock:
+            cursor = self._db.execute(
+                f"SELECT f.*, c.alias AS alias FROM feedback f LEFT JOIN completions c ON c.id = f.response_id "
+                f"WHERE {where} ORDER BY f.id", params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,10 @@ calls `engine.add_adapter(name, folder)` (which swaps an existing name between t
 files are checked against the checksums recorded at registration; a corrupted or missing file is logged and the
 name keeps serving what it served before, so a bad artifact never replaces a good one.
 
+A canary (`tailor improve`, `Registry.start_canary`) is followed the same way: its candidate is loaded under its
+label (city@4) and the alias router sends the canary's share of the users asking for `city` to it; when the canary
+ends, the label is unloaded and the split removed. Without an alias router (`aliases`), canaries are not served.
+
 Polling, not notifications: the registry is any SQLAlchemy database (SQLite by default), and a SELECT every few
 seconds is the one change signal all of them share.
 """
@@ -23,6 +27,7 @@ from tailor.errors import TailorError
 from tailor.registry import Registry
 from tailor.registry.store import verify_artifacts
 from tailor.registry.tables import ModelVersion
+from tailor.serve.ab import AliasRouter
 from tailor.serve.protocol import ServingEngine
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ class RegistryWatcher:
         self.registry = registry
         self.interval = interval
         self.names = names  # None: every name in the registry
+        self.aliases: AliasRouter | None = None  # set by the app that serves the engine (canaries need it)
+        self.canaries: dict[str, str] = {}  # model name → the candidate label served beside it
         self.served: dict[str, Served] = {}
         self._refused: dict[str, int] = {}  # name → version id already reported as not servable
         self._stop = threading.Event()
@@ -103,7 +110,45 @@ class RegistryWatcher:
             del self.served[name]
             result.removed.append(name)
             log.info("'%s' has no production version any more; no longer served", name)
+        self._sync_canaries(result)
         return result
+
+    def _sync_canaries(self, result: SyncResult) -> None:
+        if self.aliases is None:
+            return
+        try:
+            running = {c.name: c for c in self.registry.active_canaries()
+                       if (self.names is None or c.name in self.names) and c.name in self.served}
+        except Exception as exc:  # noqa: BLE001 - as above: the next poll tries again
+            result.problems.append(f"registry {self.registry.url}: {str(exc).splitlines()[0]}")
+            log.warning(result.problems[-1])
+            return
+        for name, label in list(self.canaries.items()):
+            if name not in running or running[name].served_name != label:
+                self.aliases.end_canary(name)
+                del self.canaries[name]
+                self.engine.remove_adapter(label)
+                result.removed.append(label)
+                log.info("canary %s ended", label)
+        for name, canary in running.items():
+            if name in self.canaries or self._refused.get(canary.served_name) == canary.candidate_id:
+                continue
+            folder = artifact_folder(canary.candidate)
+            try:
+                if folder is None:
+                    raise TailorError(f"{canary.served_name}: no adapter, model or prompt profile was registered")
+                verify_artifacts(canary.candidate)
+                self.engine.add_adapter(canary.served_name, str(folder))
+            except Exception as exc:  # noqa: BLE001 - a broken candidate leaves production answering everyone
+                self._refused[canary.served_name] = canary.candidate_id
+                result.problems.append(f"canary {canary.served_name}: {str(exc).splitlines()[0]}; production "
+                                       f"answers everyone")
+                log.error(result.problems[-1])
+                continue
+            self.aliases.start_canary(name, canary.served_name, canary.share)
+            self.canaries[name] = canary.served_name
+            result.loaded.append(canary.served_name)
+            log.info("canary %s: %.0f%% of '%s' users", canary.served_name, canary.share * 100, name)
 
     def _load(self, name: str, version: ModelVersion) -> str | None:
         folder = artifact_folder(version)
