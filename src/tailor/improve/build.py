@@ -62,6 +62,9 @@ def build(config: TailorConfig, collected: dict, production_run: Path, cycle_dir
                    "source": f"corrected:feedback {c['feedback_id']}"} for c in corrections]
     heldout_path = production_run / "data" / "eval.jsonl"
     heldout = [(line, record) for line, record in read_jsonl(heldout_path)] if heldout_path.is_file() else []
+    # a held-out question somebody corrected is measured once, as corrected: "the rest" must not hold it
+    corrected = {_question(c["prompt"]) for c in corrections}
+    heldout = [(line, record) for line, record in heldout if _question(record["messages"]) not in corrected]
     if config.improve.eval_limit:
         heldout = heldout[:config.improve.eval_limit]
     comparison += [{"messages": record["messages"], "source": f"heldout:{heldout_path.name}:{line}"}
@@ -75,3 +78,7 @@ def build(config: TailorConfig, collected: dict, production_run: Path, cycle_dir
                              "kto": [r["feedback_id"] for r in rated],
                              "dpo": sorted({i for p in pairs for i in p["feedback_ids"]}),
                              "regression": [r["feedback_id"] for r in collected["regression"]]}}
+
+
+def _question(messages: list[dict]) -> str:
+    return " ".join(next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "").lower().split())
