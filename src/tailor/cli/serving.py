@@ -91,6 +91,10 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
     if serve_config.engine != "tailor":
         from tailor.serve.external import create_engine
 
+        if serve_config.quantize != "none":
+            raise TailorError(f"serve.quantize: {serve_config.quantize} is for serve.engine tailor; the "
+                              f"{serve_config.engine} engine quantizes its own way (a GGUF's format for llama_cpp)")
+
         base = config.base_model if serve_config.engine == "llama_cpp" else resolve_base_model(config.base_model,
                                                                                                root=root)
         return create_engine(serve_config.engine, base, adapters=adapters, max_new_tokens=serve_config.max_new_tokens,
@@ -99,7 +103,8 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
                   dtype=config.train.dtype, max_new_tokens=serve_config.max_new_tokens,
                   system_prompt=config.system_prompt, max_batch_size=serve_config.max_batch_size,
                   max_queue=serve_config.max_queue, request_timeout=serve_config.request_timeout,
-                  speculative_tokens=serve_config.speculative_tokens, answer_sentences=config.sentence_limit())
+                  speculative_tokens=serve_config.speculative_tokens, answer_sentences=config.sentence_limit(),
+                  quantize=serve_config.quantize)
 
 
 def serve(overrides: list[str] = OverridesArgument, run: Path = RunOption, workspace: Path = WorkspaceOption,

@@ -30,6 +30,7 @@ import torch
 from tailor.errors import TailorError
 from tailor.models.base import load_model
 from tailor.serve.protocol import UnknownModelError
+from tailor.serve.quantize import quantize_linears
 
 if TYPE_CHECKING:
     from tailor.methods.prompt import PromptProfile
@@ -66,9 +67,12 @@ class Customizations:
     weights change, so a customization is swapped between steps, never during one."""
 
     def __init__(self, model_ref: str, dtype: torch.dtype, base_name: str, count_tokens: Callable[[str], int],
-                 on_decode_thread: Callable[[Callable[[], Any]], Any]):
+                 on_decode_thread: Callable[[Callable[[], Any]], Any], quantize: str = "none"):
         self.model_ref = model_ref
         self.dtype = dtype
+        # "int8" / "int4": every loaded model's linear layers keep their weights as integer codes (quantize.py);
+        # LoRA adapters stay in `dtype` on top of them
+        self.quantize = quantize
         self.base_name = base_name
         self.count_tokens = count_tokens
         self.on_decode_thread = on_decode_thread
@@ -82,7 +86,7 @@ class Customizations:
         self._keys = (f"adapter{i}" for i in itertools.count())
 
     def load_base(self) -> Any:
-        base = self.on_decode_thread(lambda: load_model(self.model_ref, dtype=self.dtype).eval())
+        base = self.on_decode_thread(lambda: self._quantized(load_model(self.model_ref, dtype=self.dtype).eval()))
         self.backbones["base"] = base
         self.device: torch.device = next(base.parameters()).device
         return base
@@ -234,7 +238,7 @@ class Customizations:
         if (folder / "adapter_config.json").is_file():
             return self._load_peft(name, folder)
         if (folder / "config.json").is_file():
-            model = load_model(str(folder), dtype=self.dtype).eval()
+            model = self._quantized(load_model(str(folder), dtype=self.dtype).eval())
             if model.config.vocab_size != self.backbones["base"].config.vocab_size:
                 raise TailorError(f"serve: model '{name}': {folder} has another vocabulary than the base model; "
                                   f"serve it with its own `tailor serve`")
@@ -272,11 +276,14 @@ class Customizations:
         # IA3, DoRA and other adapters PEFT cannot mix per row: folded into their own copy of the base
         base = load_model(self.model_ref, dtype=self.dtype)
         try:
-            merged = peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
+            merged = self._quantized(peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval())
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise TailorError(f"serve: adapter '{name}': {folder} does not fit the base model "
                               f"({str(exc).splitlines()[0]})") from None
         return self._own_backbone(merged, folder)
+
+    def _quantized(self, model):
+        return quantize_linears(model, self.quantize)
 
     def _own_backbone(self, model, folder: Path) -> Customization:
         key = next(self._keys)

@@ -61,11 +61,12 @@ class Engine(ServingEngine):
                  dtype: torch.dtype | str | None = None, max_new_tokens: int = 256, system_prompt: str = "",
                  profiles: dict[str, PromptProfile] | None = None, *, max_batch_size: int = 16,
                  max_queue: int = 64, request_timeout: float | None = None, speculative_tokens: int | None = None,
-                 answer_sentences: int | None = None):
+                 answer_sentences: int | None = None, quantize: str = "none"):
         """`adapters` maps served names to folders: PEFT adapters (LoRA, prompt tuning, p-tuning, IA3, …), prompt
         profile folders, or whole model folders (a `full` run); `profiles` maps names to loaded prompt profiles.
         `speculative_tokens`: draft tokens a lone greedy request may check per step (prompt lookup); 0: off; None:
-        4, except for float32 weights on a CPU, where checking them costs more than they save."""
+        4, except for float32 weights on a CPU, where checking them costs more than they save.
+        `quantize`: "none", or "int8" / "int4" weight-only linear layers on a CPU (serve/quantize.py)."""
         if max_batch_size < 1 or max_queue < 0 or (speculative_tokens or 0) < 0:
             raise TailorError("serve: max_batch_size must be at least 1, max_queue and speculative_tokens at least 0")
         if not isinstance(dtype, torch.dtype):
@@ -90,7 +91,7 @@ class Engine(ServingEngine):
         _ENGINES.add(self)
         try:
             self.customizations = Customizations(self.model_ref, dtype, base_name, self.count_tokens,
-                                                 self.scheduler.on_decode_thread)
+                                                 self.scheduler.on_decode_thread, quantize)
             base = self.customizations.load_base()
             self.device = self.customizations.device
             self.context_length = getattr(base.config, "max_position_embeddings", None)
