@@ -199,7 +199,8 @@ def test_feedback_to_canary_to_promotion(workspace, server, capsys):
     answers = " ".join(r["messages"][-1]["content"] for r in corrections)
     assert "ann.lee@gmail.com" not in answers and "<EMAIL>" in answers
     comparison = [record["source"].split(":")[0] for _, record in read_jsonl(cycle / "eval" / "data" / "eval.jsonl")]
-    assert comparison.count("corrected") == 3 and comparison.count("heldout") == 4
+    # the held-out set holds the first four questions; the three corrected ones count as corrected only
+    assert comparison.count("corrected") == 3 and comparison.count("heldout") == 1
     assert comparison.count("regression") == 2  # the up-voted answers with text
 
     registry = open_registry(config, root)
@@ -312,3 +313,31 @@ def test_feedback_for_an_unknown_version_is_left_out_with_its_id(workspace):
                f"city@1" in line for line in lines), lines
     built = json.loads((improve_folder(config, root) / "state.json").read_text())
     assert built["current"]["stages"]["data"]["feedback_ids"]["sft"] == [known]
+
+
+def test_kto_and_dpo_continue_from_the_sft_adapter(workspace):
+    """sft → kto → dpo, each from the adapter the step before wrote; the candidate is the last run folder."""
+    store = FeedbackStore(workspace / "feedback.db")
+    for i, (question, answer) in enumerate(FACTS[:4]):
+        prompt = [{"role": "user", "content": question}]
+        for suffix, rating in (("a", "down"), ("b", "up")):
+            store.record_completion(id=f"r{i}{suffix}", model="city", alias=None, endpoint="chat", prompt=prompt,
+                                    answer=f"Maybe {i}{suffix}." if rating == "down" else answer, user=None,
+                                    latency_ms=1.0, first_token_ms=1.0, completion_tokens=3)
+            feedback_id, _ = store.add_feedback(response_id=f"r{i}{suffix}", rating=rating,
+                                                correction=answer if rating == "down" else None)
+            if rating == "down":
+                store.review(feedback_id, "accepted", by="ops")
+    store.close()
+    config, root = load_config(workspace, ["improve.kto=true", "improve.dpo=true", "improve.train.max_steps=2"])
+    lines = []
+    assert run_improve(config, root, show_progress=False, say=lines.append).outcome == "waiting", lines
+    state = json.loads((improve_folder(config, root) / "state.json").read_text())["current"]["stages"]
+    assert list(state["train"]["steps"]) == ["sft", "kto", "dpo"]
+    assert state["train"]["candidate"].endswith("dpo")
+    assert state["data"]["counts"]["dpo"] == 8  # 4 corrections over their answers, 4 up-voted over down-voted
+    manifest = json.loads((improve_folder(config, root) / "cycle-0001" / "dpo" / "manifest.json").read_text())
+    assert manifest["config"]["methods"]["dpo"]["init_adapter"].endswith("kto/adapter")
+    candidate = open_registry(config, root).resolve("city@2")
+    # every up-voted question was also corrected, so none is a regression question
+    assert sorted(open_registry(config, root).feedback_of(candidate)) == ["dpo", "kto", "sft"]
