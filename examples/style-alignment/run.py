@@ -1,15 +1,16 @@
-"""SFT → PPO and DPO (each starting from the SFT adapter) on the default model, then adherence to the style guide
-on held-out questions and the KL of each aligned model to the SFT model.
+"""SFT → PPO, GRPO, DPO and KTO (each starting from the SFT adapter) on the default model, then adherence to the
+style guide on held-out questions and the KL of each aligned model to the SFT model.
 
     python examples/style-alignment/run.py [--out DIR]
 
 Prints a table and writes DIR/alignment.json:
-{"models": {"sft": {"adherence": …}, "ppo": {"adherence": …, "kl": …}, "dpo": {"adherence": …, "kl": …}}}.
+{"models": {"sft": {"adherence": …}, "ppo": {"adherence": …, "kl": …}, "grpo": …, "dpo": …, "kto": …}}.
 The same steps as commands (each run folder is its own `-r`):
     tailor data build -w examples/style-alignment -r OUT/sft && tailor train -w … -r OUT/sft
     tailor train -w … -r OUT/ppo --method ppo train.learning_rate=2e-4 methods.ppo.init_adapter=OUT/sft \
         methods.ppo.prompts_file=OUT/sft/data/train.jsonl
-    (DPO: train.learning_rate=5e-4 train.max_steps=30 train.batch_size=4 train.warmup_ratio=0.1)
+    (GRPO like PPO with --method grpo; DPO: train.learning_rate=5e-4 train.max_steps=30 train.batch_size=4
+    train.warmup_ratio=0.1; KTO like DPO with methods.kto.examples_file=OUT/thumbs.jsonl)
     tailor train -w … -r OUT/dpo --method dpo methods.dpo.init_adapter=OUT/sft
 """
 
@@ -38,14 +39,35 @@ from tailor.workspace import read_jsonl, write_json  # noqa: E402
 # per-stage settings on top of tailor.yaml: alignment continues the SFT adapter, so smaller steps than SFT's
 # PPO at 1e-3 drove the logged KL to ~10 within 3 rollout batches and never raised the reward; 2e-4 over 24
 # batches of 16 rollouts does (benchmarks/results/style_alignment.json)
-PPO = ["train.method=ppo", "train.learning_rate=2.0e-4"]
+# (the rollout methods run methods.<name>.iterations of their own batches, so the SFT run's train.max_steps and
+# batch size go back to their defaults: a train.* key a method would ignore stops the run)
+ROLLOUT = ["train.max_steps=0", "train.batch_size=8"]
+PPO = ["train.method=ppo", "train.learning_rate=2.0e-4", *ROLLOUT]
+GRPO = ["train.method=grpo", "train.learning_rate=2.0e-4", *ROLLOUT]
 DPO = ["train.method=dpo", "train.learning_rate=5.0e-4", "train.max_steps=30", "train.batch_size=4",
        "train.warmup_ratio=0.1"]
+# KTO sees each preference pair's prompt once, with either its styled (thumbs up) or its plain answer (thumbs down)
+KTO = ["train.method=kto", "train.learning_rate=5.0e-4", "train.max_steps=30", "train.batch_size=4",
+       "train.warmup_ratio=0.1"]
+ALIGNED = ("ppo", "grpo", "dpo", "kto")
 
 
 # --quick: a smoke run for a busy machine (minutes, not the figures the example is about)
 QUICK = ["train.max_steps=12", "train.batch_size=4", "methods.ppo.iterations=3", "methods.ppo.rollout_batch=4",
-         "methods.ppo.mini_batch=4", "methods.ppo.max_new_tokens=32"]
+         "methods.ppo.mini_batch=4", "methods.ppo.max_new_tokens=32", "methods.grpo.iterations=3",
+         "methods.grpo.prompts_per_iteration=2", "methods.grpo.group_size=2", "methods.grpo.max_new_tokens=32"]
+
+
+def thumbs(out: Path) -> Path:
+    """Unpaired thumbs for KTO from the preference pairs: alternately the styled answer (up) or the plain one
+    (down), so no prompt is seen with both."""
+    from tailor.workspace import write_jsonl
+
+    records = [{"prompt": record["prompt"], "completion": record["chosen" if i % 2 == 0 else "rejected"],
+                "label": i % 2 == 0} for i, (_, record) in enumerate(read_jsonl(HERE / "preferences.jsonl"))]
+    path = out / "thumbs.jsonl"
+    write_jsonl(path, records)
+    return path
 
 
 def train(out: Path, name: str, overrides: list[str]) -> float:
@@ -85,10 +107,10 @@ def measure(out: Path, max_new_tokens: int, overrides: list[str], limit: int | N
                      for q in questions]
     model = peft.PeftModel.from_pretrained(load_model(base_ref, dtype=dtype), str(out / "sft" / "adapter"),
                                            adapter_name="sft").eval()
-    for name in ("ppo", "dpo"):
+    for name in ALIGNED:
         model.load_adapter(str(out / name / "adapter"), adapter_name=name)
     results, answers = {}, {}
-    for name in ("sft", "ppo", "dpo"):
+    for name in ("sft", *ALIGNED):
         model.set_adapter(name)
         answers[name] = greedy_answers(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                        batch_size=8, compute_dtype=dtype)
@@ -98,7 +120,7 @@ def measure(out: Path, max_new_tokens: int, overrides: list[str], limit: int | N
     # KL to the SFT model: a second copy as the reference, so switching adapters cannot mix them up
     reference_model = peft.PeftModel.from_pretrained(load_model(base_ref, dtype=dtype),
                                                      str(out / "sft" / "adapter")).eval()
-    for name in ("ppo", "dpo"):
+    for name in ALIGNED:
         model.set_adapter(name)
         results[name]["kl"] = round(kl_to(model, reference_model, tokenizer, conversations, answers[name]), 4)
     return {"models": results, "questions": len(questions),
@@ -118,8 +140,12 @@ def main() -> None:
     prompts = out / "sft" / "data" / "train.jsonl"
     seconds["ppo"] = train(out, "ppo", common + PPO + [f"methods.ppo.init_adapter={out / 'sft'}",
                                                        f"methods.ppo.prompts_file={prompts}"])
-    seconds["dpo"] = train(out, "dpo", common + DPO + [f"methods.dpo.init_adapter={out / 'sft'}"]
-                           + (["train.max_steps=6", "train.batch_size=2"] if args.quick else []))
+    seconds["grpo"] = train(out, "grpo", common + GRPO + [f"methods.grpo.init_adapter={out / 'sft'}",
+                                                          f"methods.grpo.prompts_file={prompts}"])
+    short = ["train.max_steps=6", "train.batch_size=2"] if args.quick else []
+    seconds["dpo"] = train(out, "dpo", common + DPO + [f"methods.dpo.init_adapter={out / 'sft'}"] + short)
+    seconds["kto"] = train(out, "kto", common + KTO + [f"methods.kto.init_adapter={out / 'sft'}",
+                                                       f"methods.kto.examples_file={thumbs(out)}"] + short)
     started = time.perf_counter()
     report = measure(out, 40 if args.quick else args.max_new_tokens, common, 8 if args.quick else None)
     seconds["measure"] = time.perf_counter() - started
