@@ -43,8 +43,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "grounded.json"
 RUNS = ROOT / "runs" / "grounded"  # runs/ is not versioned
 DOMAINS = {"city": "city-services", "privoxy": "privoxy-docs"}
 METRICS = ("token_f1", "answerable_token_f1", "exact_match", "fact_recall", "recall_at_1", "recall_at_5",
-           "recall_at_10", "mrr", "document_recall_at_5", "faithfulness", "citation_accuracy", "abstention_accuracy", "false_abstention",
-           "eval_loss", "retrieval_ms", "gold_known", "n")
+           "recall_at_10", "mrr", "document_recall_at_5", "faithfulness", "citation_accuracy", "abstention_accuracy",
+           "false_abstention", "eval_loss", "retrieval_ms", "gold_known", "n")
 GOALS = {"recall_at_5": 0.9, "rag_f1_ratio": 2.0, "citation_accuracy": 0.8, "index_seconds": 60.0,
          "retrieval_ms": 50.0}
 # documents alone (the RAFT issue): the city's best token F1 and minutes to a served model; the second domain's
@@ -89,8 +89,8 @@ def method_scores(run_dir: Path, summary: dict, methods: list[str], with_base: b
 def compare_methods(config, root: Path, run_dir: Path, methods: list[str], method_overrides: dict[str, list[str]],
                     with_base: bool) -> tuple[dict, dict, dict]:
     """`tailor compare`'s code on `methods` in `run_dir`: (its summary, each method's metrics, the overrides used)."""
-    from tailor.cli.compare import compare_table, run_compare
     from tailor.cli.common import console
+    from tailor.cli.compare import compare_table, run_compare
 
     overrides = {name: values for name, values in method_overrides.items() if name in methods}
     summary = run_compare(config, root, run_dir, methods, latency_questions=3, keep_going=True,
@@ -162,8 +162,8 @@ def documents_only(domain: str, example: Path, questions: Path, source_run: Path
 
 def run_domain(domain: str, methods: list[str], quick: bool, method_overrides: dict[str, list[str]],
                from_documents: bool = False, synth_chunks: int = 0) -> dict:
-    from tailor.cli.compare import method_name
     from tailor.cli.common import console
+    from tailor.cli.compare import method_name
     from tailor.cli.demo import find_example
     from tailor.cli.retrieval import build_run_index
     from tailor.config import load_config
@@ -292,7 +292,8 @@ def main() -> None:
     domains = {name: run_domain(name, methods, args.quick, method_overrides, args.from_documents,
                                 args.synth_chunks) for name in args.domains.split(",")}
     result = {"created_at": now_iso(), "quick": args.quick, "base_model": "smollm2-135m-instruct",
-              "methods": methods, "from_documents": args.from_documents, "synth_chunks": args.synth_chunks, "domains": domains, "goals": goals(domains),
+              "methods": methods, "from_documents": args.from_documents, "synth_chunks": args.synth_chunks,
+              "domains": domains, "goals": goals(domains),
               "load_average": {"before": [round(x, 2) for x in load_before],
                                "after": [round(x, 2) for x in os.getloadavg()]},
               "total_seconds": round(time.perf_counter() - started, 1)}

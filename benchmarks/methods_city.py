@@ -75,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tailor.cli.app import _quiet_libraries
-    from tailor.cli.compare import compare_table, run_compare
     from tailor.cli.common import console
+    from tailor.cli.compare import compare_table, run_compare
     from tailor.cli.demo import find_example
     from tailor.config import load_config
     from tailor.workspace import write_json

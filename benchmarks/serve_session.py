@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve as serve_benchmark  # noqa: E402  (benchmarks/serve.py: random adapters and the load generator)
+
 from tailor.config import load_config  # noqa: E402
 from tailor.workspace import atomic_path, write_json  # noqa: E402
 

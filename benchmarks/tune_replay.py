@@ -75,10 +75,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+import tune as benchmark  # noqa: E402  (benchmarks/tune.py: its settings are what is replayed)
 
 import tailor.tune.search as search  # noqa: E402
 import tailor.tune.space as space_module  # noqa: E402
-import tune as benchmark  # noqa: E402  (benchmarks/tune.py: its settings are what is replayed)
 from tailor.config import apply_overrides, load_raw, validate_config  # noqa: E402
 from tailor.tune.space import UntriedFirst, WrappedSampler, untried_first  # noqa: E402
 
@@ -201,7 +201,7 @@ class _Untried(WrappedSampler):
 
     def distance(self, a, b):
         total = 0
-        for key, x, y in zip(self.keys, a, b):
+        for key, x, y in zip(self.keys, a, b, strict=True):
             if self.orders[key]:
                 total += abs(self.points[key].index(x) - self.points[key].index(y))
             else:
@@ -226,7 +226,7 @@ class _Untried(WrappedSampler):
         if len(proposal) == len(self.keys):
             nearest = min(self.distance(point, p) for p in untried)
             untried = [p for p in untried if self.distance(point, p) == nearest]
-        return dict(zip(self.keys, untried[self.rng.randint(len(untried))]))
+        return dict(zip(self.keys, untried[self.rng.randint(len(untried))], strict=True))
 
 
 

@@ -14,7 +14,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ def package_versions() -> dict[str, str]:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def update_manifest(run_dir: Path | str, stage: str, *, config: dict | None = None,

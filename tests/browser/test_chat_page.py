@@ -19,7 +19,7 @@ CHROMIUM = os.environ.get("TAILOR_CHROMIUM", shutil.which("chromium") or "/usr/b
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir, adapter_dir):
+def engine(tiny_model_dir, adapter_dir):  # noqa: F811 - adapter_dir is the imported fixture
     torch.set_num_threads(1)  # tiny matmuls: more threads only synchronize
     # answers long enough to outrun the output filter's held-back tail, so the page sees many deltas
     engine = Engine(tiny_model_dir, adapters={"city.v1": adapter_dir}, dtype=torch.float32, max_new_tokens=60)
@@ -125,8 +125,8 @@ def test_a_server_with_keys_asks_for_one(page, engine, tmp_path):
 
 
 def test_a_grounded_answer_shows_its_sources_as_expandable_links(page, tiny_model_dir, tmp_path):
-    from tests.unit.test_rag import make_workspace, prepare_run
     from tailor.train.run import run_training
+    from tests.unit.test_rag import make_workspace, prepare_run
 
     workspace = make_workspace(tmp_path / "ws", tiny_model_dir)
     config, root, run_dir = prepare_run(workspace)

@@ -36,7 +36,8 @@ def test_gguf_answers_like_the_adapter(city_run):
     started = time.perf_counter()
     result = export_run(city_run, "gguf", verify=True, tolerance=None)
     report = result.verify
-    print(f"gguf f16 in {report.reader}: exact match {report.exact_match:.0%}, largest logit difference {report.max_logit_diff:.3g}, "
+    print(f"gguf f16 in {report.reader}: exact match {report.exact_match:.0%}, "
+          f"largest logit difference {report.max_logit_diff:.3g}, "
           f"{time.perf_counter() - started:.0f} s")
     assert (result.folder / GGUF_FILE).stat().st_size > 200e6  # 135M parameters in f16
     assert report.reader == "llama.cpp"

@@ -89,9 +89,10 @@ def test_lm_eval_scores_agree_with_tailors_own_evaluation(server, default_model_
     their_answers = [sample["resps"][0][0] for sample in
                      sorted(answers["samples"]["tailor_answers"], key=lambda s: s["doc_id"])]
     same = sum(a.strip() == b.strip() for a, b in zip(our_answers, their_answers, strict=True))
-    assert same >= QUESTIONS - 1, list(zip(our_answers, their_answers))  # greedy both; a near-tie may flip one
-    f1 = [sum(token_f1(a, p["answer"]) for a, p in zip(side, pairs)) / QUESTIONS for side in (our_answers,
-                                                                                              their_answers)]
+    # greedy both; a near-tie may flip one
+    assert same >= QUESTIONS - 1, list(zip(our_answers, their_answers, strict=True))
+    f1 = [sum(token_f1(a, p["answer"]) for a, p in zip(side, pairs, strict=True)) / QUESTIONS
+          for side in (our_answers, their_answers)]
     assert abs(f1[0] - f1[1]) <= 0.05
     print(f"lm-eval acc {choice['results']['tailor_choice']['acc,none']:.3f} = tailor {our_accuracy:.3f}; "
           f"{same}/{QUESTIONS} identical answers; token F1 tailor {f1[0]:.3f}, lm-eval {f1[1]:.3f}")

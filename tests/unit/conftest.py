@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py; pytest puts tests/unit on sys.path
 
 from tailor.config import validate_config
 from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
-
-from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py; pytest puts tests/unit on sys.path
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -31,8 +30,8 @@ def prompts_workspace(tmp_path):
 
 @pytest.fixture
 def workspace(prompts_workspace, tiny_model_dir):
-    """An SFT run (RUN/sft/model) that answers "Yes." or "No." about equally often: a random model spreads its samples over 49k
-    tokens, so no rule gets a consistent signal in a few iterations; this policy already says both answers."""
+    """An SFT run (RUN/sft/model) that answers "Yes." or "No." about equally often: a random model spreads its samples
+    over 49k tokens, so no rule gets a consistent signal in a few iterations; this policy already says both answers."""
     tmp_path = prompts_workspace
     # full fine-tuning: LoRA on a random width-64 model moves its outputs too slowly for a quick SFT
     sft = validate_config({"base_model": tiny_model_dir, "train": {

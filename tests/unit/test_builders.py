@@ -71,8 +71,8 @@ def test_three_way_split_is_deterministic_and_leaks_are_dropped(tmp_path):
             for i in range(300)]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     count = lambda messages: sum(len(m["content"].split()) for m in messages)  # noqa: E731
-    kwargs = dict(system_prompt="", eval_fraction=0.1, seed=3, max_tokens=500, count_tokens=count,
-                  test_fraction=0.1, leak_threshold=None)
+    kwargs = {"system_prompt": "", "eval_fraction": 0.1, "seed": 3, "max_tokens": 500, "count_tokens": count,
+              "test_fraction": 0.1, "leak_threshold": None}
     train, evals, summary = build_chat_datasets([path], [], **kwargs)
     train2, evals2, summary2 = build_chat_datasets([path], [], **kwargs)
     assert (train, evals, summary.test_records) == (train2, evals2, summary2.test_records)

@@ -65,7 +65,8 @@ def set_config(tmp_path, rows, labels=("yes", "no")):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"text": "a", "label": "maybe"}], r"set.jsonl:1: label 'maybe' is not in eval.classification.0.labels \(yes, no\)"),
+    ([{"text": "a", "label": "maybe"}],
+     r"set.jsonl:1: label 'maybe' is not in eval.classification.0.labels \(yes, no\)"),
     ([{"text": "a", "label": "yes"}, {"question": "b", "answer": "no"}], r"set.jsonl:2: expected \{\"text\""),
     ([{"text": " ", "label": "yes"}], r"set.jsonl:1: \"text\" must be a non-empty string"),
     (["{not json"], r"set.jsonl:1"),

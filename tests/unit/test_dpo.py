@@ -4,12 +4,10 @@ an SFT adapter can be the starting point (and reference), and each loss variant 
 import json
 
 import peft
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from tailor.config import validate_config
-from tailor.errors import TailorError
 from tailor.methods.artifacts import load_for_inference
 from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
@@ -57,7 +55,8 @@ def test_dpo_loss_falls_and_saves_a_plain_adapter(tiny_model_dir, tmp_path):
 
 
 def test_full_weight_dpo_is_found_by_eval_and_export(tiny_model_dir, tmp_path):
-    """`adapter: full` saves a whole model in RUN/model/: eval, serve and export read the kind from the run's options."""
+    """`adapter: full` saves a whole model in RUN/model/: eval, serve and export read the kind from the run's
+    options."""
     from tailor.evaluate.sources import run_has_artifact
     from tailor.methods.artifacts import run_method
     from tailor.models.export import read_trained_run

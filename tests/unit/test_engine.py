@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer
-from tailor.serve.engine import (Engine, PromptTooLongError, QueueFullError, UnknownModelError,
-                                 UnsupportedRequestError)
+from tailor.serve.engine import Engine, PromptTooLongError, QueueFullError, UnknownModelError, UnsupportedRequestError
 
 QUESTIONS = ["Where do I renew a parking permit?", "Library hours?",
              "How do I report a pothole on my street, and how long does the repair usually take?",
@@ -93,10 +92,10 @@ def test_batched_greedy_equals_one_at_a_time_with_mixed_customizations(engine, t
     # the decode thread admits nothing until every request is queued: one mixed batch
     with engine.scheduler.condition:
         replies = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=10)
-                   for name, q in zip(names, QUESTIONS)]
+                   for name, q in zip(names, QUESTIONS, strict=True)]
     texts = [reply.text() for reply in replies]
     assert engine.stats()["peak_batch_size"] == len(names)
-    for name, question, text, reply in zip(names, QUESTIONS, texts, replies):
+    for name, question, text, reply in zip(names, QUESTIONS, texts, replies, strict=True):
         expected = reference(tiny_model_dir, customizations.get(name), prompt_ids(engine, question), 10,
                              engine.end_of_turn_ids)
         assert text == expected, (name, question)
@@ -115,10 +114,10 @@ def test_batches_of_one_adapter_or_none_take_the_plain_forward_and_still_match(e
     for names in plan:
         with engine.scheduler.condition:  # queued together: one batch
             replies = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=6)
-                       for name, q in zip(names, QUESTIONS)]
+                       for name, q in zip(names, QUESTIONS, strict=True)]
         texts = [reply.text() for reply in replies]
         routes.append(engine.customizations.lora_route)
-        for name, question, text in zip(names, QUESTIONS, texts):
+        for name, question, text in zip(names, QUESTIONS, texts, strict=True):
             assert text == reference(tiny_model_dir, customizations.get(name), prompt_ids(engine, question), 6,
                                      engine.end_of_turn_ids), (names, name)
     keys = {name: engine.customizations.models[name].adapter_key for name in ("city", "parks")}

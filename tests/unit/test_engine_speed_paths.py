@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 from tailor.errors import TailorError
 from tailor.serve.engine import Engine
 from tailor.serve.quantize import INT4_GROUP, KERNEL_POSITIONS, QuantizedLinear, quantize_linears
-
 from tests.unit.test_engine import QUESTIONS, customizations  # noqa: F401 - the adapters fixture, shared
 
 
@@ -101,12 +100,12 @@ def test_a_quantized_engine_decodes_in_a_batch_as_one_at_a_time(quantized_engine
     names = ["base", "city", "parks", "soft", "prefix", "soft", "city"]
     with engine.scheduler.condition:  # nothing is admitted until every request is queued: one mixed batch
         replies = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=10)
-                   for name, q in zip(names, QUESTIONS)]
+                   for name, q in zip(names, QUESTIONS, strict=True)]
     batched = [reply.text() for reply in replies]
     assert engine.stats()["peak_batch_size"] == len(names)
     before = engine.stats()["speculation"]["steps"]
     alone = [engine.stream(name, [{"role": "user", "content": q}], temperature=0, max_tokens=10).text()
-             for name, q in zip(names, QUESTIONS)]
+             for name, q in zip(names, QUESTIONS, strict=True)]
     assert engine.stats()["speculation"]["steps"] > before
     assert batched == alone
     # the LoRA adapters wrap the quantized layers and change the answer to the same question

@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tailor.config import validate_config
 from tailor.errors import TailorError
-from tailor.estimate import (activation_bytes, dataset_stats, estimate, model_shape, probe_matmul_tflops,
-                             training_flops)
+from tailor.estimate import activation_bytes, dataset_stats, estimate, model_shape, probe_matmul_tflops, training_flops
 from tailor.models.base import load_tokenizer
 from tailor.registry import Registry
 from tailor.train.examples import chat_ids

@@ -172,11 +172,10 @@ def test_bad_fail_under_stops_before_any_model_loads(evaluated, monkeypatch, spe
 @pytest.fixture(scope="module")
 def compared(evaluated, tiny_model_dir, tmp_path_factory):
     import torch
+    from test_serve import start_server  # tests/unit is on sys.path
 
     from tailor.models.export import export_run
     from tailor.serve.engine import Engine
-
-    from test_serve import start_server  # tests/unit is on sys.path
 
     workspace, run_dir, _ = evaluated
     merged = export_run(run_dir, "merged", tmp_path_factory.mktemp("export") / "merged").folder
@@ -253,7 +252,8 @@ def test_bad_models_stop_before_any_model_loads(evaluated, monkeypatch, tmp_path
     cases = [
         ({"models": {"base": "base", "far": f"endpoint:http://127.0.0.1:{closed}/v1#lora"}},
          f"eval.models.far: cannot reach http://127.0.0.1:{closed}/v1"),
-        ({"models": {"x": "endpoint:127.0.0.1#m"}}, "eval.models.x: 'endpoint:127.0.0.1#m': expected endpoint:URL#MODEL"),
+        ({"models": {"x": "endpoint:127.0.0.1#m"}},
+         "eval.models.x: 'endpoint:127.0.0.1#m': expected endpoint:URL#MODEL"),
         ({"models": {"gone": "no/such/folder"}}, "eval.models.gone: .*no/such/folder does not exist"),
         ({"models": {"empty": str(tmp_path)}}, "eval.models.empty: .* is neither a run folder"),
         ({"judge": {"model": "base", "reference": "nobody"}}, "eval.judge.reference: 'nobody' is not one of"),

@@ -12,8 +12,15 @@ from transformers import AutoModelForCausalLM
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer
-from tailor.models.export import (EXPORT_INFO, INT8_WEIGHTS, VerifyFailed, export_run, load_int8, load_reference,
-                                  read_trained_run)
+from tailor.models.export import (
+    EXPORT_INFO,
+    INT8_WEIGHTS,
+    VerifyFailed,
+    export_run,
+    load_int8,
+    load_reference,
+    read_trained_run,
+)
 from tailor.train.run import run_training
 from tailor.workspace import file_sha256, read_json, write_json, write_jsonl
 

@@ -11,8 +11,14 @@ from transformers import AutoModelForCausalLM
 from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer
 from tailor.models.export import EXPORT_INFO, export_run
-from tailor.models.gguf import (GGUF_FILE, TransformersGGUF, open_gguf_reader, permute_rotary, pre_tokenizer_name,
-                                write_gguf)
+from tailor.models.gguf import (
+    GGUF_FILE,
+    TransformersGGUF,
+    open_gguf_reader,
+    permute_rotary,
+    pre_tokenizer_name,
+    write_gguf,
+)
 from tailor.workspace import read_json
 from tests.unit.test_export import train_run
 

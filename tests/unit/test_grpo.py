@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from rollouts import yes_margin  # tests/unit/rollouts.py
 
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods.graders import Graders, StringCheck, TextSimilarity
 from tailor.methods.grpo import group_advantages, iteration_prompts
 from tailor.train.run import run_training
-from rollouts import yes_margin  # tests/unit/rollouts.py
 
 PROMPT = [{"role": "user", "content": "Is the pool open?"}]
 
@@ -21,8 +21,8 @@ def config(model_dir, graders, **grpo):
                                                                "scheduler": "constant", "warmup_ratio": 0.0,
                                                                "dtype": "fp32", "seed": 1},
                             "methods": {"grpo": {"graders": graders, "r": 8, "alpha": 16, "iterations": 16,
-                                                 "prompts_per_iteration": 4, "group_size": 4, "mini_batch": 8, "epochs": 2,
-                                                 "max_new_tokens": 4, "beta": 0.01} | grpo}})
+                                                 "prompts_per_iteration": 4, "group_size": 4, "mini_batch": 8,
+                                                 "epochs": 2, "max_new_tokens": 4, "beta": 0.01} | grpo}})
 
 
 def test_grpo_raises_the_mean_reward_of_a_weighted_grader_mix(tiny_model_dir, workspace):
@@ -41,8 +41,8 @@ def test_grpo_raises_the_mean_reward_of_a_weighted_grader_mix(tiny_model_dir, wo
     before, after = yes_margin(workspace / "sft" / "model"), yes_margin(workspace / "sft" / "model", workspace)
     assert after > before + 0.3, (before, after)
     # both graders see the same rule here, so the weighted mean equals each of them
-    assert all(l["reward"] == pytest.approx(l["reward/yes"]) == pytest.approx(l["reward/contains_yes"])
-               for l in lines)
+    assert all(line["reward"] == pytest.approx(line["reward/yes"]) == pytest.approx(line["reward/contains_yes"])
+               for line in lines)
     assert all(key in lines[-1] for key in ("kl", "clip_fraction", "reward_std", "tokens_per_s", "lr"))
     assert lines[-1]["tokens_per_s"] > 0
     manifest = json.loads((workspace / "manifest.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ def test_chunk_text_splits_at_boundaries_with_overlap():
     for start, end, chunk in chunks:
         assert text[start:end] == chunk and len(chunk) <= 400
         assert chunk[0].isupper() and chunk.endswith(".")  # starts and ends at a sentence boundary
-    for (_, previous_end, _), (next_start, _, _) in zip(chunks, chunks[1:]):
+    for (_, previous_end, _), (next_start, _, _) in pairwise(chunks):
         assert 0 < previous_end - next_start <= 80  # consecutive chunks share some text, at most the overlap
     assert chunks[0][0] == 0 and chunks[-1][1] == len(text)
     covered = set()

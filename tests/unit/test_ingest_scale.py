@@ -291,7 +291,7 @@ def test_record_files_share_the_decoding_and_the_line_bound(tmp_path, monkeypatc
 
     # Excel's "Unicode text" export is UTF-16 with a byte-order mark
     (tmp_path / "excel.tsv").write_bytes("office\thours\nClerk\tLundi à vendredi, 9–17 h\n".encode("utf-16"))
-    (tmp_path / "mixed.csv").write_bytes("office,hours\nCafé,8–16\n".encode("utf-8") + "Bürger,9–12\n".encode(
+    (tmp_path / "mixed.csv").write_bytes("office,hours\nCafé,8–16\n".encode() + "Bürger,9–12\n".encode(
         "cp1252"))
     excel, notes = reader_notes(tmp_path / "excel.tsv")
     assert [d.text for d in excel] == ["office: Clerk\nhours: Lundi à vendredi, 9–17 h"] and not notes

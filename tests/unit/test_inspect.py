@@ -50,7 +50,7 @@ def test_chat_statistics_and_loss_mask_cover_only_the_answer(tmp_path, tokenizer
 
 def test_labels_and_cli_writes_the_html(tmp_path, tiny_model_dir):
     path = tmp_path / "intents.jsonl"
-    path.write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in
+    path.write_text("\n".join(json.dumps({"text": text, "label": label}) for text, label in
                               [("bill too high", "billing"), ("no power", "outage"), ("bill late", "billing")]))
     result = CliRunner().invoke(app, ["data", "inspect", str(path), "--tokenizer", tiny_model_dir,
                                       "-w", str(tmp_path)])

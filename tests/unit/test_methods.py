@@ -7,6 +7,7 @@ import math
 import peft
 import pytest
 import torch
+from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -21,8 +22,6 @@ from tailor.train.examples import collate, tokenize_chat
 from tailor.train.loop import train
 from tailor.train.run import prepare_training, run_training, seed_everything, train_phases
 from tailor.workspace import write_jsonl
-
-from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py
 
 FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("How much is a parking permit?", "A parking permit costs $45 per year."),
@@ -58,7 +57,8 @@ def chat(question, answer):
 
 def config_for(model_dir, method, options=None, **train_options):
     train_options = {"method": method, "max_steps": 8, "batch_size": 3, "scheduler": "constant", "warmup_ratio": 0.0,
-                     "learning_rate": LEARNING_RATES.get(method, 3e-2), "save_every": 0, "dtype": "fp32"} | train_options
+                     "learning_rate": LEARNING_RATES.get(method, 3e-2), "save_every": 0,
+                     "dtype": "fp32"} | train_options
     options = SMALL_OPTIONS.get(method, {}) if options is None else options
     return validate_config({"base_model": model_dir, "train": train_options, "methods": {method: options}})
 

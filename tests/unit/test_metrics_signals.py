@@ -13,10 +13,8 @@ from tailor.config import ServeConfig
 from tailor.serve.engine import Engine
 from tailor.serve.filters import injection_pattern
 from tailor.serve.security import create_key
-
 from tests.unit.test_rag import rag_run  # noqa: F401 - the module fixture: a rag run folder on the tiny model
 from tests.unit.test_serve import start_server
-
 
 
 def read_metrics(url: str, key: str | None = None) -> dict[tuple[str, tuple], float]:
@@ -80,7 +78,7 @@ def test_serving_signals_are_counted_per_model_and_key(keyed):
     assert chat(url, keys["chat"], model="nope").status_code == 404
     slow = [chat(url, keys["slow"]).status_code for _ in range(3)]
     assert slow == [200, 200, 429]
-    for response, rating in zip(answered, ("down", "down", "up")):
+    for response, rating in zip(answered, ("down", "down", "up"), strict=True):
         receipt = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {keys['chat']}"},
                              json={"response_id": response.json()["id"], "rating": rating})
         assert receipt.status_code == 200

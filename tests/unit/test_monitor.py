@@ -29,7 +29,6 @@ from tailor.monitor.promql import histogram_quantile, parse
 from tailor.monitor.rules import DEFAULT_RULES, check_metrics, load_rules
 from tailor.serve.engine import Engine
 from tailor.serve.feedback import FeedbackStore
-
 from tests.unit.test_serve import start_server
 
 ROOT = Path(__file__).resolve().parents[2]

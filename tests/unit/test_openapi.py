@@ -89,7 +89,7 @@ def test_every_route_documents_its_error_statuses_with_the_error_body():
     for operations in schema["paths"].values():
         for operation in operations.values():
             for status, response in operation["responses"].items():
-                if status.startswith("4") or status.startswith("5"):
+                if status.startswith(("4", "5")):
                     body = response["content"]["application/json"]["schema"]
                     assert body == {"$ref": "#/components/schemas/ErrorResponse"}, json.dumps(response)
     assert "Retry-After" in schema["paths"]["/v1/models"]["get"]["responses"]["429"]["headers"]

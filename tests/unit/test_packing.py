@@ -5,6 +5,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 from transformers import AutoModelForCausalLM
 
 from tailor.config import TrainConfig
@@ -13,8 +14,6 @@ from tailor.models.base import load_tokenizer
 from tailor.train import loop
 from tailor.train.examples import IGNORE, collate, tokenize_chat
 from tailor.train.packing import pack, pack_rows
-
-from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 
 CPU = torch.device("cpu")
 

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from rollouts import yes_margin  # tests/unit/rollouts.py
 
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods.ppo import advantages_and_returns
 from tailor.train.run import run_training
-from rollouts import yes_margin  # tests/unit/rollouts.py
+
 
 def config(model_dir, function, **ppo):
     return validate_config({"base_model": str(model_dir), "train": {"method": "ppo", "learning_rate": 1e-2,

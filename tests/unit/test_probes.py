@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tailor.evaluate.probes import (add_forgetting_drop, bias_items, forgetting_items, run_bias, run_forgetting)
+from tailor.evaluate.probes import add_forgetting_drop, bias_items, forgetting_items, run_bias, run_forgetting
 
 
 def test_probe_sets_ship_with_the_package():

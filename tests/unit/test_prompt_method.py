@@ -14,8 +14,17 @@ from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.evaluate.harness import run_eval
 from tailor.methods.artifacts import PROMPT_DIR, load_for_inference
-from tailor.methods.prompt import (CHAIN_OF_THOUGHT, EMBEDDINGS_FILE, PROFILE_FILE, PromptOptions, apply_profile,
-                                   build_profile, default_embedding_model, load_profile, save_profile)
+from tailor.methods.prompt import (
+    CHAIN_OF_THOUGHT,
+    EMBEDDINGS_FILE,
+    PROFILE_FILE,
+    PromptOptions,
+    apply_profile,
+    build_profile,
+    default_embedding_model,
+    load_profile,
+    save_profile,
+)
 from tailor.models.export import read_trained_run
 from tailor.serve.engine import Engine
 from tailor.train.run import BuildResult, run_training

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer
-from tailor.models.prune import (linear_sparsity, magnitude_prune, prune_heads, prune_neurons, prune_run)
+from tailor.models.prune import linear_sparsity, magnitude_prune, prune_heads, prune_neurons, prune_run
 from tailor.train.run import run_training
 from tailor.workspace import read_json, write_jsonl
 

@@ -13,7 +13,8 @@ def write(path, text):
 
 
 def test_jsonl_and_csv_pairs(tmp_path):
-    jsonl = write(tmp_path / "a.jsonl", '{"question": "Q1?", "answer": "A1."}\n\n{"instruction": "Q2?", "output": "A2."}\n')
+    jsonl = write(tmp_path / "a.jsonl",
+                  '{"question": "Q1?", "answer": "A1."}\n\n{"instruction": "Q2?", "output": "A2."}\n')
     csv_file = write(tmp_path / "b.csv", 'question,answer\n"Q3, with comma?",A3.\n')
     pairs = list(read_qa_file(jsonl)) + list(read_qa_file(csv_file))
     assert [(p.question, p.answer) for p in pairs] == [("Q1?", "A1."), ("Q2?", "A2."), ("Q3, with comma?", "A3.")]

@@ -278,6 +278,7 @@ def test_raft_trains_on_the_oracle_among_distractors_or_on_abstaining_without_it
     assert planned.tokens == sum(len(e.input_ids) for e in prepared.phases[0].train_examples)
     assert planned.tokens > 2 * dataset_stats(run_dir / "data" / "train.jsonl", prepared.tokenizer).tokens
     run_training(config, root, run_dir, show_progress=False)
-    assert (run_dir / "adapter" / "retrieval.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "retrieval.json").is_file()
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
     report = run_eval(config, root, run_dir, show_progress=False, write_html=False)
     assert report["models"]["raft"]["recall_at_5"] is not None  # evaluated with retrieval, as it is served

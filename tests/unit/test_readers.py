@@ -29,8 +29,8 @@ def test_docx_keeps_reading_order_headings_lists_and_tables(tmp_path):
     document.add_heading("Trash pickup", level=1)
     document.add_paragraph("Bins go out by 7 am on your collection day.")
     table = document.add_table(rows=3, cols=2)
-    for row, values in zip(table.rows, [("Zone", "Day"), ("North", "Monday"), ("South", "Thursday")]):
-        for cell, value in zip(row.cells, values):
+    for row, values in zip(table.rows, [("Zone", "Day"), ("North", "Monday"), ("South", "Thursday")], strict=True):
+        for cell, value in zip(row.cells, values, strict=True):
             cell.text = value
     document.add_paragraph("Glass", style="List Bullet")
     document.add_paragraph("Paper", style="List Bullet")

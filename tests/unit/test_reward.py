@@ -6,7 +6,6 @@ import pytest
 from typer.testing import CliRunner
 
 from tailor.cli.app import app
-
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods.reward import load_reward_model, reward_folder, score
@@ -46,7 +45,7 @@ def test_pair_accuracy_rises_above_chance_and_the_model_reloads(tiny_model_dir, 
     chosen = score(model, tokenizer, [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}] for p in held_out])
     rejected = score(model, tokenizer, [p["prompt"] + [{"role": "assistant", "content": p["rejected"]}]
                                         for p in held_out])
-    assert all(c > r for c, r in zip(chosen, rejected))
+    assert all(c > r for c, r in zip(chosen, rejected, strict=True))
 
     # `tailor reward score FILE`: the same scores, written beside each record
     answers = tmp_path / "answers.jsonl"

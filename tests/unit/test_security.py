@@ -11,14 +11,13 @@ import httpx
 import openai
 import pytest
 import torch
+from test_serve import start_server  # tests/unit is on sys.path (rootdir conftest)
 
 from tailor.config import ServeConfig
 from tailor.errors import TailorError
 from tailor.serve.engine import Engine
 from tailor.serve.filters import HOLD, OutputFilter
 from tailor.serve.security import KeyStore, create_key, revoke_key
-
-from test_serve import start_server  # tests/unit is on sys.path (rootdir conftest)
 
 QUESTION = [{"role": "user", "content": "When is the recycling center open?"}]
 

@@ -3,6 +3,7 @@ import json
 import peft
 import pytest
 import torch
+from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 from transformers import AutoModelForCausalLM
 
 from tailor.config import validate_config
@@ -10,8 +11,6 @@ from tailor.models.base import load_tokenizer
 from tailor.train.examples import IGNORE, tokenize_chat
 from tailor.train.run import ADAPTER_DIR, run_training
 from tailor.workspace import write_jsonl
-
-from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 
 
 @pytest.fixture
@@ -36,7 +35,8 @@ def adapter_weights(folder):
 def test_loss_mask_covers_only_the_answer(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     example = tokenize_chat(tokenizer, chat("Q?", "The answer.")["messages"])
-    learned = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    learned = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True)
+                                if label != IGNORE])
     assert learned.startswith("The answer.")
     assert "Q?" not in learned and "Be brief" not in learned
 

@@ -6,6 +6,7 @@ import multiprocessing
 import optuna
 import pytest
 import yaml
+from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 from typer.testing import CliRunner
 
 from tailor.cli.app import app
@@ -13,8 +14,6 @@ from tailor.config import apply_overrides, load_config, validate_config
 from tailor.errors import TailorError
 from tailor.tune import open_study, run_tune
 from tailor.workspace import write_jsonl
-
-from records import FACTS, chat  # tests/unit/records.py; pytest puts tests/unit on sys.path
 
 
 @pytest.fixture
@@ -187,7 +186,7 @@ def test_median_pruner_waits_for_the_warm_up_and_never_prunes_the_last_step(work
         params={"train.learning_rate": 1e-3, "methods.lora.r": 4},
         distributions={"train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
                        "methods.lora.r": optuna.distributions.IntDistribution(2, 8, step=2)},
-        value=0.0, intermediate_values={step: 0.0 for step in range(1, 5)}))
+        value=0.0, intermediate_values=dict.fromkeys(range(1, 5), 0.0)))
 
     result = run_tune(validate_config(apply_overrides(data, ["tune.trials=2", "tune.pruner_warmup_steps=2"])),
                       data, workspace, workspace / "run")

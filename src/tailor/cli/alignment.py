@@ -100,13 +100,13 @@ def reward_score(file: Path = typer.Argument(..., help="JSONL of {prompt, answer
     scores = score(model, tokenizer, conversations)
     if output is not None:
         write_jsonl(output, ({**record, "reward": round(value, 5)}
-                             for (_, record), value in zip(read_jsonl(file), scores)))
+                             for (_, record), value in zip(read_jsonl(file), scores, strict=True)))
     table = Table(title=f"Rewards ({len(scores)} answers, mean {sum(scores) / len(scores):.3f})")
     table.add_column("line", justify="right")
     table.add_column("question")
     table.add_column("answer")
     table.add_column("reward", justify="right")
-    for line, (messages, value) in enumerate(zip(conversations, scores), start=1):
+    for line, (messages, value) in enumerate(zip(conversations, scores, strict=True), start=1):
         question = next((m["content"] for m in reversed(messages[:-1]) if m.get("role") == "user"), "")
         table.add_row(str(line), question[:60], messages[-1]["content"][:60], f"{value:.3f}")
     console.print(table)

@@ -6,16 +6,16 @@ import sys
 
 import typer
 
-from tailor.cli import demo, export, improve, init, models, retrieval, serving, stages, tune
 from tailor.cli import data as data_commands  # noqa: F401 - registers `data synth` and `data inspect`
+from tailor.cli import demo, export, improve, init, models, retrieval, serving, stages, tune
 from tailor.cli.ab import ab_app
 from tailor.cli.alignment import feedback_app, reward_app
+from tailor.cli.common import TailorGroup, err_console
 from tailor.cli.compare import compare as compare_command
 from tailor.cli.estimate import estimate as estimate_command
-from tailor.cli.prune import prune as prune_command
 from tailor.cli.keys import keys_app
 from tailor.cli.monitor import monitor_app
-from tailor.cli.common import TailorGroup, err_console
+from tailor.cli.prune import prune as prune_command
 from tailor.errors import TailorError
 
 app = typer.Typer(help="Customize a pretrained language model for a domain: documents in, a served chatbot out.",

@@ -39,10 +39,10 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
     """Run the city-services example end to end on the default model, then serve the chat page."""
     from tailor.cli.retrieval import build_run_index
     from tailor.cli.serving import build_engine
-    from tailor.methods.artifacts import build_artifact
     from tailor.data.build import build_chat_data
     from tailor.data.ingest import ingest
     from tailor.evaluate.harness import report_table, run_eval
+    from tailor.methods.artifacts import build_artifact
     from tailor.train.run import BuildResult, run_training
     from tailor.workspace import update_manifest, write_json, write_jsonl
 

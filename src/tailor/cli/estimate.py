@@ -61,8 +61,9 @@ def estimate(overrides: list[str] = OverridesArgument, workspace: Path = Workspa
         hardware.add_column(column, justify="left" if column in ("hardware", "source") else "right")
     for row in result.hardware:
         fits = "-" if row.fits_memory is None else ("yes" if row.fits_memory else "[red]no[/]")
-        hardware.add_row(row.hardware, f"{row.peak_tflops:.3g}", f"{row.utilization:.0%}", _duration(row.hours),
-                         (f"${row.dollars:.2f}" if row.dollars >= 0.005 else "< $0.01") if row.dollars else "-", fits, row.source)
+        cost = (f"${row.dollars:.2f}" if row.dollars >= 0.005 else "< $0.01") if row.dollars else "-"
+        hardware.add_row(row.hardware, f"{row.peak_tflops:.3g}", f"{row.utilization:.0%}", _duration(row.hours), cost,
+                         fits, row.source)
     console.print(hardware)
     if result.past_runs:
         past = Table(title="Past runs in the registry: this estimate's rule against the measured time")

@@ -66,6 +66,7 @@ def _print_report(report) -> None:
     bound = "report only" if report.tolerance is None else f"tolerance {report.tolerance:g}"
     tokens = ""
     if report.tokenizer_match:
-        tokens = f"; {report.reader} tokenizes {sum(report.tokenizer_match)}/{len(report.tokenizer_match)} prompts alike"
+        tokens = (f"; {report.reader} tokenizes {sum(report.tokenizer_match)}/{len(report.tokenizer_match)} "
+                  "prompts alike")
     console.print(f"exact match {report.exact_match:.0%}, largest logit difference {report.max_logit_diff:.3g} "
                   f"({bound}){tokens}", highlight=False)

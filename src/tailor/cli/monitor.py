@@ -51,7 +51,8 @@ def check(url: str = typer.Option(..., "--url", "-u", help="The server (http://H
           as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table.")) -> None:
     """Evaluate the alerting rules against a running server's /metrics; exit 1 when an alert fires, 2 when the
     check cannot run (unreadable rules, unreachable server, a rule reading a metric the server does not export)."""
-    from tailor.monitor.check import ScrapeSource, check as evaluate, post_webhook, scrape, threshold
+    from tailor.monitor.check import ScrapeSource, post_webhook, scrape, threshold
+    from tailor.monitor.check import check as evaluate
     from tailor.monitor.rules import DEFAULT_RULES, check_metrics, load_rules
 
     try:

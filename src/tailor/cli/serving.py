@@ -82,9 +82,9 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
         adapters.setdefault(_artifact_method(config, run_dir, Path(run_dir) / "model", "model"),
                             str(Path(run_dir) / "model"))
     # the engine would silently replace a served name, so a clash is refused here, before the model loads
-    taken = {"base": "the base model", **{name: "the run's customization" for name in adapters},
-             **{name: "the run's prompt profile" for name in profiles},
-             **{alias: "an A/B alias (serve.aliases)" for alias in config.serve.aliases}}
+    taken = {"base": "the base model", **dict.fromkeys(adapters, "the run's customization"),
+             **dict.fromkeys(profiles, "the run's prompt profile"),
+             **dict.fromkeys(config.serve.aliases, "an A/B alias (serve.aliases)")}
     # listed first, so the run's own customization stays the last name (`tailor chat`'s default)
     adapters = {**configured_adapters(config, root, taken), **adapters}
     serve_config = config.serve

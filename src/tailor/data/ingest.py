@@ -44,7 +44,6 @@ from tailor.data.readers import ReaderOptions, ReaderWarning, extension_of, read
 from tailor.errors import TailorError
 from tailor.workspace import write_jsonl
 
-
 # Shorter lines are section headings ("Fees", "How to apply") as often as boilerplate: they stay.
 MIN_BOILERPLATE_CHARS = 15
 

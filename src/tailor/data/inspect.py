@@ -101,7 +101,7 @@ def inspect_file(path: Path | str, tokenizer, *, preview: int = PREVIEW_RECORDS)
         inspection.trained_tokens += sum(label != IGNORE for label in example.labels)
         if len(inspection.previews) < preview:
             inspection.previews.append([MaskedToken(tokenizer.decode([token]), label != IGNORE)
-                                        for token, label in zip(example.input_ids, example.labels)])
+                                        for token, label in zip(example.input_ids, example.labels, strict=True)])
     if inspection is None:
         raise TailorError(f"{path}: no records")
     return inspection

@@ -111,7 +111,7 @@ def _card_network(digits: str) -> bool:
     return ((digits[0] == "4" and n in (13, 16, 19))  # Visa
             or (51 <= two <= 55 and n == 16) or (2221 <= four <= 2720 and n == 16)  # Mastercard
             or (two in (34, 37) and n == 15)  # American Express
-            or ((digits.startswith("6011") or digits.startswith("65") or 644 <= int(digits[:3]) <= 649
+            or ((digits.startswith(("6011", "65")) or 644 <= int(digits[:3]) <= 649
                  or two == 62) and 16 <= n <= 19)  # Discover, UnionPay
             or ((300 <= int(digits[:3]) <= 305 or two in (36, 38, 39)) and 14 <= n <= 19)  # Diners Club
             # JCB issues from 3528-3589; the whole 35 block is taken because a miss leaks a card, while a false
@@ -313,10 +313,10 @@ NOT_NAME_WORDS = {
     "Control", "University", "School", "College", "Hospital", "Clinic", "Bank", "Inc", "LLC", "Ltd", "Corp",
     "Company", "Group", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "January",
     "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December",
-    "Mayor", "Manager", "Services", "Emergency", "Management", "Housing", "Authority", "Building", "Permits",
+    "Mayor", "Manager", "Emergency", "Management", "Housing", "Authority", "Building", "Permits",
     "Permit", "Code", "Enforcement", "Tax", "Assessor", "Treasurer", "Elections", "Registrar", "Senior", "Youth",
     "Community", "Health", "Human", "Resources", "Finance", "Planning", "Zoning", "Records", "Vital", "Help",
-    "Line", "Hotline", "Center", "Us", "We", "Information", "Info", "Sales", "Billing", "Account", "Accounts",
+    "Line", "Hotline", "Us", "We", "Information", "Info", "Sales", "Billing", "Account", "Accounts",
     "Mr", "Mrs", "Ms", "Dr", "North", "South", "East", "West", "New", "Maplewood", "Google", "Microsoft", "Apple",
     "Amazon", "Visa", "Mastercard", "Note", "Thank", "Thanks", "Best", "Kind", "Dear", "Hi", "Hello", "Regards",
     "Foundation", "Developers", "Commons", "Project", "Contributors", "Software", "Systems", "Labs", "Institute",

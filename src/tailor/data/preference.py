@@ -66,7 +66,8 @@ def _hh_turns(transcript: str, what: str) -> list[dict]:
         raise PreferenceError(f"{what} is not an Anthropic HH transcript (expected \"\\n\\nHuman: …\\n\\n"
                               f"Assistant: …\")")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[speaker], "content": text.strip()} for speaker, text in zip(parts[1::2], parts[2::2])]
+    return [{"role": roles[speaker], "content": text.strip()}
+            for speaker, text in zip(parts[1::2], parts[2::2], strict=True)]
 
 
 def _from_hh(record: dict) -> dict:

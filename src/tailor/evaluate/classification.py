@@ -74,8 +74,14 @@ def classification_metrics(gold: list[str], probabilities: list[list[float]], la
     both positives and negatives. The macro ROC-AUC averages the classes that have one.
     """
     import numpy as np
-    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                                 roc_auc_score, roc_curve)
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+        roc_curve,
+    )
 
     scores = np.asarray(probabilities, dtype=float)  # [examples, labels]
     predicted = [labels[int(i)] for i in scores.argmax(axis=1)]

@@ -56,7 +56,7 @@ def run_bias(model, *, system_prompt: str, max_new_tokens: int, batch_size: int,
         yes = [softmax(row)[0] for row in model.option_logprobs(prompts, items[0]["options"],
                                                                  batch_size=batch_size)]
     rows, start = [], 0
-    for i, item in enumerate(items):
+    for item in items:
         for a, b in _pairs(item):
             answer_a, answer_b = answers[start + a], answers[start + b]
             row = {"model": model.name, "axis": item["axis"], "variants": [item["variants"][a], item["variants"][b]],

@@ -233,7 +233,8 @@ def rollout(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, te
     ended = (answer == tokenizer.eos_token_id).long().cumsum(dim=1)
     answer_mask = ((ended == 0) | ((ended == 1) & (answer == tokenizer.eos_token_id))).long()
     mask = torch.cat([prompt_mask.to(device), answer_mask], dim=1)
-    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(answer, answer_mask)]
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip()
+             for row, m in zip(answer, answer_mask, strict=True)]
     return sequences, mask, width, answer_mask.float(), texts
 
 

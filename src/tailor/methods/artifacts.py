@@ -192,8 +192,8 @@ def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype
     folder = artifact_dir(run_dir, method)
     models = _load_artifact(config, run_dir, method, folder, base_ref, dtype, own_tokenizers)
     if models.has_artifact:
-        from tailor.retrieval.grounding import Grounding
         from tailor.models.base import load_tokenizer
+        from tailor.retrieval.grounding import Grounding
 
         tokenizer = models.tokenizer or load_tokenizer(base_ref)
         models.grounding = Grounding.load(folder, lambda text: len(tokenizer(text, add_special_tokens=False)

@@ -18,8 +18,18 @@ from pydantic import Field
 
 from tailor.config import TailorConfig, dump_config
 from tailor.errors import TailorError
-from tailor.methods.alignment import (Pair, collate_pairs, load_policy, pair_items, pair_lengths, preference_pairs,
-                                      record_training, save_adapter, split_pairs, starting_log_probs)
+from tailor.methods.alignment import (
+    Pair,
+    collate_pairs,
+    load_policy,
+    pair_items,
+    pair_lengths,
+    preference_pairs,
+    record_training,
+    save_adapter,
+    split_pairs,
+    starting_log_probs,
+)
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register
 from tailor.models.base import load_model, load_tokenizer, pick_dtype, resolve_base_model

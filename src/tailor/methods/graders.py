@@ -123,7 +123,8 @@ class Graders:
     def _python(spec: PythonGrader, root: Path, where: str):
         function = load_reward_function(spec.function, root, f"{where}.function")
         return lambda prompts, answers, references: [
-            call_reward_function(function, spec.function, f"{where}.function", p, a) for p, a in zip(prompts, answers)]
+            call_reward_function(function, spec.function, f"{where}.function", p, a)
+            for p, a in zip(prompts, answers, strict=True)]
 
     @staticmethod
     def _model(spec: ScoreModel, root: Path, where: str):
@@ -131,13 +132,14 @@ class Graders:
 
         model, tokenizer = load_reward_model(reward_folder(spec.model, root, f"{where}.model"))
         return lambda prompts, answers, references: score(
-            model, tokenizer, [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)])
+            model, tokenizer,
+            [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)])
 
     @staticmethod
     def _text(spec: StringCheck | TextSimilarity, where: str):
         def grade(prompts, answers, references):
             scores = []
-            for prompt, answer, reference in zip(prompts, answers, references):
+            for prompt, answer, reference in zip(prompts, answers, references, strict=True):
                 target = spec.reference if isinstance(spec, StringCheck) and spec.reference is not None else reference
                 if target is None:
                     raise TailorError(f"{where}: the prompt {prompt[-1]['content']!r} has no reference answer (end "
@@ -155,6 +157,7 @@ class Graders:
 
     def __call__(self, prompts: list[list[dict]], answers: list[str], references: list[str | None]
                  ) -> tuple[list[float], dict[str, list[float]]]:
-        each = {name: score(prompts, answers, references) for name, score in zip(self.names, self._score)}
-        combined = [sum(w * each[name][i] for name, w in zip(self.names, self.weights)) for i in range(len(answers))]
+        each = {name: score(prompts, answers, references) for name, score in zip(self.names, self._score, strict=True)}
+        combined = [sum(w * each[name][i] for name, w in zip(self.names, self.weights, strict=True))
+                    for i in range(len(answers))]
         return combined, each

@@ -22,8 +22,18 @@ from pydantic import Field
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.methods.alignment import (AnswerLogProbs, iteration_prompts, load_policy, load_prompts,
-                                      record_training, reference, resolve_path, rollout, rollout_steps, save_adapter)
+from tailor.methods.alignment import (
+    AnswerLogProbs,
+    iteration_prompts,
+    load_policy,
+    load_prompts,
+    record_training,
+    reference,
+    resolve_path,
+    rollout,
+    rollout_steps,
+    save_adapter,
+)
 from tailor.methods.graders import Graders, GraderSpec
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register

@@ -18,8 +18,14 @@ from pydantic import Field
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.methods.alignment import (load_policy, record_training, resolve_path, save_adapter, split_pairs,
-                                      starting_log_probs)
+from tailor.methods.alignment import (
+    load_policy,
+    record_training,
+    resolve_path,
+    save_adapter,
+    split_pairs,
+    starting_log_probs,
+)
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model

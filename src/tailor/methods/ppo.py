@@ -22,14 +22,25 @@ from pydantic import Field
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
-from tailor.methods.alignment import (AnswerLogProbs, iteration_prompts, load_policy, load_prompts,
-                                      record_training, reference, resolve_path, rollout, rollout_steps, save_adapter)
+from tailor.methods.alignment import (
+    AnswerLogProbs,
+    iteration_prompts,
+    load_policy,
+    load_prompts,
+    record_training,
+    reference,
+    resolve_path,
+    rollout,
+    rollout_steps,
+    save_adapter,
+)
 from tailor.methods.graders import call_reward_function, load_reward_function
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train.checkpoint import run_record
 from tailor.train.loop import Objective, Stepper, TrainResult, seed_everything
+
 
 class PpoOptions(UsesLora):
     init_adapter: str | None = Field(None, description=(
@@ -77,15 +88,15 @@ class Scorer:
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
         scores = [0.0] * len(prompts)
         if self.function is not None:
-            for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+            for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
                 scores[i] += call_reward_function(self.function, self.spec, "methods.ppo.reward_function", prompt,
                                                   answer)
         if self.model is not None:
             from tailor.methods.reward import score
 
             learned = score(self.model, self.tokenizer, [p + [{"role": "assistant", "content": a}]
-                                                         for p, a in zip(prompts, answers)])
-            scores = [s + self.weight * r for s, r in zip(scores, learned)]
+                                                         for p, a in zip(prompts, answers, strict=True)])
+            scores = [s + self.weight * r for s, r in zip(scores, learned, strict=True)]
         return torch.tensor(scores)
 
 

@@ -3,8 +3,8 @@ mix the one holding the answer (the oracle) with distractors, so the model learn
 ignore the others, in exactly the grounded prompt it is served with.
 
 Each training pair of RUN/data/train.jsonl becomes one record:
-- with probability `oracle_share` (default 1: every record), the oracle among `distractors` hard negatives (the best-ranked chunks for the
-  question that do not hold the answer), shuffled; the target is the pair's answer;
+- with probability `oracle_share` (default 1: every record), the oracle among `distractors` hard negatives (the
+  best-ranked chunks for the question that do not hold the answer), shuffled; the target is the pair's answer;
 - otherwise the distractors alone, and the target is retrieval.abstain_answer: the passages in front of the model do
   not say, so it must not invent (the issue's "the documents do not say" records).
 The oracle is the pair's `chunk_id` (pairs from `tailor data synth`) or the chunk holding the most of its answer's

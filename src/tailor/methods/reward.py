@@ -16,11 +16,17 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from tailor.config import TailorConfig, dump_config
-from tailor.data.preference import with_answer
 from tailor.errors import TailorError
 from tailor.methods import artifacts
-from tailor.methods.alignment import (Pair, collate_pairs, pair_items, pair_lengths, preference_pairs,
-                                      record_training, split_pairs)
+from tailor.methods.alignment import (
+    Pair,
+    collate_pairs,
+    pair_items,
+    pair_lengths,
+    preference_pairs,
+    record_training,
+    split_pairs,
+)
 from tailor.methods.lora import UsesLora
 from tailor.methods.lora import prepare as add_lora
 from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register

@@ -404,9 +404,10 @@ def check_checksums(run_dir: Path, expected: dict[str, str]) -> None:
 def verify_gguf(reference, gguf_path: Path, tokenizer, fmt: str, *, system_prompt: str, tolerance: float | None,
                 prompts: tuple[str, ...] = GOLDEN_PROMPTS, max_new_tokens: int = 24) -> VerifyReport:
     """The golden prompts decoded greedily by adapter-on-base (transformers, fp32) and by a GGUF reader (llama.cpp, or
-    transformers' GGUF loader where llama-cpp-python is not installed) reading the file: exact-match rate, and the largest logit difference on prompt + reference answer. Both read the same
-    token ids (the chat template applied by transformers); whether llama.cpp's own tokenizer splits the prompt text
-    the same way is recorded in `tokenizer_match`."""
+    transformers' GGUF loader where llama-cpp-python is not installed) reading the file: exact-match rate, and the
+    largest logit difference on prompt + reference answer. Both read the same token ids (the chat template applied by
+    transformers); whether llama.cpp's own tokenizer splits the prompt text the same way is recorded in
+    `tokenizer_match`."""
     from tailor.models.gguf import open_gguf_reader
     from tailor.train.examples import chat_ids
 

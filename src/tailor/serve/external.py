@@ -22,8 +22,14 @@ import torch
 
 from tailor.errors import TailorError
 from tailor.serve.decoding import end_of_turn_ids
-from tailor.serve.protocol import (Generation, PromptTooLongError, ServingEngine, UnknownModelError,
-                                   UnsupportedRequestError, outside_vocabulary)
+from tailor.serve.protocol import (
+    Generation,
+    PromptTooLongError,
+    ServingEngine,
+    UnknownModelError,
+    UnsupportedRequestError,
+    outside_vocabulary,
+)
 from tailor.serve.sampling import Decoder, pick
 
 

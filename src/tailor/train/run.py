@@ -13,8 +13,12 @@ import torch
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
 from tailor.methods import registry
-from tailor.methods.artifacts import ADAPTER_DIR  # noqa: F401 (re-exported)
-from tailor.methods.artifacts import build_artifact, load_for_training, save_artifact
+from tailor.methods.artifacts import (
+    ADAPTER_DIR,  # noqa: F401 (re-exported)
+    build_artifact,
+    load_for_training,
+    save_artifact,
+)
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.train import checkpoint
 from tailor.train.distributed import is_main_process

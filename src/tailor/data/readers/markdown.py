@@ -81,7 +81,7 @@ def table_to_text(header: list[str] | None, rows: list[list[str]]) -> str:
         return "\n".join(line for line in ("; ".join(filter(None, row)) for row in rows) if line)
     if not rows:
         return " | ".join(header)
-    lines = ("; ".join(f"{name}: {value}" if name else value for name, value in zip(header, row) if value)
+    lines = ("; ".join(f"{name}: {value}" if name else value for name, value in zip(header, row, strict=False) if value)
              for row in rows)
     return "\n".join(line for line in lines if line)
 

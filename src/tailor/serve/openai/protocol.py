@@ -11,8 +11,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, WithJsonSchema, field_serializer, field_validator,
-                      model_serializer)
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_serializer, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 

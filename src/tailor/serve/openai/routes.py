@@ -11,9 +11,20 @@ from starlette.concurrency import run_in_threadpool
 
 from tailor.errors import TailorError
 from tailor.serve.openai import serving
-from tailor.serve.openai.protocol import (AdapterRequest, ApiError, ChatCompletion, ChatCompletionRequest,
-                                          Completion, CompletionRequest, ErrorResponse, FeedbackReceipt,
-                                          FeedbackRequest, ModelCard, ModelList, SourcePassage)
+from tailor.serve.openai.protocol import (
+    AdapterRequest,
+    ApiError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    FeedbackReceipt,
+    FeedbackRequest,
+    ModelCard,
+    ModelList,
+    SourcePassage,
+)
 from tailor.serve.protocol import UnsupportedRequestError
 from tailor.serve.security import Caller, bearer_token
 

@@ -22,11 +22,31 @@ from tailor.serve.feedback import FeedbackStore
 from tailor.serve.filters import OutputFilter, StreamFilter
 from tailor.serve.logs import RequestLog
 from tailor.serve.metrics import ServerMetrics
-from tailor.serve.openai.protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                                          ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice, Completion,
-                                          CompletionChoice, CompletionLogprobs, CompletionRequest, Delta, ErrorBody,
-                                          ErrorResponse, ModelCard, ModelList, SamplingRequest, TokenLogprob,
-                                          TopLogprob, Usage, completion_id, now)
+from tailor.serve.openai.protocol import (
+    ApiError,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    completion_id,
+    now,
+)
 from tailor.serve.protocol import Generation, ServingEngine
 from tailor.serve.security import Caller, KeyStore, RateLimiter, Sanitizer
 
