@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from tailor.errors import TailorError
-from tailor.methods.continued_pretraining import corpus_phase
+from tailor.methods.continued_pretraining import CORPUS_FILE, corpus_phase
 from tailor.methods.registry import Method, MethodOptions, Phase, TrainContext, register
 from tailor.workspace import atomic_dir
 
@@ -69,10 +69,10 @@ def tokenizer_for_run(ctx: TrainContext):
     """Train the tokenizer on the corpus and the training chat records, or reuse RUN/tokenizer when it was trained
     on the same texts with the same options (BPE training is deterministic, but cheap to skip)."""
     from tailor.models.base import load_tokenizer
-    from tailor.train.corpus import CORPUS_FILE, corpus_texts
+    from tailor.data.pretrain import documents_from_corpus
     from tailor.workspace import read_jsonl
 
-    texts = corpus_texts(ctx.run_dir / CORPUS_FILE)
+    texts = [text for _, text in documents_from_corpus(ctx.run_dir / CORPUS_FILE)]
     train_path = ctx.run_dir / "data" / "train.jsonl"
     if train_path.is_file():
         texts += [m["content"] for _, record in read_jsonl(train_path) for m in record.get("messages", [])
