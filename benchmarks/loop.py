@@ -8,7 +8,7 @@ and corrections → `tailor improve` → canary → promoted, plus a deliberatel
    gets questions wrong), registered and promoted as city@1.
 2. A real server (create_app + uvicorn, `tailor serve --registry` in a thread) serves city@1 as `city`; each of the
    --residents residents asks one held-out question with the official openai client and judges the answer against
-   the reference (token F1 >= 0.5: thumbs up, else thumbs down with the reference as the correction); one
+   the reference (token F1 >= 0.5: thumbs up, else thumbs down with the reference as the correction); the first
    correction also carries a private email address (redacted before training). Staff accept the corrections.
 3. `tailor improve` with improve.train.learning_rate=1.0 (a huge step): refused by the gates, nothing served.
 4. `tailor improve` as configured: trained on top of city@1, compared with it, canary started.
@@ -18,7 +18,7 @@ and corrections → `tailor improve` → canary → promoted, plus a deliberatel
 Figures: token F1 of production and candidate on the corrected questions and on the rest (held-out + regression),
 the seconds from the last feedback to the promoted version (the good cycle, canary traffic included; the broken
 cycle is reported apart), and the A/B counts. The canary's share and minimum samples are set for a benchmark
-(share 0.5, 15 rated answers a side), not production use.
+(share 0.5, 10 rated answers a side), not production use.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ sys.path.insert(0, str(ROOT / "src"))
 RESULTS = ROOT / "benchmarks" / "results" / "loop.json"
 WORK = ROOT / "runs" / "loop"
 EXAMPLE = ROOT / "examples" / "city-services"
-IMPROVE = {"feedback_db": "feedback.db", "replay": 4, "train": {"epochs": 5, "learning_rate": 1.0e-3},
-           "eval_limit": 40, "regression_size": 20, "min_gain": 0.1, "max_regression": 0.02,
-           "canary_share": 0.5, "min_canary_samples": 15, "significance": 0.05}
+# sized for a shared 2-core CPU: a few minutes per training, 20 held-out questions in the comparison
+# (a first run with 3 epochs at 1e-3 was refused by its own gates: corrected +0.050, rest -0.044)
+IMPROVE = {"feedback_db": "feedback.db", "replay": 2, "train": {"epochs": 8, "learning_rate": 2.0e-3},
+           "eval_limit": 20, "regression_size": 10, "min_gain": 0.1, "max_regression": 0.02,
+           "canary_share": 0.5, "min_canary_samples": 10, "significance": 0.05}
 
 
 def log(message: str) -> None:
@@ -160,9 +162,9 @@ def improve(root: Path, overrides: list[str], decide_only: bool = False) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--production-steps", type=int, default=40)
+    parser.add_argument("--production-steps", type=int, default=16)
     parser.add_argument("--residents", type=int, default=30)
-    parser.add_argument("--max-canary", type=int, default=160, help="Most canary requests before giving up.")
+    parser.add_argument("--max-canary", type=int, default=90, help="Most canary requests before giving up.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,7 +182,7 @@ def main() -> None:
         corrections, ratings = [], {"up": 0, "down": 0}
         for i, (question, reference) in enumerate(asked):
             response_id, _, answer = converse(server.url, question, f"resident-{i}")
-            extra = " Or write to ann.lee@gmail.com." if i == 0 else ""
+            extra = "" if corrections else " Or write to ann.lee@gmail.com."  # the first correction
             feedback_id, rating = judge_and_send(server.url, response_id, answer, reference, True, extra)
             ratings[rating] += 1
             if rating == "down":
@@ -211,6 +213,7 @@ def main() -> None:
                     response_id, model, answer = converse(server.url, question, f"canary-{canary_requests}")
                     judge_and_send(server.url, response_id, answer, reference, False)
                     canary_requests += 1
+                    log(f"canary request {canary_requests}: {model}")
                     if canary_requests % 10 == 0:
                         decision, _, _ = improve(root, [], decide_only=True)
                         if decision.outcome != "waiting":
@@ -223,7 +226,8 @@ def main() -> None:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "base_model": config.base_model, "example": "examples/city-services",
             "settings": {"production_steps": args.production_steps, "residents": args.residents,
-                         "improve": IMPROVE, "broken_learning_rate": 1.0, "cpu_threads": os.cpu_count()},
+                         "improve": config.improve.model_dump(mode="json"), "broken_learning_rate": 1.0,
+                         "cpu_count": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()},
             "load_average": {"before": [round(x, 2) for x in load_before],
                              "after": [round(x, 2) for x in os.getloadavg()]},
             "residents": {"up": ratings["up"], "down_with_correction": ratings["down"]},

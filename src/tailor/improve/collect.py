@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tailor.config import TailorConfig
@@ -46,8 +46,9 @@ def feedback_path(config: TailorConfig, root: Path, production: ModelVersion) ->
     for folder in (Path(production.run_dir), root):
         if (folder / config.serve.feedback_db).is_file():
             return (folder / config.serve.feedback_db).resolve()
-    raise TailorError(f"improve.feedback_db: no feedback database at {Path(production.run_dir) / config.serve.feedback_db} "
-                      f"or {root / config.serve.feedback_db}; name the server's serve.feedback_db file")
+    looked = f"{Path(production.run_dir) / config.serve.feedback_db} or {root / config.serve.feedback_db}"
+    raise TailorError(f"improve.feedback_db: no feedback database at {looked}; name the server's serve.feedback_db "
+                      f"file")
 
 
 def public_text(production: ModelVersion) -> str:
@@ -63,7 +64,7 @@ def public_text(production: ModelVersion) -> str:
 
 def utc(moment: datetime) -> datetime:
     """SQLite gives back the registry's times without their zone; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def question_of(prompt: list[dict]) -> str:
