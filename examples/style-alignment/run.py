@@ -96,7 +96,8 @@ def kl_to(model, reference_model, tokenizer, conversations: list[list[dict]], an
     return total / max(tokens, 1)
 
 
-def measure(out: Path, max_new_tokens: int, overrides: list[str], limit: int | None) -> dict:
+def measure(out: Path, max_new_tokens: int, overrides: list[str], limit: int | None,
+            aligned: tuple[str, ...] = ALIGNED) -> dict:
     import peft
 
     config, root = load_config(HERE, overrides)
@@ -107,10 +108,10 @@ def measure(out: Path, max_new_tokens: int, overrides: list[str], limit: int | N
                      for q in questions]
     model = peft.PeftModel.from_pretrained(load_model(base_ref, dtype=dtype), str(out / "sft" / "adapter"),
                                            adapter_name="sft").eval()
-    for name in ALIGNED:
+    for name in aligned:
         model.load_adapter(str(out / name / "adapter"), adapter_name=name)
     results, answers = {}, {}
-    for name in ("sft", *ALIGNED):
+    for name in ("sft", *aligned):
         model.set_adapter(name)
         answers[name] = greedy_answers(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                        batch_size=8, compute_dtype=dtype)
@@ -120,7 +121,7 @@ def measure(out: Path, max_new_tokens: int, overrides: list[str], limit: int | N
     # KL to the SFT model: a second copy as the reference, so switching adapters cannot mix them up
     reference_model = peft.PeftModel.from_pretrained(load_model(base_ref, dtype=dtype),
                                                      str(out / "sft" / "adapter")).eval()
-    for name in ALIGNED:
+    for name in aligned:
         model.set_adapter(name)
         results[name]["kl"] = round(kl_to(model, reference_model, tokenizer, conversations, answers[name]), 4)
     return {"models": results, "questions": len(questions),
@@ -133,21 +134,27 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="Far fewer steps and questions: a smoke run.")
     parser.add_argument("--base-model", help="Another base model (e.g. a small test model folder).")
+    parser.add_argument("--methods", default=",".join(ALIGNED), help=(
+        f"Aligned methods to train and measure, comma-separated (default {','.join(ALIGNED)})."))
+    parser.add_argument("--reuse-sft", action="store_true", help="Keep OUT/sft/adapter when it exists.")
     args = parser.parse_args()
     out = args.out.resolve()
+    aligned = tuple(name.strip() for name in args.methods.split(",") if name.strip())
+    if unknown := set(aligned) - set(ALIGNED):
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ALIGNED)})")
     common = (QUICK if args.quick else []) + ([f"base_model={args.base_model}"] if args.base_model else [])
-    seconds = {"sft": train(out, "sft", common)}
+    seconds = {}
+    if not (args.reuse_sft and (out / "sft" / "adapter" / "adapter_config.json").is_file()):
+        seconds["sft"] = train(out, "sft", common)
     prompts = out / "sft" / "data" / "train.jsonl"
-    seconds["ppo"] = train(out, "ppo", common + PPO + [f"methods.ppo.init_adapter={out / 'sft'}",
-                                                       f"methods.ppo.prompts_file={prompts}"])
-    seconds["grpo"] = train(out, "grpo", common + GRPO + [f"methods.grpo.init_adapter={out / 'sft'}",
-                                                          f"methods.grpo.prompts_file={prompts}"])
     short = ["train.max_steps=6", "train.batch_size=2"] if args.quick else []
-    seconds["dpo"] = train(out, "dpo", common + DPO + [f"methods.dpo.init_adapter={out / 'sft'}"] + short)
-    seconds["kto"] = train(out, "kto", common + KTO + [f"methods.kto.init_adapter={out / 'sft'}",
-                                                       f"methods.kto.examples_file={thumbs(out)}"] + short)
+    stages = {"ppo": PPO + [f"methods.ppo.prompts_file={prompts}"],
+              "grpo": GRPO + [f"methods.grpo.prompts_file={prompts}"],
+              "dpo": DPO + short, "kto": KTO + [f"methods.kto.examples_file={thumbs(out)}"] + short}
+    for name in aligned:
+        seconds[name] = train(out, name, common + stages[name] + [f"methods.{name}.init_adapter={out / 'sft'}"])
     started = time.perf_counter()
-    report = measure(out, 40 if args.quick else args.max_new_tokens, common, 8 if args.quick else None)
+    report = measure(out, 40 if args.quick else args.max_new_tokens, common, 8 if args.quick else None, aligned)
     seconds["measure"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     write_json(out / "alignment.json", report)

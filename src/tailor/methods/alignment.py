@@ -252,6 +252,56 @@ def iteration_prompts(count: int, per_iteration: int, seed: int, iteration: int)
     return chosen
 
 
+def rollout_batches(rows: dict, count: int, mini_batch: int, epochs: int, width: int) -> list[dict]:
+    """One iteration's micro-batches: `epochs` passes over its `count` rollouts, `mini_batch` at a time; `rows`
+    holds per-rollout tensors [count, ...] (None for an absent one), including the attention `mask` and the
+    `answer_mask`, whose tokens are the unit the loss is divided by."""
+    batches = []
+    for _ in range(epochs):
+        for start in range(0, count, mini_batch):
+            part = slice(start, start + mini_batch)
+            batch = {key: None if value is None else value[part] for key, value in rows.items()}
+            batches.append(batch | {"width": width, "units": int(batch["answer_mask"].sum()),
+                                    "tokens": int(batch["mask"].sum())})
+    return batches
+
+
+def train_rollouts(name: str, config: TailorConfig, run_dir: Path, model, objective, *, steps_per_iteration: int,
+                   iterations: int, iteration, dtype: torch.dtype, base_ref: str, inputs: list[Path],
+                   resume: bool, show_progress: bool, should_stop):
+    """The loop of a rollout method (PPO, GRPO) on the core's Stepper: `iteration(i) -> (micro-batches, record)`
+    samples and scores one batch of rollouts; its steps follow; checkpoints at iteration ends (the sampling RNG and
+    the next iteration's prompts resume); the adapter and the manifest once every iteration ran."""
+    from tailor.train.checkpoint import run_record
+    from tailor.train.loop import Stepper
+
+    cfg = config.train
+    stepper = Stepper(model, objective, cfg, run_dir, iterations * steps_per_iteration, run=run_record(name, config),
+                      resume=resume, show_progress=show_progress, description=name)
+    first_reward = last = None
+    stop_requested = False
+    with stepper:
+        while not stepper.done and not stop_requested:
+            index = stepper.state.step // steps_per_iteration
+            batches, record = iteration(index)
+            record = {"iteration": index + 1, **record}
+            first_reward = record["reward"] if first_reward is None else first_reward
+            last, stop_requested = rollout_steps(stepper, batches, cfg.grad_accum, dtype, record,
+                                                 lambda step: should_stop is not None and should_stop(step))
+            if stop_requested or (cfg.save_every and (index + 1) % cfg.save_every == 0):
+                stepper.checkpoint()
+    stepper.finish()
+    result = stepper.result(interrupted=not stepper.done)
+    if result.interrupted:  # a checkpoint at the iteration's end to resume from, no artifact
+        return result
+    artifact = save_adapter(model, run_dir, config)
+    record_training(run_dir, config, name, base_ref, dtype, inputs, artifact,
+                    {**result.to_dict(), "first_reward": first_reward,
+                     "last_reward": None if last is None else last.get("reward"),
+                     "last_kl": None if last is None else last.get("kl")})
+    return result
+
+
 def rollout_steps(stepper, batches: list[dict], grad_accum: int, compute_dtype: torch.dtype, record: dict,
                   should_stop) -> tuple[dict, bool]:
     """Optimizer steps over one rollout batch's micro-batches (PPO, GRPO), grad_accum at a time, each step's summed

@@ -68,8 +68,8 @@ def train_tokenizer(texts: list[str], base_tokenizer, vocab_size: int):
 def tokenizer_for_run(ctx: TrainContext):
     """Train the tokenizer on the corpus and the training chat records, or reuse RUN/tokenizer when it was trained
     on the same texts with the same options (BPE training is deterministic, but cheap to skip)."""
-    from tailor.models.base import load_tokenizer
     from tailor.data.pretrain import documents_from_corpus
+    from tailor.models.base import load_tokenizer
     from tailor.workspace import read_jsonl
 
     texts = [text for _, text in documents_from_corpus(ctx.run_dir / CORPUS_FILE)]

@@ -27,19 +27,17 @@ from tailor.methods.alignment import (
     iteration_prompts,
     load_policy,
     load_prompts,
-    record_training,
     reference,
     resolve_path,
     rollout,
-    rollout_steps,
-    save_adapter,
+    rollout_batches,
+    train_rollouts,
 )
 from tailor.methods.graders import Graders, GraderSpec
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.checkpoint import run_record
-from tailor.train.loop import Objective, Stepper, TrainResult, seed_everything
+from tailor.train.loop import Objective, TrainResult, seed_everything
 
 
 class GrpoOptions(UsesLora):
@@ -124,57 +122,33 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     log_probs = AnswerLogProbs(model, options.temperature)
     answers = options.prompts_per_iteration * options.group_size
     steps_per_iteration = options.epochs * math.ceil(math.ceil(answers / options.mini_batch) / cfg.grad_accum)
-    stepper = Stepper(model, ClippedGroupLoss(log_probs, options), cfg, run_dir,
-                      options.iterations * steps_per_iteration, run=run_record("grpo", config), resume=resume,
-                      show_progress=show_progress, description="grpo")
-    first_reward = last = None
-    stop_requested = False
-    with stepper:
-        while not stepper.done and not stop_requested:
-            iteration = stepper.state.step // steps_per_iteration
-            chosen = [prompts[i] for i in iteration_prompts(len(prompts), options.prompts_per_iteration, cfg.seed,
-                                                            iteration)]
-            group_prompts = [messages for messages, _ in chosen for _ in range(options.group_size)]
-            references = [ref for _, ref in chosen for _ in range(options.group_size)]
-            sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, group_prompts,
-                                                                 options.max_new_tokens, options.temperature)
-            combined, each = graders(group_prompts, texts, references)
-            scores = torch.tensor(combined)
-            advantages = group_advantages(scores, options.group_size, options.scale_rewards).to(answer_mask.device)
-            with torch.no_grad():
-                old = log_probs(sequences, mask, width)[0] if options.epochs > 1 else None
-                with reference(model):
-                    ref = log_probs(sequences, mask, width)[0]
-            model.train()
-            batches = []
-            for _ in range(options.epochs):
-                for start in range(0, len(texts), options.mini_batch):
-                    rows = slice(start, start + options.mini_batch)
-                    batches.append({"sequences": sequences[rows], "mask": mask[rows], "width": width,
-                                    "answer_mask": answer_mask[rows], "advantages": advantages[rows],
-                                    "old": None if old is None else old[rows], "reference": ref[rows],
-                                    "units": int(answer_mask[rows].sum()), "tokens": int(mask[rows].sum())})
-            mean_reward = float(scores.mean())
-            first_reward = mean_reward if first_reward is None else first_reward
-            record = {"iteration": iteration + 1, "reward": round(mean_reward, 5),
-                      "reward_std": round(float(scores.view(-1, options.group_size).std(dim=1).mean()), 5),
-                      **{f"reward/{name}": round(sum(values) / len(values), 5) for name, values in each.items()},
-                      "answer_tokens": round(float(answer_mask.sum(dim=1).mean()), 2)}
-            last, stop_requested = rollout_steps(stepper, batches, cfg.grad_accum, dtype, record,
-                                                 lambda step: should_stop is not None and should_stop(step))
-            # checkpoints only at iteration ends: the sampling RNG and the prompts of the next iteration resume
-            if stop_requested or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
-                stepper.checkpoint()
-    stepper.finish()
-    result = stepper.result(interrupted=not stepper.done)
-    if result.interrupted:  # a checkpoint at the iteration's end to resume from, no artifact
-        return result
-    artifact = save_adapter(model, run_dir, config)
-    record_training(run_dir, config, "grpo", base_ref, dtype, [prompts_path], artifact,
-                    {**result.to_dict(), "first_reward": first_reward,
-                     "last_reward": None if last is None else last.get("reward"),
-                     "last_kl": None if last is None else last.get("kl")})
-    return result
+
+    def iteration(index: int) -> tuple[list[dict], dict]:
+        chosen = [prompts[i] for i in iteration_prompts(len(prompts), options.prompts_per_iteration, cfg.seed, index)]
+        group_prompts = [messages for messages, _ in chosen for _ in range(options.group_size)]
+        references = [ref for _, ref in chosen for _ in range(options.group_size)]
+        sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, group_prompts, options.max_new_tokens,
+                                                             options.temperature)
+        combined, each = graders(group_prompts, texts, references)
+        scores = torch.tensor(combined)
+        advantages = group_advantages(scores, options.group_size, options.scale_rewards).to(answer_mask.device)
+        with torch.no_grad():
+            old = log_probs(sequences, mask, width)[0] if options.epochs > 1 else None
+            with reference(model):
+                ref = log_probs(sequences, mask, width)[0]
+        model.train()
+        batches = rollout_batches({"sequences": sequences, "mask": mask, "answer_mask": answer_mask,
+                                   "advantages": advantages, "old": old, "reference": ref}, len(texts),
+                                  options.mini_batch, options.epochs, width)
+        return batches, {"reward": round(float(scores.mean()), 5),
+                         "reward_std": round(float(scores.view(-1, options.group_size).std(dim=1).mean()), 5),
+                         **{f"reward/{name}": round(sum(values) / len(values), 5) for name, values in each.items()},
+                         "answer_tokens": round(float(answer_mask.sum(dim=1).mean()), 2)}
+
+    return train_rollouts("grpo", config, run_dir, model, ClippedGroupLoss(log_probs, options),
+                          steps_per_iteration=steps_per_iteration, iterations=options.iterations, iteration=iteration,
+                          dtype=dtype, base_ref=base_ref, inputs=[prompts_path], resume=resume,
+                          show_progress=show_progress, should_stop=should_stop)
 
 
 register(Method(name="grpo", options=GrpoOptions, run=run, artifact="adapter",

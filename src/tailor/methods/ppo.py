@@ -27,19 +27,17 @@ from tailor.methods.alignment import (
     iteration_prompts,
     load_policy,
     load_prompts,
-    record_training,
     reference,
     resolve_path,
     rollout,
-    rollout_steps,
-    save_adapter,
+    rollout_batches,
+    train_rollouts,
 )
 from tailor.methods.graders import call_reward_function, load_reward_function
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.checkpoint import run_record
-from tailor.train.loop import Objective, Stepper, TrainResult, seed_everything
+from tailor.train.loop import Objective, TrainResult, seed_everything
 
 
 class PpoOptions(UsesLora):
@@ -189,54 +187,32 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     policy = Policy(model, options.temperature)
     steps_per_iteration = options.ppo_epochs * math.ceil(math.ceil(options.rollout_batch / options.mini_batch)
                                                          / cfg.grad_accum)
-    stepper = Stepper(model, ClippedPpoLoss(policy, options), cfg, run_dir, options.iterations * steps_per_iteration,
-                      run=run_record("ppo", config), resume=resume, show_progress=show_progress, description="ppo")
-    first_reward = last = None
-    stop_requested = False
-    with stepper:
-        while not stepper.done and not stop_requested:
-            iteration = stepper.state.step // steps_per_iteration
-            batch_prompts = [prompts[i] for i in iteration_prompts(len(prompts), options.rollout_batch, cfg.seed,
-                                                                   iteration)]
-            sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, batch_prompts,
-                                                                 options.max_new_tokens, options.temperature)
-            scores = scorer(batch_prompts, texts).to(answer_mask.device)  # [B]
-            with torch.no_grad():
-                old_log_probs, old_values, _ = policy(sequences, mask, width)
-                with reference(model):
-                    ref_log_probs, _, _ = policy(sequences, mask, width)
-            kl = (old_log_probs - ref_log_probs) * answer_mask  # [B, R]
-            rewards = -options.kl_coef * kl
-            last_token = answer_mask.sum(dim=1).long().clamp(min=1) - 1
-            rewards[torch.arange(len(texts)), last_token] += scores
-            advantages, returns = advantages_and_returns(rewards, old_values, answer_mask, options.gamma, options.lam)
-            model.train()
-            batches = [{"sequences": sequences[rows], "mask": mask[rows], "width": width,
-                        "answer_mask": answer_mask[rows], "advantages": advantages[rows], "old": old_log_probs[rows],
-                        "old_values": old_values[rows], "returns": returns[rows],
-                        "units": int(answer_mask[rows].sum()), "tokens": int(mask[rows].sum())}
-                       for _ in range(options.ppo_epochs)
-                       for rows in (slice(s, s + options.mini_batch) for s in range(0, len(texts), options.mini_batch))]
-            mean_reward = float(scores.mean())
-            first_reward = mean_reward if first_reward is None else first_reward
-            record = {"iteration": iteration + 1, "reward": round(mean_reward, 5),
-                      "kl": round(float(kl.sum(dim=1).mean()), 5),
-                      "answer_tokens": round(float(answer_mask.sum(dim=1).mean()), 2)}
-            last, stop_requested = rollout_steps(stepper, batches, cfg.grad_accum, dtype, record,
-                                                 lambda step: should_stop is not None and should_stop(step))
-            # checkpoints only at iteration ends: the sampling RNG and the prompts of the next iteration resume
-            if stop_requested or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
-                stepper.checkpoint()
-    stepper.finish()
-    result = stepper.result(interrupted=not stepper.done)
-    if result.interrupted:  # a checkpoint at the iteration's end to resume from, no artifact
-        return result
-    artifact = save_adapter(model, run_dir, config)
-    record_training(run_dir, config, "ppo", base_ref, dtype, [prompts_path], artifact,
-                    {**result.to_dict(), "first_reward": first_reward,
-                     "last_reward": None if last is None else last.get("reward"),
-                     "last_kl": None if last is None else last.get("kl")})
-    return result
+
+    def iteration(index: int) -> tuple[list[dict], dict]:
+        batch_prompts = [prompts[i] for i in iteration_prompts(len(prompts), options.rollout_batch, cfg.seed, index)]
+        sequences, mask, width, answer_mask, texts = rollout(model, tokenizer, batch_prompts, options.max_new_tokens,
+                                                             options.temperature)
+        scores = scorer(batch_prompts, texts).to(answer_mask.device)  # [B]
+        with torch.no_grad():
+            old_log_probs, old_values, _ = policy(sequences, mask, width)
+            with reference(model):
+                ref_log_probs, _, _ = policy(sequences, mask, width)
+        kl = (old_log_probs - ref_log_probs) * answer_mask  # [B, R]
+        rewards = -options.kl_coef * kl
+        last_token = answer_mask.sum(dim=1).long().clamp(min=1) - 1
+        rewards[torch.arange(len(texts)), last_token] += scores
+        advantages, returns = advantages_and_returns(rewards, old_values, answer_mask, options.gamma, options.lam)
+        model.train()
+        batches = rollout_batches({"sequences": sequences, "mask": mask, "answer_mask": answer_mask,
+                                   "advantages": advantages, "old": old_log_probs, "old_values": old_values,
+                                   "returns": returns}, len(texts), options.mini_batch, options.ppo_epochs, width)
+        return batches, {"reward": round(float(scores.mean()), 5), "kl": round(float(kl.sum(dim=1).mean()), 5),
+                         "answer_tokens": round(float(answer_mask.sum(dim=1).mean()), 2)}
+
+    return train_rollouts("ppo", config, run_dir, model, ClippedPpoLoss(policy, options),
+                          steps_per_iteration=steps_per_iteration, iterations=options.iterations, iteration=iteration,
+                          dtype=dtype, base_ref=base_ref, inputs=[prompts_path], resume=resume,
+                          show_progress=show_progress, should_stop=should_stop)
 
 
 register(Method(name="ppo", options=PpoOptions, run=run, artifact="adapter",
