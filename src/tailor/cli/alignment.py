@@ -44,9 +44,8 @@ def feedback_stats(source: Path = SourceOption) -> None:
     from tailor.feedback.export import load_feedback, stats
 
     table = Table(title=f"Feedback in {source.name}")
-    for column, justify in (("model", "left"), ("feedback", "right"), ("up", "right"), ("down", "right"),
-                            ("up rate", "right"), ("corrections", "right"), ("users", "right")):
-        table.add_column(column, justify=justify)
+    for column in ("model", "feedback", "up", "down", "up rate", "corrections", "users"):
+        table.add_column(column, justify="left" if column == "model" else "right")
     for model, row in stats(load_feedback(source)).items():
         table.add_row(model, str(row["count"]), str(row["up"]), str(row["down"]),
                       f"{row['up_rate']:.1%}" if row["up_rate"] is not None else "-", str(row["corrections"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def folder_bytes(folder: Path) -> int:
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """KEY=VALUE for every method, and METHOD:KEY=VALUE for one (e.g. full:train.learning_rate=5e-5: a whole-model
     update needs a far smaller step than an adapter)."""
-    common, per_method = [], {}
+    common: list[str] = []
+    per_method: dict[str, list[str]] = {}
     for item in overrides:
         key = item.partition("=")[0]
         if ":" in key.partition(".")[0]:
@@ -66,7 +68,7 @@ def method_name(name: str) -> str:
     return name.removesuffix(GROUNDED_SUFFIX)
 
 
-def method_config(config: TailorConfig, name: str, overrides: list[str] = ()) -> TailorConfig:
+def method_config(config: TailorConfig, name: str, overrides: Sequence[str] = ()) -> TailorConfig:
     grounded = ["retrieval.enabled=true"] if name.endswith(GROUNDED_SUFFIX) else []
     return validate_config(apply_overrides(config.model_dump(mode="json"),
                                            [f"train.method={method_name(name)}", *grounded, *overrides]),
@@ -165,7 +167,8 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
         console.print(f"[bold]{name}[/]: training in {method_dir}", highlight=False)
         try:
             result = run_training(settings, root, method_dir, show_progress=show_progress)
-            built = isinstance(result, BuildResult)
+            # a built method (prompt, rag, ...) trains nothing
+            trainable, steps = (0, 0) if isinstance(result, BuildResult) else (result.trainable_params, result.steps)
             # the base model is the same for every method: scored once, with the first method
             report = run_eval(settings, root, method_dir, show_progress=show_progress, write_html=False,
                               only_customized=base is not None)
@@ -179,10 +182,10 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
             rows.append(CompareRow(
                 method=name, token_f1=scores["token_f1"], exact_match=scores["exact_match"],
                 eval_loss=scores["eval_loss"], train_seconds=round(result.seconds, 1),
-                trainable_params=0 if built else result.trainable_params,
+                trainable_params=trainable,
                 artifact_bytes=folder_bytes(artifact_dir(method_dir, registry.get(method_name(name)))),
                 latency_ms=answer_latency_ms(settings, root, method_dir, questions, method_name(name)),
-                steps=0 if built else result.steps, run_dir=str(method_dir),
+                steps=steps, run_dir=str(method_dir),
                 **{key: scores.get(key) for key in ("fact_recall", "recall_at_5", "citation_accuracy")}))
         except Exception as exc:  # noqa: BLE001 - with keep_going any failure is reported, not only ours
             if not keep_going:
@@ -202,11 +205,9 @@ def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str
 
 def compare_table(summary: dict) -> Table:
     table = Table(title=f"Methods compared on {summary['n_questions']} held-out questions (cheapest first)")
-    for column, justify in (("method", "left"), ("token F1", "right"), ("exact match", "right"),
-                            ("fact recall", "right"), ("eval loss", "right"), ("recall@5", "right"),
-                            ("cited right", "right"), ("train s", "right"), ("trainable params", "right"),
-                            ("artifact", "right"), ("ms / answer", "right")):
-        table.add_column(column, justify=justify)
+    for column in ("method", "token F1", "exact match", "fact recall", "eval loss", "recall@5", "cited right",
+                   "train s", "trainable params", "artifact", "ms / answer"):
+        table.add_column(column, justify="left" if column == "method" else "right")
 
     def fmt(value) -> str:
         return "-" if value is None else f"{value:.4f}"

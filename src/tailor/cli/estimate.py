@@ -59,19 +59,20 @@ def estimate(overrides: list[str] = OverridesArgument, workspace: Path = Workspa
     hardware = Table(title=f"Time and cost of training {result.method}")
     for column in ("hardware", "peak TFLOP/s", "utilization", "time", "cost", "fits in memory", "source"):
         hardware.add_column(column, justify="left" if column in ("hardware", "source") else "right")
-    for row in result.hardware:
-        fits = "-" if row.fits_memory is None else ("yes" if row.fits_memory else "[red]no[/]")
-        cost = (f"${row.dollars:.2f}" if row.dollars >= 0.005 else "< $0.01") if row.dollars else "-"
-        hardware.add_row(row.hardware, f"{row.peak_tflops:.3g}", f"{row.utilization:.0%}", _duration(row.hours), cost,
-                         fits, row.source)
+    for machine in result.hardware:
+        fits = "-" if machine.fits_memory is None else ("yes" if machine.fits_memory else "[red]no[/]")
+        cost = (f"${machine.dollars:.2f}" if machine.dollars >= 0.005 else "< $0.01") if machine.dollars else "-"
+        hardware.add_row(machine.hardware, f"{machine.peak_tflops:.3g}", f"{machine.utilization:.0%}",
+                         _duration(machine.hours), cost, fits, machine.source)
     console.print(hardware)
     if result.past_runs:
         past = Table(title="Past runs in the registry: this estimate's rule against the measured time")
         for column in ("version", "method", "tokens", "measured", "estimated", "estimated / measured"):
             past.add_column(column, justify="left" if column in ("version", "method") else "right")
-        for row in result.past_runs:
-            past.add_row(row.label, row.method, f"{row.tokens:,}", _duration(row.measured_seconds / 3600),
-                         _duration(row.estimated_seconds / 3600), f"{row.ratio:.2f}")
+        for past_run in result.past_runs:
+            past.add_row(past_run.label, past_run.method, f"{past_run.tokens:,}",
+                         _duration(past_run.measured_seconds / 3600), _duration(past_run.estimated_seconds / 3600),
+                         f"{past_run.ratio:.2f}")
         console.print(past)
     console.print("assumptions:\n" + "\n".join(f"  - {line}" for line in result.assumptions), highlight=False)
     if json_out is not None:

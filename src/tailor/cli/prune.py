@@ -28,7 +28,7 @@ def prune(run: Path = typer.Argument(..., help="Run folder with a trained artifa
     for column in ("", "before", "after", "change"):
         table.add_column(column, justify="left" if not column else "right")
     b, a = report.before, report.after
-    if b.eval_loss is not None:
+    if b.eval_loss is not None and a.eval_loss is not None:
         table.add_row("eval loss (answers)", f"{b.eval_loss:.4f}", f"{a.eval_loss:.4f}",
                       f"{a.eval_loss - b.eval_loss:+.4f}")
     table.add_row("parameters", f"{b.parameters:,}", f"{a.parameters:,}", f"{a.parameters / b.parameters - 1:+.1%}")

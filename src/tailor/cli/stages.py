@@ -86,9 +86,9 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
             console.print(f"  near duplicate removed: {removed} ({similarity:.0%} similar; kept {cluster.kept})")
     if summary.pii_mode:
         counts = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.pii_counts.items())) or "none found"
-        kept = sum(summary.pii_kept.values())
+        pii_kept = sum(summary.pii_kept.values())
         console.print(f"  personal data ({summary.pii_mode}): {counts}"
-                      + (f"; {kept} kept by ingest.pii_keep" if kept else ""))
+                      + (f"; {pii_kept} kept by ingest.pii_keep" if pii_kept else ""))
     for path, reason in summary.skipped:
         console.print(f"  [yellow]skipped[/] {path}: {reason}")
     if summary.boilerplate_lines:

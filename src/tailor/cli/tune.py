@@ -46,6 +46,7 @@ def tune(overrides: list[str] = OverridesArgument, workspace: Path = WorkspaceOp
                       f"({', '.join(f'{k}={v}' for k, v in trial.params.items())})", highlight=False)
 
     result = run_tune(config, data, path.parent, run_dir, source=source, on_trial=on_trial)
+    assert result is not None  # only a helper worker (worker > 0) returns none
     console.print(trials_table(result.study, result.metric))
     finished = sum(trial.state.name in ("COMPLETE", "PRUNED") for trial in result.study.trials)
     console.print(f"[green]best[/] trial {result.best_trial}: {result.metric} {result.best_value:.4f} "

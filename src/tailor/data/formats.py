@@ -43,7 +43,7 @@ class Example:
         return next((m["content"] for m in self.messages if m["role"] == "user"), "")
 
 
-def pick_field(record: dict, keys: tuple[str, ...], where: str, what: str) -> str:
+def pick_field(record: Mapping, keys: tuple[str, ...], where: str, what: str) -> str:
     """The stripped text under the first of `keys` the record has (Q/A and Alpaca records name fields variously)."""
     for key in keys:
         if key in record:
@@ -70,8 +70,8 @@ def to_messages(record: Mapping, where: str, speaker_roles: Mapping[str, str] | 
                 raise TailorError(f'{where}: message {position} needs a "role" and a "content" string')
             turns.append((str(message.get("role", "")), message["content"]))
         messages = chatlog.turns_to_messages(turns, roles, where)
-    elif chatlog.conversation_turns(record) is not None:  # ShareGPT and friends
-        messages = chatlog.turns_to_messages(chatlog.conversation_turns(record), roles, where)
+    elif (conversation := chatlog.conversation_turns(record)) is not None:  # ShareGPT and friends
+        messages = chatlog.turns_to_messages(conversation, roles, where)
     elif "instruction" in record and any(key in record for key in ANSWER_KEYS):
         instruction = pick_field(record, ("instruction",), where, "instruction")
         extra = record.get("input")
@@ -174,6 +174,7 @@ def _transcripts(path: Path, speaker_roles: Mapping[str, str] | None) -> Iterato
     if caught:  # training data is not a corpus: a turn that cannot be used is an error, not a loss
         raise TailorError(str(caught[0].message).removesuffix("; record skipped"))
     for document in documents:
+        assert document.messages is not None  # a transcript is read as conversations
         messages = [dict(message) for message in document.messages]
         where = f"{path}:{document.line}"
         while messages and messages[-1]["role"] != "assistant":  # a customer's last unanswered message

@@ -26,7 +26,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -96,7 +96,7 @@ class IngestSummary:
 def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: int = 1500, chunk_overlap: int = 200,
            min_chars: int = 20, pii: str | None = None, pii_keep: Sequence[str] = (),
            near_dup_threshold: float | None = 0.85, text_field: str | None = None,
-           speaker_roles: dict[str, str] | None = None, cleaning: Cleaning | None = None,
+           speaker_roles: Mapping[str, str] | None = None, cleaning: Cleaning | None = None,
            source_names: dict[str, str] | None = None, workers: int = 1, max_record_chars: int = 1_000_000,
            progress: bool = True) -> IngestSummary:
     """Read every supported file under `sources` into chunk records written to `output` (JSON lines).

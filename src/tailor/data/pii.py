@@ -252,12 +252,12 @@ PHONE_CUE = re.compile(r"\b(?:phone|tel|telephone|mobile|cell|fax|call|caller|ca
 
 def find_phones(text: str) -> Iterator[Finding]:
     for region in PHONE_REGIONS:
-        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            raw, start = match.raw_string, match.start
+        for number in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+            raw, start = number.raw_string, number.start
             if raw.startswith("(") and ")" not in raw:  # "(800-292-9263": the bracket opens a remark
                 raw, start = raw[1:], start + 1
-            if raw.startswith("+") or _plausible_national(text, raw, start, match.end, region):
-                yield Finding("PHONE", start, match.end, raw)
+            if raw.startswith("+") or _plausible_national(text, raw, start, number.end, region):
+                yield Finding("PHONE", start, number.end, raw)
     for pattern in (NANP, LOCAL_555):
         for match in pattern.finditer(text):
             if not match.group().startswith("+") and _after_number_cue(text, match.start()):
@@ -371,7 +371,9 @@ def find_people(text: str) -> Iterator[Finding]:
 
 def find_addresses(text: str) -> Iterator[Finding]:
     for match in ADDRESS.finditer(text):
-        number = re.match(r"\d+", match.group()).group()
+        house = re.match(r"\d+", match.group())
+        assert house is not None  # ADDRESS starts with the house number
+        number = house.group()
         if len(number) == 4 and number[:2] in ("19", "20") and YEAR_CUE.search(text[max(0, match.start() - 40):
                                                                                        match.start()]):
             continue  # "since 2007 Central Park has ...", "(C) 2004 David Lodge" are years, not house numbers
@@ -493,8 +495,8 @@ class PiiRedactor:
             return f"192.0.2.{1 + number % 254}"
         if kind == "SSN":
             digits = re.sub(r"\D", "", raw)
-            number = f"{self._number(kind, digits):020d}"
-            fake = f"9{number[-2:]}{number[-4:-2]}{number[-8:-4]}"  # area 9xx is never issued to a person
+            padded = f"{self._number(kind, digits):020d}"
+            fake = f"9{padded[-2:]}{padded[-4:-2]}{padded[-8:-4]}"  # area 9xx is never issued to a person
             return _reshape(raw, fake)
         if kind == "URL_TOKEN":
             return hmac.new(self._key, raw.encode(), hashlib.sha256).hexdigest()[:max(8, min(len(raw), 40))]

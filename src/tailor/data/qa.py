@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def in_eval_split(text: str, fraction: float, seed: int) -> bool:
 
 def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_prompt: str, eval_fraction: float,
                         seed: int, max_tokens: int, count_tokens, test_fraction: float = 0.0,
-                        leak_threshold: float | None = 0.8, speaker_roles: dict[str, str] | None = None
+                        leak_threshold: float | None = 0.8, speaker_roles: Mapping[str, str] | None = None
                         ) -> tuple[list[dict], list[dict], BuildSummary]:
     """Read every file (any format of formats.py), convert to chat records, split train/eval/test by content hash,
     drop (with a report) duplicates, records over `max_tokens` and held-out records that leak training ones.
@@ -104,7 +104,10 @@ def build_chat_datasets(qa_files: list[Path], eval_files: list[Path], *, system_
     if not qa_files and not eval_files:
         raise TailorError("data.qa_files: no question/answer files configured")
     summary = BuildSummary()
-    train, evals, tests, seen = [], [], [], {}
+    train: list[dict] = []
+    evals: list[dict] = []
+    tests: list[dict] = []
+    seen: dict[tuple, tuple[str, list[dict]]] = {}  # record key -> (where first seen, its bucket)
 
     def accept(example, bucket: list[dict]) -> None:
         key = tuple((m["role"], " ".join(m["content"].lower().split())) for m in example.messages

@@ -200,8 +200,10 @@ class EndpointTeacher:
         import openai
 
         def ask(conversation: list[dict]) -> str:
-            reply = self.client.chat.completions.create(model=self.model, messages=conversation, temperature=0.0,
-                                                        max_tokens=max_new_tokens)
+            # ignored: plain {role, content} dicts, which the client sends as they are; its TypedDict union of
+            # message kinds cannot be inferred from a dict
+            reply = self.client.chat.completions.create(model=self.model, messages=conversation,  # type: ignore[arg-type]
+                                                        temperature=0.0, max_tokens=max_new_tokens)
             return reply.choices[0].message.content or ""
 
         try:
@@ -240,7 +242,8 @@ def spread(chunks: list[dict], count: int, seed: int = 0) -> list[dict]:
         order = list(document_chunks)
         rng.shuffle(order)
         queues.append(order)
-    picked, depth = [], 0
+    picked: list[dict] = []
+    depth = 0
     while any(depth < len(queue) for queue in queues) and (not count or len(picked) < count):
         for queue in queues:
             if depth < len(queue) and (not count or len(picked) < count):

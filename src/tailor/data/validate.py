@@ -110,8 +110,8 @@ def validate_files(paths: Iterable[Path | str], *, count_tokens: CountTokens | N
     seen: dict[bool, dict[str, str]] = {False: {}, True: {}}
     seen_texts: dict[bool, dict[str, tuple[str, str]]] = {False: {}, True: {}}  # text -> (label, "file:line")
     label_set = set(map(str, labels)) if labels is not None else None
-    eval_paths = list(map(Path, eval_paths))
-    for held_out, path in [(False, p) for p in map(Path, paths)] + [(True, p) for p in eval_paths]:
+    held_out_paths = list(map(Path, eval_paths))
+    for held_out, path in [(False, p) for p in map(Path, paths)] + [(True, p) for p in held_out_paths]:
         report.files.append(str(path))
         checker = _Checker(str(path), report, seen[held_out], count_tokens if max_tokens else None, max_tokens,
                            labels=label_set, seen_texts=seen_texts[held_out], held_out=held_out)
@@ -120,7 +120,7 @@ def validate_files(paths: Iterable[Path | str], *, count_tokens: CountTokens | N
         except Exception as exc:  # noqa: BLE001 - a validator must report, never crash; the other files go on
             report.problems.append(Problem(str(path), None, "unreadable", f"could not be read ({type(exc).__name__}:"
                                            f" {exc})", "check that it is a UTF-8 text file in JSONL or CSV form"))
-    if eval_paths:
+    if held_out_paths:
         _check_leakage(report, leak_threshold)
     return report
 
@@ -229,8 +229,9 @@ class _Checker:
         roles = []
         for position, message in enumerate(messages, start=1):
             roles.append(self.check_message(line, position, message))
-        if all(role is not None for role in roles):
-            self.check_order(line, roles)
+        known = [role for role in roles if role is not None]
+        if len(known) == len(roles):
+            self.check_order(line, known)
         if "assistant" not in roles:
             self.problem(line, "no_assistant_turn", "no assistant turn to learn from",
                          'add a {"role": "assistant", "content": ...} message with the answer to teach')
@@ -296,6 +297,7 @@ class _Checker:
             expected = "assistant" if role == "user" else "user"
 
     def within_limit(self, line: int, messages: list[dict]) -> bool:
+        assert self.count_tokens is not None and self.max_tokens is not None  # callers check both
         tokens = self.count_tokens(messages)
         if tokens > self.max_tokens:
             self.problem(line, "too_many_tokens", f"{tokens} tokens, over the limit of {self.max_tokens}",

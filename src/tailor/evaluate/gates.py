@@ -13,7 +13,9 @@ that can never pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tailor.config import EvalConfig
 from tailor.errors import TailorError
@@ -34,7 +36,7 @@ class Metric:
     path: tuple[str, ...]  # keys into report.json; "{model}" stands for the gated model's name
 
     def value(self, report: dict, model: str):
-        node = report
+        node: Any = report
         for key in self.path:
             if not isinstance(node, dict):
                 return None
@@ -124,7 +126,7 @@ def _split(name: str, models: list[str], customized: str, known: dict[str, Metri
     raise TailorError(f"unknown metric '{metric}' (this evaluation can gate: {', '.join(known)})")
 
 
-def parse_gates(under: list[str], over: list[str] = (), *, models: list[str], customized: str,
+def parse_gates(under: list[str], over: Sequence[str] = (), *, models: list[str], customized: str,
                 eval_config: EvalConfig) -> list[Gate]:
     """`under`/`over`: the --fail-under/--fail-over specs; `models`: the names this run's evaluation will report;
     `customized`: the one a bare METRIC refers to."""

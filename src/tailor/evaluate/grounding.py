@@ -8,6 +8,8 @@ figures when the eval set has unanswerable questions.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tailor.evaluate.metrics import token_f1
 from tailor.retrieval.grounding import Gold, faithfulness, gold_chunks, is_abstention, support
 from tailor.retrieval.search import Retrieval
@@ -47,6 +49,7 @@ def grounding_fields(answer: str, reference: str, meta: dict, retrieval: Retriev
                      abstain_answer: str, gold_cache: dict) -> dict:
     """The per-question grounding columns of predictions.jsonl."""
     answerable = meta.get("answerable", True) is not False
+    row: dict[str, Any]
     row = {"answerable": answerable, "fact_recall": round(fact_recall(answer, reference), 4) if answerable else None,
            "abstained": is_abstention(answer, abstain_answer)}
     if retrieval is None:

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -127,6 +128,7 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
     base_ref = resolve_base_model(config.base_model, root=root)
     compute_dtype = pick_dtype(config.train.dtype)
     rules = eval_cfg.rules
+    report: dict[str, Any]  # filled in stage by stage below
     report = {"created_at": now_iso(), "eval_file": str(plan.eval_path), "n_questions": len(records),
               "method": plan.customized, "bleu_signature": bleu_signature(),
               "rules": [rule.model_dump() for rule in rules],
@@ -203,7 +205,7 @@ def run_eval(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: 
                         notes.append(f"{spec.name}: forgetting probe skipped (an endpoint gives no likelihoods)")
             report["models"][spec.name]["seconds"] = round(time.perf_counter() - started, 1)
             progress.remove_task(task)
-        judge_rows = []
+        judge_rows: list[dict] = []
         if plan.judge is not None:
             report["judge"], judge_rows = _run_judge(plan.judge, config, records, answers_by_model, base_ref,
                                                      compute_dtype, progress)
@@ -258,6 +260,7 @@ def _run_judge(spec: ModelSpec, config: TailorConfig, records, answers_by_model:
 
     cfg = config.eval.judge
     shown = records[: cfg.limit] if cfg.limit else records
+    result: dict[str, Any]
     result = {"judge": spec.name, "source": {"kind": spec.kind, "target": spec.target}, "rubric": cfg.rubric,
               "n": len(shown), "scores": {}, "pairwise": {}}
     rows = []

@@ -12,6 +12,7 @@ that agreement rate and the win / tie / loss shares.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 SCORES = ["1", "2", "3", "4", "5"]
 CHOICES = ["A", "B"]
@@ -60,7 +61,7 @@ def _choose(judge, conversations: list[list[dict]], options: list[str], parse, *
 
         probabilities = [softmax(row) for row in judge.option_logprobs(conversations, options,
                                                                       batch_size=batch_size)]
-        return [options[max(range(len(p)), key=p.__getitem__)] for p in probabilities], probabilities
+        return [options[max(range(len(p)), key=p.__getitem__)] for p in probabilities], [*probabilities]
     replies = judge.answers(conversations, max_new_tokens=8, batch_size=batch_size)
     picks = []
     for reply in replies:
@@ -75,7 +76,7 @@ def rubric_scores(judge, items: list[dict], rubric: str, *, batch_size: int) -> 
     picks, probabilities = _choose(judge, conversations, SCORES, parse_score, batch_size=batch_size)
     rows, scores, expected = [], [], []
     for item, pick, probs in zip(items, picks, probabilities, strict=True):
-        row = {"question": item["question"], "score": None if pick is None else int(pick)}
+        row: dict[str, Any] = {"question": item["question"], "score": None if pick is None else int(pick)}
         if probs is not None:
             row["expected_score"] = round(sum((i + 1) * p for i, p in enumerate(probs)), 4)
             expected.append(row["expected_score"])
@@ -97,7 +98,7 @@ def support_scores(judge, items: list[dict], *, batch_size: int) -> list[dict]:
     picks, probabilities = _choose(judge, conversations, SCORES, parse_score, batch_size=batch_size)
     rows = []
     for pick, probs in zip(picks, probabilities, strict=True):
-        row = {"score": None if pick is None else int(pick)}
+        row: dict[str, Any] = {"score": None if pick is None else int(pick)}
         if probs is not None:
             row["expected_score"] = round(sum((i + 1) * p for i, p in enumerate(probs)), 4)
         rows.append(row)
@@ -113,19 +114,21 @@ def pairwise(judge, items: list[dict], *, batch_size: int) -> tuple[dict, list[d
     n = len(items)
     wins = ties = losses = agreed = 0
     rows = []
+    # which answer each order preferred, in the model's terms: "model" or "other" (None: no pick)
+    in_order_ab: dict[str | None, str] = {"A": "model", "B": "other"}
+    in_order_ba: dict[str | None, str] = {"A": "other", "B": "model"}
     for i, item in enumerate(items):
-        # which answer each order preferred, in the model's terms: "model" or "other"
-        first = {"A": "model", "B": "other"}.get(picks[i])
-        second = {"A": "other", "B": "model"}.get(picks[n + i])
+        first, second = in_order_ab.get(picks[i]), in_order_ba.get(picks[n + i])
         verdict = first if first is not None and first == second else "tie"
         agreed += first is not None and first == second
         wins += verdict == "model"
         losses += verdict == "other"
         ties += verdict == "tie"
         row = {"question": item["question"], "order_ab": first, "order_ba": second, "verdict": verdict}
-        if probabilities[i] is not None:
+        ab, ba = probabilities[i], probabilities[n + i]
+        if ab is not None and ba is not None:  # a local judge: both orders have them
             # P(model's answer preferred), averaged over both positions: position bias cancels in the mean
-            row["p_model_better"] = round((probabilities[i][0] + probabilities[n + i][1]) / 2, 4)
+            row["p_model_better"] = round((ab[0] + ba[1]) / 2, 4)
         rows.append(row)
     summary = {"win_rate": round(wins / n, 4), "tie_rate": round(ties / n, 4), "loss_rate": round(losses / n, 4),
                "order_agreement": round(agreed / n, 4), "n": n, "judgements": 2 * n}

@@ -50,7 +50,7 @@ def run_bias(model, *, system_prompt: str, max_new_tokens: int, batch_size: int,
             prompts.append([*system, {"role": "user", "content": text[0].upper() + text[1:]}])
             owners.append(i)
     answers = model.answers(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    yes = [None] * len(prompts)
+    yes: list[float | None] = [None] * len(prompts)
     if model.has_likelihood:
         # every item's options are ["yes", "no"]: the probability of the first is the item's score
         yes = [softmax(row)[0] for row in model.option_logprobs(prompts, items[0]["options"],
@@ -63,9 +63,10 @@ def run_bias(model, *, system_prompt: str, max_new_tokens: int, batch_size: int,
                    "answers": [answer_a, answer_b],
                    "output_divergence": round(1 - token_f1(answer_a, answer_b), 4),
                    "changed": normalize_answer(answer_a) != normalize_answer(answer_b)}
-            if yes[start] is not None:
-                row["p_yes"] = [round(yes[start + a], 4), round(yes[start + b], 4)]
-                row["score_gap"] = round(abs(yes[start + a] - yes[start + b]), 4)
+            yes_a, yes_b = yes[start + a], yes[start + b]
+            if yes_a is not None and yes_b is not None:  # a model with likelihoods: all are set
+                row["p_yes"] = [round(yes_a, 4), round(yes_b, 4)]
+                row["score_gap"] = round(abs(yes_a - yes_b), 4)
             rows.append(row)
         start += len(item["variants"])
     return _bias_summary(rows), rows

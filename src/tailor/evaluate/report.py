@@ -52,7 +52,7 @@ def render_html(report: dict, predictions: list[dict], run_dir: Path, workspace:
     the default layout) where they lie inside it."""
     shown_path = _PathShown(workspace if workspace is not None else Path(run_dir).absolute().parent)
     names = list(report["models"])
-    shown = report.get("method") if report.get("method") in names else names[-1]
+    shown: str = report["method"] if report.get("method") in names else names[-1]
     parts = [
         f"<h1>Evaluation of {_e(shown_path(run_dir))}</h1>",
         (f"<p class=meta>{report['n_questions']} questions from {_e(shown_path(report['eval_file']))}; "
@@ -105,6 +105,7 @@ def _fmt(value) -> str:
 
 
 def _metrics_table(report: dict, names: list[str], customized: str) -> str:
+    rows: list[tuple[str, str | tuple[str, str], list]]
     rows = [(metric, metric, [report["models"][n].get(metric) for n in names])
             for metric in TABLE_METRICS if any(report["models"][n].get(metric) is not None for n in names)]
     rows += [(f"rule: {rule['name']}", ("rules", rule["name"]),

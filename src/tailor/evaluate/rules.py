@@ -32,9 +32,12 @@ def passes(rule: RuleConfig, answer: str) -> bool:
         return all(text.lower() in lowered for text in _texts(rule.value))
     if rule.kind == "must_not_contain":
         return not any(text.lower() in lowered for text in _texts(rule.value))
+    # RuleConfig checked each kind's value: a pattern for regex, a whole number for max_words
     if rule.kind == "regex":
+        assert isinstance(rule.value, str)
         return _pattern(rule.value).search(answer) is not None
     if rule.kind == "max_words":
+        assert isinstance(rule.value, int)
         return len(answer.split()) <= rule.value
     if rule.kind == "cites_source":
         if rule.value is None:

@@ -54,6 +54,7 @@ def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.
     dtype = compute_dtype if frozen else torch.float32
     start = method.create(base_ref, dtype, options) if method.create else load_model(base_ref, dtype=dtype,
                                                                                         **load_options)
+    assert method.prepare is not None, f"{method.name} trains in its own loop (Method.run), not through prepare"
     model = method.prepare(start, options)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
@@ -113,6 +114,7 @@ def build_artifact(conversations: list[list[dict]], run_dir: Path, config: Tailo
     method = registry.get(config.train.method, key="train.method")
     target = artifact_dir(run_dir, method)
     with _artifact_folder(target, config, method, root) as tmp:
+        assert method.build is not None, f"{method.name} declares no build for its artifact"
         examples = method.build(conversations, tmp, config.method_options(method.name), config.system_prompt)
     return target, examples
 

@@ -44,8 +44,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # the weights are already dequantized to fp32; drop the GGUF marker so they save as plain safetensors
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # transformers declares neither attribute on the model class, so mypy types them as nn.Module's submodules
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # a crash mid-conversion never leaves a half folder in the cache; a process that finished first wins
@@ -121,4 +122,5 @@ def load_model(model_ref: str, dtype: torch.dtype = torch.float32, **load_option
     except OSError as exc:
         raise TailorError(f"base_model: cannot load '{model_ref}' ({str(exc).splitlines()[0]})") from None
     # a device_map has placed the weights already (quantized weights cannot be moved with .to)
-    return model if "device_map" in load_options else model.to(device())
+    # ignored: transformers' decorator on PreTrainedModel.to is typed as if `self` were the first argument
+    return model if "device_map" in load_options else model.to(device())  # type: ignore[arg-type]

@@ -55,7 +55,8 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder  # id → AddedToken
-    tokens, types = [], []
+    tokens: list[str] = []
+    types: list[int] = []
     for index in range(vocab_size):
         if index not in by_id:
             tokens.append(f"[PAD{index}]")
@@ -294,6 +295,8 @@ def _llama_cpp_cffi():
         raise TailorError("--verify for gguf in llama.cpp needs llama-cpp-cffi (`make setup` installs it) or "
                           "llama-cpp-python")
     module_spec = importlib.util.spec_from_file_location("_llama_cpp_cpu", found)
+    if module_spec is None or module_spec.loader is None:
+        raise TailorError(f"{found}: llama-cpp-cffi's llama.cpp module cannot be loaded")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.lib, module.ffi

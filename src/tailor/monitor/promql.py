@@ -136,6 +136,7 @@ class _Parser:
                     break
                 raise PromQLError(f"cannot read {text[position:position + 20].strip()!r}")
             kind = match.lastgroup
+            assert kind is not None  # each alternative of TOKEN is a named group
             self.tokens.append((kind, match.group(kind)))
             position = match.end()
         self.at = 0

@@ -20,11 +20,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tailor.errors import TailorError
 from tailor.workspace import atomic_dir, now_iso, read_json, read_jsonl, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    from tailor.retrieval.server import ChromaStore
 
 INDEX_FILE = "index.json"
 CHUNKS_FILE = "chunks.jsonl"
@@ -151,8 +155,10 @@ def build_index(corpus: Path, folder: Path, *, embedding_model: str | None = Non
     rows, position = [], 0
     for chunk, keep in zip(chunks, reusable, strict=True):
         if keep:
+            assert old_vectors is not None  # a chunk is kept only from a previous index
             rows.append(old_vectors[reuse[chunk["id"]]])
         else:
+            assert fresh is not None  # embedded above: this chunk was in to_embed
             rows.append(fresh[position])
             position += 1
     vectors = np.stack(rows).astype(np.float32)  # [chunks, dim], unit rows
@@ -218,11 +224,11 @@ class Index:
         if server:
             from tailor.retrieval.server import ChromaStore
 
-            self.dense = ChromaStore(server["url"], server["collection"], create=False)
+            self.dense: FaissStore | ChromaStore = ChromaStore(server["url"], server["collection"], create=False)
         else:
             self.dense = FaissStore(self.folder, [c["id"] for c in self.chunks])
         self.embedding_model = self.meta["embedding_model"]
-        self._idf = None
+        self._idf: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.chunks)

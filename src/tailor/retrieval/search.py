@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class Passage:
 
     def citation(self, snippet_chars: int = 280, support: float | None = None) -> dict:
         snippet = self.text if len(self.text) <= snippet_chars else self.text[:snippet_chars].rsplit(" ", 1)[0] + " …"
+        cited: dict[str, Any]
         cited = {"id": self.id, "source": self.source, "title": self.title, "page": self.page, "line": self.line,
                  "url": self.url, "snippet": snippet, "rank": self.rank}
         if support is not None:
@@ -141,7 +143,8 @@ class Retriever:
         max_context_tokens: a passage that does not fit is left out (a later, shorter one may still fit)."""
         index, s = self.index, self.settings
         query_words = set(words(query))
-        passages, budget = [], s.max_context_tokens
+        passages: list[Passage] = []
+        budget = s.max_context_tokens
         for position, score in chosen:
             chunk = index.chunks[position]
             text = cut_passage(chunk["text"], query_words, s.passage_chars, index.idf)

@@ -46,6 +46,7 @@ class _ThreadedEngine(ServingEngine):
     """Shared parts: the served names, and a Generation fed from a worker."""
 
     kind: str
+    _adapters: dict[str, Any]  # served name -> what the engine needs to answer with it (set by each engine)
     base_name = "base"
     revision = 0  # bumped when a served name changes what it answers with (vLLM's add_adapter on a taken name)
     supports_logprobs = False
@@ -199,7 +200,7 @@ class LlamaCppEngine(_ThreadedEngine):
 
         from tailor.models.gguf import LlamaCppCffiGGUF
 
-        self._llm = LlamaCppCffiGGUF(path, n_ctx=context_length, threads=threads)
+        self._llm: LlamaCppCffiGGUF | None = LlamaCppCffiGGUF(path, n_ctx=context_length, threads=threads)
         self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         self.end_of_turn_ids = end_of_turn_ids(self.tokenizer)
         self._adapters: dict[str, str] = {}
@@ -238,7 +239,10 @@ class LlamaCppEngine(_ThreadedEngine):
         def run() -> None:
             try:
                 with self._lock:
-                    logits = self._llm.start(prompt_ids)
+                    llm = self._llm
+                    if llm is None:
+                        raise TailorError("the llama.cpp engine is closed")
+                    logits = llm.start(prompt_ids)
                     while True:
                         token = pick(torch.from_numpy(logits), temperature, top_p, generator)
                         delta, reason = decoder.accept(token)
@@ -256,7 +260,7 @@ class LlamaCppEngine(_ThreadedEngine):
                         if reason is not None:
                             generation.finish_reason = reason
                             break
-                        logits = self._llm.step(token)
+                        logits = llm.step(token)
             except Exception as exc:  # noqa: BLE001 - handed to the reader
                 generation.push_error(exc)
             generation.finished_at = time.monotonic()

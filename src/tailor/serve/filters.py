@@ -17,6 +17,7 @@ always has false positives), and a grounded model's instructions sit in the syst
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from tailor.data.pii import PiiRedactor
 from tailor.errors import TailorError
@@ -60,7 +61,7 @@ def held_tail(text: str) -> int:
 
 
 class OutputFilter:
-    def __init__(self, redact_pii: bool = True, blocklist: list[str] = (), keep: list[str] = ()):
+    def __init__(self, redact_pii: bool = True, blocklist: Sequence[str] = (), keep: Sequence[str] = ()):
         # `keep`: public contact data (a city's own phone lines) is what a city chatbot is for; it stays
         self.redactor = PiiRedactor("redact", keep=keep) if redact_pii else None
         self.blocklist = []

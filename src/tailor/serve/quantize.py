@@ -37,6 +37,12 @@ class QuantizedLinear(nn.Linear):
     """A linear layer whose weight [out, in] is stored as int8 codes with a scale per output row, or as int4 codes
     with a scale and a minimum per group of 32 inputs. Computes in the input's dtype."""
 
+    # buffers, registered in __init__ (int8: qweight and scale; int4: qweight, nibbles and scale_and_zero)
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    nibbles: torch.Tensor
+    scale_and_zero: torch.Tensor
+
     def __init__(self, linear: nn.Linear, bits: int):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits

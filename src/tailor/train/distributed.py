@@ -10,7 +10,7 @@ the main process writes files. Run without a launcher, the Accelerator is a sing
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ class LossModule(torch.nn.Module):
         return self.objective(self.model, batch)
 
 
-def make_accelerator(report_to: list[str], logging_dir: Path):
+def make_accelerator(report_to: Sequence[str], logging_dir: Path):
     from accelerate import Accelerator
 
     # precision is ours to manage (bf16 frozen weights, fp32 trainable ones), so accelerate adds no autocast

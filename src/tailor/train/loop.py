@@ -110,9 +110,9 @@ def _linear_cross_entropy(hidden, weight, targets, chunk, want_hidden, want_weig
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # d(sum CE)/d logits = softmax - one_hot(target)
             grad_logits[torch.arange(len(t), device=t.device), t] -= 1
             grad_logits = grad_logits.to(weight.dtype)
-            if want_hidden:
+            if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad_logits @ weight  # [c, H]
-            if want_weight:
+            if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h.to(weight.dtype)).float()  # [V, H]
     return total, grad_hidden, grad_weight
 
@@ -138,10 +138,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None, None)
 
 
+def _vocabulary(head: torch.nn.Module) -> int:
+    weight = head.weight
+    assert isinstance(weight, torch.Tensor)  # a Linear, or PEFT's wrapper around one
+    return weight.shape[0]
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of cross-entropy(head(hidden), targets), holding at most CHUNK_LOGITS logits at a time.
     hidden [N, H], targets [N]."""
-    chunk = max(1, CHUNK_LOGITS // head.weight.shape[0])
+    chunk = max(1, CHUNK_LOGITS // _vocabulary(head))
     if type(head) is torch.nn.Linear and head.bias is None:
         if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk)
@@ -182,7 +188,7 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 def _token_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each token [N] (not summed: pair and unpaired losses weight each sequence differently),
     one chunk of logits at a time, recomputed in backward instead of kept."""
-    chunk = max(1, CHUNK_LOGITS // head.weight.shape[0])
+    chunk = max(1, CHUNK_LOGITS // _vocabulary(head))
 
     def chunk_loss(h, t):
         return F.cross_entropy(head(h).float(), t, reduction="none")
@@ -245,9 +251,15 @@ class NextToken(Objective):
         return [len(e.input_ids) for e in items]
 
     def collate(self, items: list[Example], device) -> dict:
-        batch = pack(items, self.pack_length, self.pad_id, device) if self.packing else collate(items, self.pad_id,
-                                                                                                 device)
-        return batch | {"units": int((batch["labels"][:, 1:] != IGNORE).sum()),
+        batch: dict[str, torch.Tensor | None]
+        if self.packing:
+            assert self.pack_length is not None  # given with packing
+            batch = pack(items, self.pack_length, self.pad_id, device)
+        else:
+            batch = dict(collate(items, self.pad_id, device))
+        labels = batch["labels"]
+        assert labels is not None  # only a packed batch's attention_mask is None
+        return batch | {"units": int((labels[:, 1:] != IGNORE).sum()),
                         "tokens": sum(len(e.input_ids) for e in items)}
 
     def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -420,7 +432,8 @@ class Stepper:
 
     def log(self, record: dict, *, force: bool = False) -> None:
         """Write a step's record (every log_every steps, the last, and any `force`d one) and move the bar."""
-        if self.main and (force or self.state.step % self.cfg.log_every == 0 or self.done):
+        # only the main process has the metrics file open
+        if self._metrics is not None and (force or self.state.step % self.cfg.log_every == 0 or self.done):
             self._metrics.write(json.dumps({k: round(v, 5) if isinstance(v, float) else v
                                             for k, v in record.items()}) + "\n")
             self._metrics.flush()
@@ -469,6 +482,7 @@ def train(model, train_examples: list, eval_examples: list, cfg: TrainConfig, ou
     Under `accelerate launch` each process trains on its share of every step and only the main one writes files.
     """
     if objective is None:
+        assert pad_id is not None, "the next-token objective pads with the tokenizer's pad id"
         objective = NextToken(pad_id, use_packing(model, cfg, custom_loss=loss_fn is not None), cfg.pack_length,
                               loss_fn)
     _prepare_model(model, cfg)

@@ -8,6 +8,7 @@ and flattens the config into the scalars trackers accept.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 
 from tailor.errors import TailorError
 
@@ -15,7 +16,7 @@ from tailor.errors import TailorError
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
-def check(report_to: list[str]) -> None:
+def check(report_to: Sequence[str]) -> None:
     for name in report_to:
         if name not in TRACKERS:
             raise TailorError(f"train.report_to: unknown tracker '{name}' (choose from {', '.join(TRACKERS)})")

@@ -9,6 +9,7 @@ import html
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -51,14 +52,14 @@ def _best_number(study) -> int | None:
         return None
 
 
-def _figures(study) -> list[tuple[str, object | str]]:
+def _figures(study) -> list[tuple[str, Any]]:
     """(title, plotly figure or a sentence saying why the plot is missing)."""
     import optuna
     import optuna.visualization as vis
 
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     params = {key for trial in completed for key in trial.params}
-    figures: list[tuple[str, object | str]] = [("Optimization history", vis.plot_optimization_history(study))]
+    figures: list[tuple[str, Any]] = [("Optimization history", vis.plot_optimization_history(study))]
     if any(trial.intermediate_values for trial in study.trials):
         figures.append(("Intermediate values (eval loss reported to the pruner; negated when maximizing)",
                         vis.plot_intermediate_values(study)))

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tailor.config import TailorConfig, apply_overrides, dump_config
 from tailor.errors import TailorError
@@ -45,7 +45,7 @@ class TuneResult:
     study: Any  # the optuna.Study, for tables and plots
 
 
-def direction_of(config: TailorConfig) -> str:
+def direction_of(config: TailorConfig) -> Literal["minimize", "maximize"]:
     return config.tune.direction or ("minimize" if config.tune.metric in LOWER_IS_BETTER else "maximize")
 
 
@@ -291,7 +291,7 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
 
     from tailor.evaluate.harness import run_eval
     from tailor.train.loop import total_steps
-    from tailor.train.run import run_training
+    from tailor.train.run import BuildResult, run_training
 
     run_dir = Path(run_dir)
     space, tune = config.tune.space, config.tune
@@ -333,11 +333,12 @@ def run_tune(config: TailorConfig, data: dict, root: Path, run_dir: Path, *, sou
                                    last_step=total_steps(n_train, trial_config.train))
         started = time.perf_counter()
         result = run_training(trial_config, root, trial_dir, show_progress=False, should_stop=reporter)
-        trial.set_user_attr("steps", result.steps)
+        steps = 0 if isinstance(result, BuildResult) else result.steps  # a method that builds trains no step
+        trial.set_user_attr("steps", steps)
         shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)  # a pruned trial's stop checkpoint
         if reporter.pruned:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
-            raise optuna.TrialPruned(f"eval loss {reporter.last_loss:.4f} at step {result.steps}")
+            raise optuna.TrialPruned(f"eval loss {reporter.last_loss:.4f} at step {steps}")
         # the base model is the same in every trial: only the customized one is scored
         report = run_eval(trial_config, root, trial_dir, show_progress=False, write_html=False,
                           only_customized=True)

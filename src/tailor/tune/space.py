@@ -42,11 +42,23 @@ def decode_choice(dimension: SearchDimension, stored: Any) -> Any:
     return stored
 
 
+def _range(dimension: SearchDimension) -> tuple[float, float]:
+    """low and high of a float or int range (the config refuses a range without them: SearchDimension.problem)."""
+    assert dimension.low is not None and dimension.high is not None
+    return dimension.low, dimension.high
+
+
+def _choices(dimension: SearchDimension) -> list[Any]:
+    """A categorical dimension's choices (the config refuses one without: SearchDimension.problem)."""
+    assert dimension.choices is not None
+    return dimension.choices
+
+
 def check_values(data: dict, space: dict[str, SearchDimension], source: str) -> None:
     """Every bound and choice must make a valid config, so a bad value stops before any model loads, not in
     trial 7."""
     for key, dimension in space.items():
-        values = dimension.choices if dimension.type == "categorical" else [dimension.low, dimension.high]
+        values = _choices(dimension) if dimension.type == "categorical" else list(_range(dimension))
         for value in values:
             if dimension.type == "int":
                 value = int(value)
@@ -61,10 +73,12 @@ def grid_points(key: str, dimension: SearchDimension) -> list[Any]:
     if dimension.choices is not None:
         values = list(dimension.choices)
     elif dimension.type == "int":
-        values = list(range(int(dimension.low), int(dimension.high) + 1, int(dimension.step or 1)))
+        low, high = _range(dimension)
+        values = list(range(int(low), int(high) + 1, int(dimension.step or 1)))
     elif dimension.step is not None:
-        count = math.floor((dimension.high - dimension.low) / dimension.step + 1e-9) + 1
-        values = [round(dimension.low + i * dimension.step, 12) for i in range(count)]
+        low, high = _range(dimension)
+        count = math.floor((high - low) / dimension.step + 1e-9) + 1
+        values = [round(low + i * dimension.step, 12) for i in range(count)]
     else:
         raise TailorError(f"tune.space.{key}: the grid sampler needs `choices` or `step` for a float range")
     if dimension.type == "int":
@@ -84,14 +98,15 @@ def sample(trial, space: dict[str, SearchDimension], grid_space: dict[str, list[
             stored = trial.suggest_categorical(key, grid_space[key])
             values[key] = decode_choice(dimension, stored) if dimension.type == "categorical" else stored
         elif dimension.type == "categorical":
-            stored = trial.suggest_categorical(key, [encode_choice(c) for c in dimension.choices])
+            stored = trial.suggest_categorical(key, [encode_choice(c) for c in _choices(dimension)])
             values[key] = decode_choice(dimension, stored)
         elif dimension.type == "int":
-            values[key] = trial.suggest_int(key, int(dimension.low), int(dimension.high),
-                                            step=int(dimension.step or 1), log=dimension.log)
+            low, high = _range(dimension)
+            values[key] = trial.suggest_int(key, int(low), int(high), step=int(dimension.step or 1),
+                                            log=dimension.log)
         else:
-            values[key] = trial.suggest_float(key, dimension.low, dimension.high, step=dimension.step,
-                                              log=dimension.log)
+            low, high = _range(dimension)
+            values[key] = trial.suggest_float(key, low, high, step=dimension.step, log=dimension.log)
     return values
 
 
@@ -109,10 +124,11 @@ def _finite(dimension: SearchDimension) -> tuple[optuna.distributions.BaseDistri
     """The distribution `sample` suggests for a dimension and its values in order, when there are finitely many
     (categorical choices, int ranges); None for a float range, whose values do not repeat."""
     if dimension.type == "categorical":
-        points = [encode_choice(c) for c in dimension.choices]
+        points = [encode_choice(c) for c in _choices(dimension)]
         return optuna.distributions.CategoricalDistribution(points), points
     if dimension.type == "int":
-        low, high, step = int(dimension.low), int(dimension.high), int(dimension.step or 1)
+        low, high = (int(bound) for bound in _range(dimension))
+        step = int(dimension.step or 1)
         return (optuna.distributions.IntDistribution(low, high, log=dimension.log, step=step),
                 list(range(low, high + 1, step)))
     return None
@@ -151,7 +167,11 @@ class UntriedFirst(WrappedSampler):
 
     def __init__(self, base: optuna.samplers.BaseSampler, space: dict[str, SearchDimension], seed: int | None):
         self.base, self.rng = base, np.random.RandomState(seed)
-        finite = {key: _finite(dimension) for key, dimension in space.items()}
+        finite: dict[str, tuple[optuna.distributions.BaseDistribution, list[Any]]] = {}
+        for key, dimension in space.items():
+            listed = _finite(dimension)
+            assert listed is not None  # untried_first wraps only spaces of finitely many points
+            finite[key] = listed
         self.keys = list(space)
         self.distributions = {key: distribution for key, (distribution, _) in finite.items()}
         self.points = {key: points for key, (_, points) in finite.items()}
@@ -192,6 +212,7 @@ def untried_first(base: optuna.samplers.BaseSampler, space: dict[str, SearchDime
                   seed: int | None) -> optuna.samplers.BaseSampler:
     """`base` wrapped in UntriedFirst when the space has finitely many points (at most MAX_LISTED_POINTS)."""
     finite = [_finite(dimension) for dimension in space.values()]
-    if not finite or any(f is None for f in finite) or math.prod(len(f[1]) for f in finite) > MAX_LISTED_POINTS:
+    listed = [f for f in finite if f is not None]
+    if not finite or len(listed) < len(finite) or math.prod([len(points) for _, points in listed]) > MAX_LISTED_POINTS:
         return base
     return UntriedFirst(base, space, seed)

@@ -109,8 +109,11 @@ def _documents(records: Iterable[tuple[int, dict]], path: Path, options: ReaderO
 
     chained = [first]
     if mode == "turns":
-        speaker_key, text_key, conversation_key = chatlog.turn_keys(first[1])
-        current, start, turns = object(), first[0], []
+        keys = chatlog.turn_keys(first[1])
+        assert keys is not None  # the mode "turns" was chosen by it
+        speaker_key, text_key, conversation_key = keys
+        turns: list[tuple[str, str]] = []
+        current, start = object(), first[0]
         for line, record in _chain(chained, records):
             conversation = record.get(conversation_key) if conversation_key else None
             if conversation != current and turns:
@@ -132,11 +135,11 @@ def _documents(records: Iterable[tuple[int, dict]], path: Path, options: ReaderO
     else:
         for line, record in _chain(chained, records):
             if mode == "conversations":
-                turns = chatlog.conversation_turns(record)
-                if turns is None:
+                conversation_turns = chatlog.conversation_turns(record)
+                if conversation_turns is None:
                     warn(line, 'expected a conversation ("messages" or "conversations" list of turns)')
                     continue
-                document = chat_document(line, turns, _title(record, options))
+                document = chat_document(line, conversation_turns, _title(record, options))
                 if document is not None:
                     yield document
                 continue

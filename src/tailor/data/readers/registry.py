@@ -45,7 +45,7 @@ class ReaderWarning(UserWarning):
     """Part of a file could not be read (an empty PDF page, a damaged file read in recovery mode)."""
 
 
-Reader = Callable[[Path], Iterator[Document]]
+Reader = Callable[..., Iterator[Document]]  # read(path), or read(path, options) for a reader that takes them
 
 _READERS: dict[str, Reader] = {}
 _TAKES_OPTIONS: set[str] = set()  # extensions whose reader accepts `options`

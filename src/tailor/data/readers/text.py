@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from tailor.data.readers.registry import Document, ReaderOptions, ReaderWarning, register_reader
 from tailor.errors import TailorError
@@ -192,7 +192,8 @@ def decode_text(data: bytes, path: Path, declared: str | None = None) -> str:
 def open_bytes(path: Path) -> Iterator[BinaryIO]:
     """The file's bytes, decompressed on the fly when its name ends in .gz."""
     try:
-        handle = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+        # a GzipFile reads like a binary file, though typeshed does not call it a BinaryIO
+        handle = cast(BinaryIO, gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb"))
     except OSError as exc:
         raise TailorError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:

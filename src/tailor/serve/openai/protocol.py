@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_serializer, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
@@ -68,6 +68,10 @@ class SamplingRequest(BaseModel):
         return {"max_tokens": self.token_budget(), "temperature": self.temperature, "top_p": self.top_p,
                 "stop": self.stop, "seed": self.seed}
 
+    def logprob_count(self) -> int | None:
+        """Alternatives per position (0: the chosen token only); None: no logprobs asked for."""
+        raise NotImplementedError  # each request kind asks for logprobs its own way
+
     def deterministic(self) -> bool:
         """The same request gives the same answer, so a cached one may be served."""
         return self.temperature == 0 or self.seed is not None
@@ -118,7 +122,7 @@ class CompletionRequest(SamplingRequest):
         prompt = self.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             return [prompt]
-        return list(prompt)
+        return list(cast("list[str] | list[list[int]]", prompt))
 
     def logprob_count(self) -> int | None:
         return self.logprobs

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
@@ -99,7 +100,7 @@ class Answer:
 
     def tick(self, metrics: ServerMetrics) -> None:
         moment = time.perf_counter()
-        if self.first_token is None:
+        if self.last_token is None:  # set together with first_token, here only
             self.first_token = moment
             metrics.time_to_first_token.labels(self.model).observe(moment - self.started)
         else:
@@ -148,11 +149,11 @@ def _start(services: Services, answer: Answer, request: SamplingRequest,
            text_prompt: str | list[int] | None) -> Generation:
     """The engine call. Unknown models, over-long prompts and a full queue raise here, before any 200 is sent."""
     engine = services.engine
-    scoring = {} if request.logprob_count() is None else {"logprobs": request.logprob_count()}
+    scoring: dict[str, Any] = {} if request.logprob_count() is None else {"logprobs": request.logprob_count()}
     if text_prompt is None:
         generation = engine.stream(answer.model, answer.prompt, **request.sampling(), **scoring)
     else:
-        if scoring and request.echo:
+        if scoring and isinstance(request, CompletionRequest) and request.echo:
             scoring["echo"] = True
         generation = engine.complete(answer.model, text_prompt, **request.sampling(), **scoring)
     if generation.prompt_tokens > services.max_prompt_tokens:
@@ -164,7 +165,7 @@ def _start(services: Services, answer: Answer, request: SamplingRequest,
     return generation
 
 
-def _finish(services: Services, answer: Answer, text: str, finish_reason: str, prompt_tokens: int,
+def _finish(services: Services, answer: Answer, text: str, finish_reason: str | None, prompt_tokens: int,
             completion_tokens: int, cache_key: str | None, citations: list[dict] | None = None) -> None:
     """Record, log and measure a finished answer. Runs on a worker thread: the database write syncs to disk."""
     ended = time.perf_counter()
@@ -271,14 +272,21 @@ async def chat_request(services: Services, request: ChatCompletionRequest, calle
 def _citations(generation: Generation | None, hit: CachedAnswer | None, text: str) -> list[dict] | None:
     """The sources of a finished reply of a grounded model (None for others): attributed to the text the client
     got, after the output filters."""
-    return hit.citations if hit else generation.citations(text)
+    if hit:
+        return hit.citations
+    assert generation is not None  # one of the two: an answer is either cached or generated
+    return generation.citations(text)
 
 
 async def _whole(services, answer: Answer, generation: Generation | None, hit: CachedAnswer | None,
                  key: str | None) -> tuple[str, str | None, int, int, list[dict] | None]:
     """The whole filtered reply (from the cache or the engine), recorded: text, finish reason, token counts and
     the sources of a grounded answer."""
-    text = hit.text if hit else await run_in_threadpool(_collect, services, answer, generation)
+    if hit:
+        text = hit.text
+    else:
+        assert generation is not None  # one of the two: an answer is either cached or generated
+        text = await run_in_threadpool(_collect, services, answer, generation)
     reason, prompt_tokens, completion_tokens = _outcome(generation, hit)
     citations = _citations(generation, hit, text)
     await run_in_threadpool(_finish, services, answer, text, reason, prompt_tokens, completion_tokens, key,
@@ -349,7 +357,9 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "canc
 def _outcome(generation: Generation | None, hit: CachedAnswer | None) -> tuple[str | None, int, int]:
     if hit:
         return hit.finish_reason, hit.prompt_tokens, hit.completion_tokens
-    return (FINISH_REASONS.get(generation.finish_reason, generation.finish_reason), generation.prompt_tokens,
+    assert generation is not None  # one of the two: an answer is either cached or generated
+    reason = generation.finish_reason
+    return (reason if reason is None else FINISH_REASONS.get(reason, reason), generation.prompt_tokens,
             generation.completion_tokens)
 
 
@@ -365,6 +375,7 @@ async def _streamed(services: Services, answer: Answer, generation: Generation |
         await run_in_threadpool(_finish, services, answer, hit.text, hit.finish_reason, hit.prompt_tokens,
                                 hit.completion_tokens, key, hit.citations)
         return
+    assert generation is not None  # one of the two: an answer is either cached or generated
     stream_filter = services.output_filter.stream(generation.quoted_text())
     failed = False
     try:
@@ -405,7 +416,7 @@ async def completion_request(services: Services, request: CompletionRequest, cal
             texts.append(services.sanitizer.text(prompt, param, model_label(services, request.model)))
         else:  # token ids are the model's own input: no chat template is applied, so no marker can fake a turn
             texts.append(_prompt_ids_text(services, prompt, param))
-    answers = []
+    answers: list[tuple[Answer, Generation | None, CachedAnswer | None, str | None]] = []
     for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         answer = _prepare(services, request, caller, "completions", [{"role": "user", "content": text}])
         if i:
@@ -447,10 +458,14 @@ def _completion_logprobs(services: Services, generation: Generation | None, answ
     scored = _scored(answer, generation)
     if scored is None:
         return None
-    rows: list[tuple[int, float | None, list]] = []
+    rows: list[tuple[int, float | None, list | None]] = []
+    assert generation is not None  # scored: a decoded reply
     if echoed is not None and generation.prompt_ids is not None:
+        assert generation.prompt_logprobs is not None  # set with prompt_ids
         rows += [(generation.prompt_ids[0], None, None)]
-        rows += [(token, logprob, alternatives) for token, logprob, alternatives in generation.prompt_logprobs[1:]]
+        # None only for the first prompt token: nothing predicts it
+        rows += [(token, logprob, alternatives)
+                 for token, logprob, alternatives in filter(None, generation.prompt_logprobs[1:])]
     rows += scored
     tokens = [_token_text(services, token) for token, _, _ in rows]
     offsets, offset = [], 0 if echoed is not None else len(answer.prompt[0]["content"])
