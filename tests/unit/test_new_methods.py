@@ -8,12 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tailor.config import validate_config
+from tailor.data.pretrain import block_examples, build_pretrain_blocks, documents_from_corpus
 from tailor.errors import TailorError
 from tailor.evaluate.generate import greedy_answers
 from tailor.methods import distill, from_scratch
 from tailor.methods.artifacts import load_for_inference
 from tailor.models.base import load_tokenizer
-from tailor.data.pretrain import block_examples, build_pretrain_blocks, documents_from_corpus
 from tailor.train.examples import IGNORE, collate
 from tailor.train.run import prepare_training, run_training, train_phases
 from tailor.workspace import write_jsonl

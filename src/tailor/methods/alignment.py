@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,7 +57,10 @@ def preference_pairs(option: str | None, root: Path, run_dir: Path, key: str, to
     return load_preference_file(path, count_tokens=counter, max_tokens=max_tokens), path
 
 
-def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+Item = TypeVar("Item")  # a preference pair, or (KTO) one rated answer
+
+
+def split_pairs(pairs: list[Item], eval_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """A seeded shuffle, then the last share held out (at least one pair when asked for and possible)."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
@@ -77,9 +81,11 @@ class Pair:
 def pair_items(pairs: list[dict], tokenizer, where: str) -> list[Pair]:
     from tailor.data.preference import with_answer
 
-    return [Pair(*(tokenize_chat(tokenizer, with_answer(p["prompt"], p[side]), where=f"{where}: pair {i + 1}",
-                                 last_turn_only=True) for side in ("chosen", "rejected")))
-            for i, p in enumerate(pairs)]
+    def tokenized(i: int, pair: dict, side: str) -> Example:
+        return tokenize_chat(tokenizer, with_answer(pair["prompt"], pair[side]), where=f"{where}: pair {i + 1}",
+                             last_turn_only=True)
+
+    return [Pair(tokenized(i, p, "chosen"), tokenized(i, p, "rejected")) for i, p in enumerate(pairs)]
 
 
 def pair_lengths(items: list[Pair]) -> list[int]:
@@ -260,7 +266,7 @@ def rollout_batches(rows: dict, count: int, mini_batch: int, epochs: int, width:
     for _ in range(epochs):
         for start in range(0, count, mini_batch):
             part = slice(start, start + mini_batch)
-            batch = {key: None if value is None else value[part] for key, value in rows.items()}
+            batch: dict[str, Any] = {key: None if value is None else value[part] for key, value in rows.items()}
             batches.append(batch | {"width": width, "units": int(batch["answer_mask"].sum()),
                                     "tokens": int(batch["mask"].sum())})
     return batches

@@ -86,6 +86,7 @@ class Scorer:
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
         scores = [0.0] * len(prompts)
         if self.function is not None:
+            assert self.spec is not None  # the function was loaded from it
             for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
                 scores[i] += call_reward_function(self.function, self.spec, "methods.ppo.reward_function", prompt,
                                                   answer)
