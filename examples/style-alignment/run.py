@@ -84,7 +84,7 @@ def train(out: Path, name: str, overrides: list[str]) -> float:
 def kl_to(model, reference_model, tokenizer, conversations: list[list[dict]], answers: list[str]) -> float:
     """Mean per-token KL(model ‖ reference) over the vocabulary, on the model's own greedy answers."""
     total, tokens = 0.0, 0
-    for messages, answer in zip(conversations, answers):
+    for messages, answer in zip(conversations, answers, strict=True):
         prompt = chat_ids(tokenizer, messages, add_generation_prompt=True)
         full = chat_ids(tokenizer, messages + [{"role": "assistant", "content": answer}])
         ids = torch.tensor([full])
@@ -137,12 +137,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(ALIGNED), help=(
         f"Aligned methods to train and measure, comma-separated (default {','.join(ALIGNED)})."))
     parser.add_argument("--reuse-sft", action="store_true", help="Keep OUT/sft/adapter when it exists.")
+    parser.add_argument("overrides", nargs="*", help=(
+        "KEY=VALUE settings for every run (e.g. methods.grpo.iterations=12)."))
     args = parser.parse_args()
     out = args.out.resolve()
     aligned = tuple(name.strip() for name in args.methods.split(",") if name.strip())
     if unknown := set(aligned) - set(ALIGNED):
         parser.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ALIGNED)})")
-    common = (QUICK if args.quick else []) + ([f"base_model={args.base_model}"] if args.base_model else [])
+    common = ((QUICK if args.quick else []) + ([f"base_model={args.base_model}"] if args.base_model else [])
+              + args.overrides)
     seconds = {}
     if not (args.reuse_sft and (out / "sft" / "adapter" / "adapter_config.json").is_file()):
         seconds["sft"] = train(out, "sft", common)

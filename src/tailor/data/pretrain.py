@@ -79,7 +79,8 @@ def build_pretrain_blocks(corpus: Path | str, tokenizer, *, block_tokens: int, o
     block records the tokens it shares with the previous one (`context_tokens`) and whether it ends its document."""
     if not getattr(tokenizer, "is_fast", False):
         raise TailorError("data.pretrain_block_tokens needs a fast tokenizer (offsets mapping)")
-    train, evals = [], []
+    train: list[dict] = []
+    evals: list[dict] = []
     for provenance, text in documents_from_corpus(corpus):
         key = f"{provenance['source']}\0{provenance['page']}\0{provenance['line']}"
         held_out = split_position(key, seed) < eval_fraction

@@ -107,7 +107,8 @@ def create(base_ref: str, dtype, options: FromScratchOptions):
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=options.context, tie_word_embeddings=True,
                          bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    return LlamaForCausalLM(config).to(dtype=torch.float32, device=device())
+    # ignored: transformers' decorator on PreTrainedModel.to is typed as if `self` were the first argument
+    return LlamaForCausalLM(config).to(dtype=torch.float32, device=device())  # type: ignore[call-arg]
 
 
 def prepare(model, options: FromScratchOptions):
