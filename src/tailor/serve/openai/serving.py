@@ -350,7 +350,8 @@ async def _chat_events(services, answer: Answer, generation: Generation | None, 
 
 
 # OpenAI's clients know "stop" and "length": a reply cut by the request's time limit is cut short like one cut by
-# max_tokens, and a cancelled one (the client left) is never read
+# max_tokens, and a cancelled one (the client left) is never read; any other engine's reason (vLLM's "abort") ends
+# the answer like a stop rather than failing the response schema
 FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "stop"}
 
 
@@ -359,7 +360,7 @@ def _outcome(generation: Generation | None, hit: CachedAnswer | None) -> tuple[s
         return hit.finish_reason, hit.prompt_tokens, hit.completion_tokens
     assert generation is not None  # one of the two: an answer is either cached or generated
     reason = generation.finish_reason
-    return (reason if reason is None else FINISH_REASONS.get(reason, reason), generation.prompt_tokens,
+    return (reason if reason is None else FINISH_REASONS.get(reason, "stop"), generation.prompt_tokens,
             generation.completion_tokens)
 
 
