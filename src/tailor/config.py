@@ -365,7 +365,7 @@ class ImproveConfig(Section):
         "Records of the production version's data/train.jsonl mixed into SFT per correction (seeded sample)."))
     train: dict[str, Any] = Field(default_factory=lambda: {"epochs": 6, "learning_rate": 5.0e-4}, description=(
         "train.* settings for the improvement training (e.g. {epochs: 6, learning_rate: 5.0e-4}); the rest "
-        "comes from `train:`."))
+        "comes from `train:`, except that epochs given here without max_steps ignore train.max_steps."))
     min_corrections: int = Field(1, ge=0, description=(
         "Corrections (or, without SFT, rated answers) needed to start a cycle; fewer: nothing to learn, no cycle."))
     regression_size: int = Field(50, ge=0, description=(
@@ -556,8 +556,11 @@ class TailorConfig(Section):
         if unknown:
             raise TailorError(f"improve.train.{unknown[0]}: not a train setting (allowed: "
                               f"{', '.join(TrainConfig.model_fields)})")
+        settings = {**self.train.model_dump(), **self.improve.train}
+        if "epochs" in self.improve.train and "max_steps" not in self.improve.train:
+            settings["max_steps"] = 0  # improve's epochs count, not the step budget `train:` gave the first run
         try:
-            return TrainConfig.model_validate({**self.train.model_dump(), **self.improve.train})
+            return TrainConfig.model_validate(settings)
         except ValidationError as exc:
             raise TailorError(_format_error(exc.errors()[0], "", root=TrainConfig,
                                             prefix=("improve", "train"))) from None

@@ -340,3 +340,14 @@ def test_kto_and_dpo_continue_from_the_sft_adapter(workspace):
     candidate = open_registry(config, root).resolve("city@2")
     # every up-voted question was also corrected, so none is a regression question
     assert sorted(open_registry(config, root).feedback_of(candidate)) == ["dpo", "kto", "sft"]
+
+
+def test_improve_epochs_are_not_capped_by_the_first_runs_step_budget():
+    from tailor.config import validate_config
+
+    config = validate_config({"train": {"max_steps": 16, "learning_rate": 2.0e-3},
+                              "improve": {"train": {"epochs": 8}}})
+    assert (config.improve_train().max_steps, config.improve_train().epochs) == (0, 8)
+    assert config.improve_train().learning_rate == 2.0e-3  # the rest from train:
+    config = validate_config({"train": {"max_steps": 16}, "improve": {"train": {"epochs": 8, "max_steps": 5}}})
+    assert config.improve_train().max_steps == 5
