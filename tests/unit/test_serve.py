@@ -396,3 +396,15 @@ def test_logprob_options_that_cannot_be_served_are_400_naming_them(client, url):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="base", prompt=["a", "b"], max_tokens=1, stream=True)
     assert caught.value.body["param"] == "prompt"
+
+
+@pytest.mark.parametrize("engine_reason, reported", [("stop", "stop"), ("length", "length"), ("timeout", "length"),
+                                                     ("cancelled", "stop"), ("abort", "stop")])
+def test_every_engine_finish_reason_becomes_one_openai_knows(engine_reason, reported):
+    """vLLM ends an aborted request with "abort": passed through, it failed the response schema (a 500)."""
+    from tailor.serve.openai.serving import _outcome
+    from tailor.serve.protocol import Generation
+
+    generation = Generation("base", prompt_tokens=3)
+    generation.finish_reason, generation.completion_tokens = engine_reason, 2
+    assert _outcome(generation, None) == (reported, 3, 2)
