@@ -375,6 +375,58 @@ def rag_workload(args) -> None:
     print(f"tailor / llama.cpp Q4_1: {report['llama_cpp']}; wrote {args.out}")
 
 
+def quantize_quality(args) -> None:
+    """What serve.quantize costs in answers: every city eval question, greedy 48-token answers from the default model
+    in bf16, int8 and int4 (`generate`, one at a time). Per quantization: token F1 against the reference answers and
+    against bf16's answers, answers equal to bf16's, and, feeding bf16's own answers, how often the next-token argmax
+    agrees with bf16's and the mean KL(bf16 || quantized) per position. Writes results/serve_quantize.json."""
+    from tailor.evaluate.metrics import token_f1
+    from tailor.serve.quantize import quantize_linears
+
+    model_ref = resolve_base_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(model_ref)
+    records = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    models = {q: quantize_linears(load_model(model_ref, dtype=DTYPE).eval(), q) for q in ("none", "int8", "int4")}
+    answers: dict[str, list[str]] = {q: [] for q in models}
+    agreeing, positions, kl = dict.fromkeys(models, 0), dict.fromkeys(models, 0), dict.fromkeys(models, 0.0)
+    with torch.inference_mode():
+        for record in records:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}],
+                                                add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            for q, model in models.items():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                     do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+                new = out[0, ids.shape[1]:]
+                answers[q].append(tokenizer.decode([t for t in new.tolist() if t not in stops],
+                                                   skip_special_tokens=True))
+                if q == "none":  # bf16's answer, fed to every model: [answer, vocab] logits at its positions
+                    fed = torch.cat([ids[0], new])[None]
+                    reference = model(fed).logits[0, ids.shape[1] - 1:-1].float()
+                    continue
+                logits = model(fed).logits[0, ids.shape[1] - 1:-1].float()
+                agreeing[q] += int((logits.argmax(-1) == reference.argmax(-1)).sum())
+                positions[q] += logits.shape[0]
+                kl[q] += float(torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1),
+                                                          log_target=True, reduction="sum"))
+    report = {"model": "smollm2-135m-instruct", "questions": len(records), "max_tokens": 48,
+              "eval_file": str(QUESTIONS.relative_to(QUESTIONS.parents[3])), "quantizations": {}}
+    for q in models:
+        figures = {"token_f1_vs_reference": round(statistics.mean(token_f1(a, r["answer"])
+                                                                  for a, r in zip(answers[q], records)), 4),
+                   "token_f1_vs_bf16": round(statistics.mean(token_f1(a, b)
+                                                             for a, b in zip(answers[q], answers["none"])), 4),
+                   "answers_equal_to_bf16": sum(a == b for a, b in zip(answers[q], answers["none"]))}
+        if q != "none":
+            figures |= {"next_token_agreement_with_bf16": round(agreeing[q] / positions[q], 4),
+                        "mean_kl_from_bf16": round(kl[q] / positions[q], 5)}
+        report["quantizations"][q] = figures
+    out = args.out if args.out != RESULTS else RESULTS.with_name("serve_quantize.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["quantizations"], indent=2), f"\nwrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer requests and shorter answers (minutes).")
@@ -385,9 +437,10 @@ def main() -> None:
         "against other processes made 2 threads up to 8x slower than 1 there."))
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds per level; medians reported.")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--workload", choices=["chat", "rag"], default="chat", help=(
+    parser.add_argument("--workload", choices=["chat", "rag", "quantize-quality"], default="chat", help=(
         "chat: short city questions against the naive server (the default); rag: ~1,000-token grounded prompts "
-        "and short questions against llama.cpp, written under the `rag` and `llama_cpp` keys of --out."))
+        "and short questions against llama.cpp, written under the `rag` and `llama_cpp` keys of --out; "
+        "quantize-quality: serve.quantize's answers against bf16's (results/serve_quantize.json)."))
     parser.add_argument("--quantize", type=lambda text: text.split(","), default=["none", "int8", "int4"], help=(
         "--workload rag: tailor servers to run, by serve.quantize, comma-separated (default none,int8,int4)."))
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -402,6 +455,10 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         return rag_workload(args)
+    if args.workload == "quantize-quality":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return quantize_quality(args)
     max_tokens = args.max_tokens or (24 if args.quick else 48)
     per_client = args.requests_per_client or (1 if args.quick else 2)
     if args.threads:
