@@ -145,6 +145,11 @@ def test_a_number_never_measured_fails_its_gate():
     only_base = {"models": {"base": {"token_f1": 0.2}}}
     assert failures("token_f1=0.1", report=only_base) == [
         "lora.token_f1 not evaluated (the run has no trained lora artifact) < 0.1"]
+    # NaN compares false both ways, so it passed --fail-over and --fail-under alike
+    nan = {"models": {"lora": {"token_f1": float("nan"), "eval_loss": float("nan")}}}
+    assert failures("token_f1=0.1", over=["eval_loss=3"], report=nan) == [
+        "lora.token_f1 is NaN (the evaluation produced no number) < 0.1",
+        "lora.eval_loss is NaN (the evaluation produced no number) > 3"]
 
 
 def test_eval_command_gates_eval_loss_classification_and_forgetting(tmp_path, tiny_model_dir, capsys, monkeypatch):

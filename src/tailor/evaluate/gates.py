@@ -181,6 +181,9 @@ def failed_gates(report: dict, gates: list[Gate], eval_config: EvalConfig) -> li
         if not isinstance(value, int | float) or isinstance(value, bool):
             failures.append((gate, f"{gate.model}.{gate.metric} not measured (no value in report.json"
                                    f"{_why_missing(report, gate)}) {sign} {gate.threshold:g}"))
+        elif math.isnan(value):  # compares false both ways: it would pass every gate
+            failures.append((gate, f"{gate.model}.{gate.metric} is NaN (the evaluation produced no number) "
+                                   f"{sign} {gate.threshold:g}"))
         elif (value > gate.threshold) if gate.above else (value < gate.threshold):
             failures.append((gate, f"{gate.model}.{gate.metric} {value:g} {sign} {gate.threshold:g}"))
     return failures
