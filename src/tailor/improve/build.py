@@ -48,7 +48,7 @@ def build(config: TailorConfig, collected: dict, production_run: Path, cycle_dir
          "feedback_id": r["feedback_id"]} for r in rated if r["answer"].strip()])
     pairs = [{"prompt": with_system(c["prompt"], system), "chosen": c["correction"], "rejected": c["answer"],
               "feedback_ids": [c["feedback_id"]]} for c in corrections if c["correction"] != c["answer"].strip()]
-    by_answer = {}
+    by_answer: dict[tuple[str, str], int] = {}  # (prompt as JSON, answer) -> its first feedback id
     for r in rated:
         by_answer.setdefault((json.dumps(r["prompt"], sort_keys=True), r["answer"]), r["feedback_id"])
     for pair in to_pairs([{**r, "model": "-"} for r in rated]):

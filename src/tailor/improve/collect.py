@@ -110,10 +110,10 @@ def collect(config: TailorConfig, registry: Registry, name: str, production: Mod
         correction = row["correction"]
         review = row.get("review")
         if correction is not None or review is not None:
-            text = row.get("reviewed_correction") if review == "accepted" else correction
+            text = (row.get("reviewed_correction") if review == "accepted" else correction) or ""
             if review == "rejected":
                 pass
-            elif not (text or "").strip():
+            elif not text.strip():
                 found.problems.append(f"feedback {row['id']}: the correction is empty; left out (edit it in the "
                                       f"review queue or reject it)")
             elif review is None and config.improve.corrections == "reviewed":

@@ -31,12 +31,15 @@ def compare(config: TailorConfig, root: Path, production_run: Path, candidate_ru
     figures = {"token_f1": {model: {**by_set[model], "rest": by_set_rest[model],
                                     "all": report["models"][model]["token_f1"]} for model in MODELS},
                "questions": {name: len(scores["candidate"][name]) for name in SETS}}
-    corrected = [by_set[m]["corrected"] for m in MODELS]
-    figures["corrected_gain"] = None if None in corrected else round(corrected[1] - corrected[0], 4)
-    figures["rest_change"] = (None if None in by_set_rest.values()
-                              else round(by_set_rest["candidate"] - by_set_rest["production"], 4))
+    figures["corrected_gain"] = _change(by_set["production"]["corrected"], by_set["candidate"]["corrected"])
+    figures["rest_change"] = _change(by_set_rest["production"], by_set_rest["candidate"])
     write_json(eval_dir / "comparison.json", figures)
     return {"figures": figures, "report": str(eval_dir / "eval" / "report.json")}
+
+
+def _change(production: float | None, candidate: float | None) -> float | None:
+    """candidate - production, None when either set had no questions."""
+    return None if production is None or candidate is None else round(candidate - production, 4)
 
 
 def check_gates(config: TailorConfig) -> None:

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
@@ -39,16 +40,18 @@ def ab_counts(db_path: Path, canary: Canary) -> dict:
         rows = report(db_path, canary.name, since=started).get(canary.name, [])
     except TailorError:  # nothing served under the canary yet
         rows = []
-    sides = {"production": {"up": 0, "down": 0, "completions": 0}, "candidate": {"up": 0, "down": 0, "completions": 0}}
+    # per side: up, down, completions, rated (counts) and up_rate (a fraction, None with nothing rated)
+    sides: dict[str, dict[str, Any]] = {"production": {"up": 0, "down": 0, "completions": 0},
+                                        "candidate": {"up": 0, "down": 0, "completions": 0}}
     for row in rows:
         side = "candidate" if row["model"] == canary.served_name else "production" if row["model"] == canary.name \
             else None
         if side:
             sides[side] = {"up": row["up"], "down": row["down"], "completions": row["completions"]}
-    for side in sides.values():
-        rated = side["up"] + side["down"]
-        side["rated"] = rated
-        side["up_rate"] = round(side["up"] / rated, 4) if rated else None
+    for counts in sides.values():
+        rated = counts["up"] + counts["down"]
+        counts["rated"] = rated
+        counts["up_rate"] = round(counts["up"] / rated, 4) if rated else None
     a, b = sides["production"], sides["candidate"]
     p = None
     if a["rated"] and b["rated"]:

@@ -89,7 +89,7 @@ class Cycle:
     def production(self):
         """The version this cycle started from (it may have left production since; the cycle still compares with
         it)."""
-        return next(v for v in self.registry.versions(self.name) if v.id == self.state.current["production"]["id"])
+        return next(v for v in self.registry.versions(self.name) if v.id == self.state.cycle["production"]["id"])
 
     def collect(self) -> Outcome | None:
         from tailor.improve.collect import collect, feedback_path
@@ -125,7 +125,7 @@ class Cycle:
     def data(self) -> Outcome | None:
         from tailor.improve.build import build
 
-        collected = read_json(self.state.done("collect")["output"])
+        collected = read_json(self.state.record("collect")["output"])
         built = build(self.config, collected, Path(self.production().run_dir), self.state.cycle_dir())
         counts = built["counts"]
         self.say(f"  {counts['sft']} SFT records ({built['replayed']} replayed from production), {counts['kto']} "
@@ -136,7 +136,7 @@ class Cycle:
     def train(self) -> Outcome | None:
         from tailor.improve.train import train_candidate
 
-        counts = self.state.done("data")["counts"]
+        counts = self.state.record("data")["counts"]
         trained = train_candidate(self.config, self.root, self.production(), self.state.cycle_dir(), counts,
                                   show_progress=self.show_progress, say=lambda line: self.say(f"  {line}"))
         self.state.finish("train", trained)
@@ -146,7 +146,7 @@ class Cycle:
         from tailor.improve.compare import compare
 
         result = compare(self.config, self.root, Path(self.production().run_dir),
-                         Path(self.state.done("train")["candidate"]), self.state.cycle_dir() / "eval",
+                         Path(self.state.record("train")["candidate"]), self.state.cycle_dir() / "eval",
                          show_progress=self.show_progress)
         f1 = result["figures"]["token_f1"]
         self.say("  token F1        " + "  ".join(f"{name:>10}" for name in ("corrected", "heldout", "regression",
@@ -160,7 +160,7 @@ class Cycle:
     def gates(self) -> Outcome | None:
         from tailor.improve.compare import apply_gates
 
-        evaluated = self.state.done("eval")
+        evaluated = self.state.record("eval")
         failures = apply_gates(self.config, evaluated["figures"], read_json(evaluated["report"]))
         for line in failures:
             self.say(f"  [gate failed] {line}")
@@ -171,15 +171,15 @@ class Cycle:
 
     def register(self) -> Outcome | None:
         production = self.production()
-        built, gates = self.state.done("data"), self.state.done("gates")
-        figures = self.state.done("eval")["figures"]
+        built, gates = self.state.record("data"), self.state.record("gates")
+        figures = self.state.record("eval")["figures"]
         version = self.registry.register_run(
-            self.state.done("train")["candidate"], self.name, production.label, by=self.by,
-            reason=f"tailor improve cycle {self.state.current['cycle']}: {len(built['feedback_ids']['sft'])} "
+            self.state.record("train")["candidate"], self.name, production.label, by=self.by,
+            reason=f"tailor improve cycle {self.state.cycle['cycle']}: {len(built['feedback_ids']['sft'])} "
                    f"corrections, corrected-question F1 {_signed(figures['corrected_gain'])}, rest "
                    f"{_signed(figures['rest_change'])}",
-            feedback=(self.state.done("collect")["feedback_db"], built["feedback_ids"]))
-        self.state.current["candidate"] = version.label
+            feedback=(self.state.record("collect")["feedback_db"], built["feedback_ids"]))
+        self.state.cycle["candidate"] = version.label
         self.say(f"  registered {version.label} (parent {production.label})")
         self.state.finish("register", {"version": version.version, "label": version.label})
         if not gates["passed"]:
@@ -192,7 +192,7 @@ class Cycle:
 
     def canary(self) -> Outcome | None:
         share = self.config.improve.canary_share
-        registered = self.state.done("register")
+        registered = self.state.record("register")
         canary = self.registry.start_canary(
             self.name, registered["version"], share, by=self.by,
             reason=f"tailor improve: canary of {registered['label']} for {share:.0%} of {self.name}'s users; "
@@ -205,15 +205,15 @@ class Cycle:
     def decide(self) -> Outcome:
         from tailor.improve.decide import decide
 
-        recorded = self.state.done("canary")
+        recorded = self.state.record("canary")
         canary = next((c for c in self.registry.canaries(self.name) if c.id == recorded["canary_id"]), None)
         if canary is None or canary.ended_at is not None:
             outcome = canary.outcome if canary is not None else "stopped"
             self.state.end_cycle(outcome or "stopped", "the canary was ended outside tailor improve")
             return Outcome(outcome or "stopped", f"{recorded['served_name']}: the canary was ended elsewhere "
                                                  f"({outcome}); the cycle is closed")
-        decision = decide(self.config, self.root, Path(self.state.done("collect")["feedback_db"]), canary,
-                          self.state.done("gates")["passed"])
+        decision = decide(self.config, self.root, Path(self.state.record("collect")["feedback_db"]), canary,
+                          self.state.record("gates")["passed"])
         if decision.outcome == "waiting":
             self.say(f"  canary {canary.served_name}: {decision.reason}")
             return Outcome("waiting", f"canary {canary.served_name} running: {decision.reason}")

@@ -64,6 +64,14 @@ class State:
     def current(self) -> dict | None:
         return self.data.get("current")
 
+    @property
+    def cycle(self) -> dict:
+        """The open cycle: the stages run only inside one, so its absence is a bug, not a user's mistake."""
+        current = self.current
+        if current is None:
+            raise AssertionError(f"{self.path}: no improve cycle is open")
+        return current
+
     def start_cycle(self, production: dict) -> dict:
         self.data["cycle"] += 1
         number = self.data["cycle"]
@@ -73,19 +81,26 @@ class State:
         return self.data["current"]
 
     def cycle_dir(self) -> Path:
-        return self.folder / self.current["folder"]
+        return self.folder / self.cycle["folder"]
 
     def done(self, stage: str) -> dict | None:
         return self.current["stages"].get(stage) if self.current else None
 
+    def record(self, stage: str) -> dict:
+        """What a finished stage wrote; a later stage reads it, and the stages run in order."""
+        finished = self.done(stage)
+        if finished is None:
+            raise AssertionError(f"{self.path}: stage {stage} has not finished in this cycle")
+        return finished
+
     def finish(self, stage: str, record: dict) -> dict:
-        self.current["stages"][stage] = {"finished_at": now_iso(), **record}
+        self.cycle["stages"][stage] = {"finished_at": now_iso(), **record}
         self.save()
-        return self.current["stages"][stage]
+        return self.cycle["stages"][stage]
 
     def end_cycle(self, outcome: str, reason: str) -> None:
         """Close the current cycle; the next `tailor improve` starts a new one."""
-        current = self.current
+        current = self.cycle
         current.update(outcome=outcome, reason=reason, ended_at=now_iso())
         self.data["history"].append({key: current.get(key) for key in
                                      ("cycle", "folder", "started_at", "ended_at", "production", "outcome",

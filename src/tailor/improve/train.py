@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
@@ -20,7 +21,7 @@ from tailor.registry.tables import ModelVersion
 def improve_config(config: TailorConfig, method: str, methods: dict | None = None) -> TailorConfig:
     """The workspace config with improve.train over train: and the step's method and its options."""
     train = config.improve_train().model_copy(update={"method": method})
-    update = {"train": train}
+    update: dict[str, Any] = {"train": train}
     if methods:
         update["methods"] = {**config.methods, **methods}
     return config.model_copy(update=update)
@@ -61,12 +62,15 @@ def train_sft(config: TailorConfig, root: Path, start: Path, data: Path, run_dir
 def train_method(config: TailorConfig, root: Path, method: str, start: Path, data: Path, run_dir: Path, *,
                  show_progress: bool) -> dict:
     """KTO or DPO through its registered method, from the adapter at `start`."""
+    from tailor.train.loop import TrainResult
     from tailor.train.run import run_training
 
     option = {"kto": "examples_file", "dpo": "preference_file"}[method]
     options = {**config.methods.get(method, {}), "init_adapter": str(start), option: str(data)}
     step_config = improve_config(config, method, {method: options})
     result = run_training(step_config, root, run_dir, show_progress=show_progress)
+    if not isinstance(result, TrainResult):  # kto and dpo train; only methods that train nothing build
+        raise AssertionError(f"improve: {method} built an artifact instead of training")
     return {"steps": result.steps, "train_loss": result.train_loss, "seconds": round(result.seconds, 1)}
 
 
