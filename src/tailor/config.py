@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from tailor.errors import TailorError
 
@@ -579,7 +580,7 @@ class TailorConfig(Section):
         return registry.get(name).options.model_validate(self.methods.get(name, {}))
 
 
-def _format_error(error: dict, source: str, root: type[BaseModel] | None = None, prefix: tuple = ()) -> str:
+def _format_error(error: ErrorDetails, source: str, root: type[BaseModel] | None = None, prefix: tuple = ()) -> str:
     """One line naming the key; `root` is the model the error's location starts at, `prefix` its key path."""
     key = ".".join(str(part) for part in (*prefix, *error["loc"])) or "(top level)"
     where = f"{source}: " if source else ""
@@ -647,7 +648,7 @@ def load_raw(path: Path) -> dict:
     return data
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] = ()) -> tuple[TailorConfig, Path]:
+def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> tuple[TailorConfig, Path]:
     """Load and validate tailor.yaml (or defaults when `path` is None); returns the config and its folder."""
     if path is None:
         data, root, source = {}, Path.cwd(), "defaults"

@@ -47,7 +47,7 @@ def _numeric(value: Any) -> bool:
 
 
 def _lineage(version: ModelVersion, labels: dict[int, str]) -> dict[str, Any]:
-    parent = labels.get(version.parent_id, version.parent_id)
+    parent = None if version.parent_id is None else labels.get(version.parent_id, version.parent_id)
     return {"base_model": version.base_model, "method": version.method, "code_version": version.code_version,
             "datasets": version.datasets, "parent": parent}
 

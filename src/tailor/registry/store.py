@@ -221,6 +221,8 @@ class Registry:
                 raise TailorError(f"{name}: no earlier production version to roll back to "
                                   f"({current_version.label} is the first)")
             restored = session.get(ModelVersion, earlier[-1])
+            if restored is None:  # the stack's ids come from a join with this table, in this transaction
+                raise AssertionError(f"{name}: version id {earlier[-1]} in the production history is not registered")
             verify_artifacts(restored)  # rolling back onto a corrupted artifact would take the model down
             note = reason or "rollback"
             self._move(session, current_version, "archived", "rollback", who, note)
