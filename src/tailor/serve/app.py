@@ -8,12 +8,14 @@ message instead of failing to parse it; a bad request is a 4xx naming the field,
 from __future__ import annotations
 
 import errno
-import math
 import logging
+import math
 import socket
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
@@ -34,8 +36,14 @@ from tailor.serve.metrics import ServerMetrics
 from tailor.serve.openai.protocol import ApiError, ErrorBody, ErrorResponse
 from tailor.serve.openai.routes import metrics_scope, router
 from tailor.serve.openai.serving import Services
-from tailor.serve.protocol import (PromptTooLongError, QueueFullError, RetrievalUnavailableError, ServingEngine,
-                                   UnknownModelError, UnsupportedRequestError)
+from tailor.serve.protocol import (
+    PromptTooLongError,
+    QueueFullError,
+    RetrievalUnavailableError,
+    ServingEngine,
+    UnknownModelError,
+    UnsupportedRequestError,
+)
 from tailor.serve.security import Caller, KeyStore, RateLimiter, Sanitizer
 
 log = logging.getLogger(__name__)
@@ -98,17 +106,15 @@ def create_app(engine: ServingEngine, config: ServeConfig | None = None, root: P
     async def chat() -> str:
         return chat_page
 
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(UnknownModelError, _unknown_model)
-    app.add_exception_handler(PromptTooLongError, _prompt_too_long)
-    app.add_exception_handler(QueueFullError, _queue_full)
-    app.add_exception_handler(UnsupportedRequestError, _unsupported)
-    app.add_exception_handler(RetrievalUnavailableError, _retrieval_unavailable)
-    app.add_exception_handler(UnknownResponseError, _unknown_response)
-    app.add_exception_handler(TailorError, _bad_request)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _server_error)
+    # each handler takes the class it is registered for (Starlette types them all as taking Exception); Starlette
+    # picks the handler of the nearest class in the exception's MRO, so TailorError's does not shadow its subclasses'
+    handlers: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {
+        ApiError: _api_error, RequestValidationError: _invalid_request, UnknownModelError: _unknown_model,
+        PromptTooLongError: _prompt_too_long, QueueFullError: _queue_full, UnsupportedRequestError: _unsupported,
+        RetrievalUnavailableError: _retrieval_unavailable, UnknownResponseError: _unknown_response,
+        TailorError: _bad_request, HTTPException: _http_error, Exception: _server_error}
+    for exception_class, handler in handlers.items():
+        app.add_exception_handler(exception_class, handler)
     if config.cors_origins:  # off unless asked for: a browser page from another origin must not use the keys
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
@@ -176,7 +182,7 @@ class AccessLog:
                 key=caller.key.name if caller is not None and caller.key else None)
 
 
-def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, body: ErrorBody, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
 
 
@@ -201,7 +207,7 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         return _error(400, ErrorBody(message="the request body must be a JSON object (Content-Type: "
                                              "application/json)", code="invalid_json"))
     fields = [_field(p["loc"]) for p in problems]
-    message = "; ".join(f"{field}: {p['msg']}" for field, p in zip(fields, problems))
+    message = "; ".join(f"{field}: {p['msg']}" for field, p in zip(fields, problems, strict=True))
     return _error(400, ErrorBody(message=message, param=fields[0] if fields else None, code="invalid_value"))
 
 
@@ -243,17 +249,18 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
                   exc.headers)
 
 
-def _openapi(app: FastAPI) -> dict:
+def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, less its 422 answers: a request that fails validation is a 400 with the error body here
     (`_invalid_request`), which each route documents with its other error statuses (routes.errors)."""
-    if app.openapi_schema is None:
-        schema = FastAPI.openapi(app)
-        for operations in schema["paths"].values():
-            for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
-        for unused in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(unused, None)
-    return app.openapi_schema
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)  # also kept as app.openapi_schema, so what is removed here stays removed
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(unused, None)
+    return schema
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:

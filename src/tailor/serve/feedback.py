@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tailor.errors import TailorError
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS completions (
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL REFERENCES completions(id),
     model TEXT NOT NULL, prompt TEXT NOT NULL, answer TEXT NOT NULL,
-    rating TEXT NOT NULL CHECK (rating IN ('up', 'down')), correction TEXT, comment TEXT, user TEXT, created_at TEXT NOT NULL);
+    rating TEXT NOT NULL CHECK (rating IN ('up', 'down')), correction TEXT, comment TEXT, user TEXT,
+    created_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_response ON feedback(response_id);
 CREATE INDEX IF NOT EXISTS completions_alias ON completions(alias);
 """
@@ -97,7 +98,10 @@ class FeedbackStore:
                 "INSERT INTO feedback (response_id, model, prompt, answer, rating, correction, comment, user, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (response_id, model, prompt, answer, rating, correction, comment, user or asked_by, now_iso()))
-            return cursor.lastrowid, model
+            feedback_id = cursor.lastrowid
+            if feedback_id is None:  # sqlite3 sets it after every INSERT into a rowid table such as this one
+                raise AssertionError("feedback: the database gave the new row no id")
+            return feedback_id, model
 
     def review(self, feedback_id: int, decision: str, *, by: str, correction: str | None = None,
                note: str | None = None) -> dict:
@@ -144,7 +148,7 @@ def _read_only(path: Path | str) -> sqlite3.Connection:
 
 
 def _iso(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(unix_time, UTC).isoformat(timespec="seconds")
 
 
 def read_feedback_counts(path: Path | str, since: float | None = None) -> dict[tuple[str, str], int]:
