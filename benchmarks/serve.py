@@ -413,11 +413,10 @@ def quantize_quality(args) -> None:
     report = {"model": "smollm2-135m-instruct", "questions": len(records), "max_tokens": 48,
               "eval_file": str(QUESTIONS.relative_to(QUESTIONS.parents[3])), "quantizations": {}}
     for q in models:
-        figures = {"token_f1_vs_reference": round(statistics.mean(token_f1(a, r["answer"])
-                                                                  for a, r in zip(answers[q], records)), 4),
-                   "token_f1_vs_bf16": round(statistics.mean(token_f1(a, b)
-                                                             for a, b in zip(answers[q], answers["none"])), 4),
-                   "answers_equal_to_bf16": sum(a == b for a, b in zip(answers[q], answers["none"]))}
+        pairs = list(zip(answers[q], records, answers["none"], strict=True))  # (answer, record, bf16 answer)
+        figures = {"token_f1_vs_reference": round(statistics.mean(token_f1(a, r["answer"]) for a, r, _ in pairs), 4),
+                   "token_f1_vs_bf16": round(statistics.mean(token_f1(a, b) for a, _, b in pairs), 4),
+                   "answers_equal_to_bf16": sum(a == b for a, _, b in pairs)}
         if q != "none":
             figures |= {"next_token_agreement_with_bf16": round(agreeing[q] / positions[q], 4),
                         "mean_kl_from_bf16": round(kl[q] / positions[q], 5)}

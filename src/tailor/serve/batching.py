@@ -58,7 +58,7 @@ class DecodeBatch:
         old_layers, new_layers = _tensors(self.cache), _tensors(cache)
         merged = [(torch.cat([_pad_columns(k0, width), _pad_columns(k1, width)]),
                    torch.cat([_pad_columns(v0, width), _pad_columns(v1, width)]))
-                  for (k0, v0), (k1, v1) in zip(old_layers, new_layers)]
+                  for (k0, v0), (k1, v1) in zip(old_layers, new_layers, strict=True)]
         self.cache = DynamicCache(ddp_cache_data=merged)
         self.mask = torch.cat([_pad_columns(self.mask, width, dim=1), _pad_columns(mask, width, dim=1)])
         self.next_positions = torch.cat([self.next_positions, positions])

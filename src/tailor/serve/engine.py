@@ -29,9 +29,17 @@ from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
 from tailor.serve.customizations import BASE_ADAPTER, Customization, Customizations
 from tailor.serve.decoding import Decoding, end_of_turn_ids, token_logprobs
-from tailor.serve.protocol import (Generation, PromptTooLongError, QueueFullError, RetrievalUnavailableError,
-                                   ServingEngine, TokenLogprobs, UnknownModelError, UnsupportedRequestError,
-                                   outside_vocabulary)
+from tailor.serve.protocol import (
+    Generation,
+    PromptTooLongError,
+    QueueFullError,
+    RetrievalUnavailableError,
+    ServingEngine,
+    TokenLogprobs,
+    UnknownModelError,
+    UnsupportedRequestError,
+    outside_vocabulary,
+)
 from tailor.serve.sampling import Decoder
 from tailor.serve.scheduler import Request, Scheduler
 

@@ -204,7 +204,7 @@ class Scheduler:
             tokens, drafted = self._decoding.step(backbone, batch)
             going_on = []
             for i, (request, row_tokens) in enumerate(zip(batch.rows, tokens, strict=True)):
-                for used, token in enumerate(row_tokens):
+                for used, token in enumerate(row_tokens):  # noqa: B007 - `used` is read after the loop
                     goes_on = self._take(request, token)
                     if not goes_on:
                         break
