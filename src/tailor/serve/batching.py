@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 
 def left_pad(rows: list[torch.Tensor], pad_value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,10 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class DecodeBatch:
     """The rows one model is decoding, in the same order as their cache rows."""
 
-    def __init__(self):
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
         self.rows: list[Any] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, columns], 1 where the cache holds a real token
@@ -48,20 +52,27 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _state(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """The cache, mask and next positions, which exist exactly while the batch has rows."""
+        if self.cache is None or self.mask is None or self.next_positions is None:
+            raise RuntimeError("the decode batch has no rows, so no cache, mask or positions to step from")
+        return self.cache, self.mask, self.next_positions
+
     def join(self, rows: list[Any], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Add freshly prefilled rows (their own cache and mask, left-padded) to the running batch."""
         positions = mask.sum(1)
         if not self.rows:
             self.rows, self.cache, self.mask, self.next_positions = list(rows), cache, mask, positions
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        old_layers, new_layers = _tensors(self.cache), _tensors(cache)
+        old_cache, old_mask, old_positions = self._state()
+        width = max(old_mask.shape[1], mask.shape[1])
+        old_layers, new_layers = _tensors(old_cache), _tensors(cache)
         merged = [(torch.cat([_pad_columns(k0, width), _pad_columns(k1, width)]),
                    torch.cat([_pad_columns(v0, width), _pad_columns(v1, width)]))
                   for (k0, v0), (k1, v1) in zip(old_layers, new_layers, strict=True)]
         self.cache = DynamicCache(ddp_cache_data=merged)
-        self.mask = torch.cat([_pad_columns(self.mask, width, dim=1), _pad_columns(mask, width, dim=1)])
-        self.next_positions = torch.cat([self.next_positions, positions])
+        self.mask = torch.cat([_pad_columns(old_mask, width, dim=1), _pad_columns(mask, width, dim=1)])
+        self.next_positions = torch.cat([old_positions, positions])
         self.rows.extend(rows)
 
     def keep(self, indices: list[int]) -> None:
@@ -70,47 +81,62 @@ class DecodeBatch:
         if len(indices) == len(self.rows):
             return
         if not indices:
-            self.__init__()
+            self._clear()
             return
-        index = torch.tensor(indices, device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
-        first = int(self.mask.any(0).nonzero()[0])  # the first column some row still uses
-        self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-            layer.values = layer.values.index_select(0, index)[:, :, first:]
-        self.next_positions = self.next_positions.index_select(0, index)
+        cache, mask, next_positions = self._state()
+        index = torch.tensor(indices, device=mask.device)
+        mask = mask.index_select(0, index)
+        first = int(mask.any(0).nonzero()[0])  # the first column some row still uses
+        self.mask = mask[:, first:]
+        for layer, keys, values in _layers(cache):
+            layer.keys = keys.index_select(0, index)[:, :, first:]
+            layer.values = values.index_select(0, index)[:, :, first:]
+        self.next_positions = next_positions.index_select(0, index)
         self.rows = [self.rows[i] for i in indices]
 
     def step_inputs(self, tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention mask [rows, columns + tokens] and position ids [rows, tokens] for feeding `tokens` more tokens
         per row."""
-        ones = torch.ones(len(self.rows), tokens, dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        positions = self.next_positions[:, None] + torch.arange(tokens, device=self.mask.device)
-        self.next_positions = self.next_positions + tokens
+        _, mask, next_positions = self._state()
+        ones = torch.ones(len(self.rows), tokens, dtype=mask.dtype, device=mask.device)
+        self.mask = torch.cat([mask, ones], dim=1)
+        positions = next_positions[:, None] + torch.arange(tokens, device=mask.device)
+        self.next_positions = next_positions + tokens
         return self.mask, positions
 
     def rewind(self, tokens: int) -> None:
         """Forget the newest `tokens` columns (draft tokens of a speculative step that did not hold)."""
         if tokens == 0 or not self.rows:
             return
-        self.mask = self.mask[:, :-tokens]
-        self.next_positions = self.next_positions - tokens
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, :-tokens], layer.values[:, :, :-tokens]
+        cache, mask, next_positions = self._state()
+        self.mask = mask[:, :-tokens]
+        self.next_positions = next_positions - tokens
+        for layer, keys, values in _layers(cache):
+            layer.keys, layer.values = keys[:, :, :-tokens], values[:, :, :-tokens]
 
 
 def select_rows(cache: DynamicCache, mask: torch.Tensor, indices: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """Only these rows of a freshly prefilled cache and its mask [rows, columns] (the rows that go on decoding)."""
     index = torch.tensor(indices, device=mask.device)
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    for layer, keys, values in _layers(cache):
+        layer.keys, layer.values = keys.index_select(0, index), values.index_select(0, index)
     return cache, mask.index_select(0, index)
 
 
+def _layers(cache: DynamicCache) -> list[tuple[CacheLayerMixin, torch.Tensor, torch.Tensor]]:
+    """Each layer of a filled cache with its keys and values [rows, kv_heads, columns, head_dim]. Linear-attention
+    and cache-less layers have no columns to pad, join or drop, so a model with them cannot decode in a batch here."""
+    layers = []
+    for number, layer in enumerate(cache.layers):
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise TypeError(f"cache layer {number} is a {type(layer).__name__} without keys and values; batched "
+                            "decoding needs every layer to keep attention keys and values")
+        layers.append((layer, layer.keys, layer.values))
+    return layers
+
+
 def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(keys, values) for _, keys, values in _layers(cache)]
 
 
 def _pad_columns(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
