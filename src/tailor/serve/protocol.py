@@ -162,13 +162,17 @@ class ServingEngine(Protocol):
 
     kind: str  # the `serve.engine` value: "tailor", "vllm" or "llama_cpp"
     base_name: str  # the base model's served name
-    # bumped whenever a served name changes what it answers with: cached answers of an older revision are stale
-    revision: int
     # the transformers tokenizer of the served models: token ids <-> text, and the chat template's special tokens
     # that the sanitizer refuses in user text
     tokenizer: Any
     # capabilities: a False one makes the OpenAI layer refuse the request field with a 400 naming it
     supports_logprobs: bool  # token logprobs and, with echo, prompt logprobs
+
+    @property
+    @abstractmethod
+    def revision(self) -> int:
+        """Bumped whenever a served name changes what it answers with: cached answers of an older revision are
+        stale. A property, so an engine may derive it (the built-in one reads its customizations')."""
 
     @abstractmethod
     def model_names(self) -> list[str]:
