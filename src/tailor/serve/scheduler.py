@@ -137,23 +137,24 @@ class Scheduler:
                     future.set_exception(exc)
             with self.condition:
                 self._expire_waiting()
-                admitted = []
+                admitted: list[Request] = []
                 while self._waiting and self._running + len(admitted) < self.max_batch_size:
                     admitted.append(self._waiting.popleft())
                 self._running += len(admitted)
-            if self._customizations is None:  # nothing is queued before attach(): only loading calls ran
-                continue
+            if self._customizations is None or self._decoding is None:
+                continue  # nothing is queued before attach(): only loading calls ran
+            customizations, decoding = self._customizations, self._decoding
             # inference_mode here, in the thread that runs the model: grad mode is per thread
-            with self._customizations.lock, torch.inference_mode():
+            with customizations.lock, torch.inference_mode():
                 try:
-                    self._drop_finished()
+                    self._drop_finished(customizations)
                     admitted = [r for r in admitted if not self._ended(r)]
                     if admitted:
-                        self._prefill(admitted)
-                    self._step()
+                        self._prefill(decoding, admitted)
+                    self._step(decoding)
                 except Exception as exc:  # noqa: BLE001 - reported to every request it touched, the thread lives
                     self._fail_all(exc, admitted)
-                self._customizations.unload_retired()
+                customizations.unload_retired()
         self._fail_all(None, [])
 
     def _expire_waiting(self) -> None:
@@ -174,34 +175,34 @@ class Scheduler:
             return False
         return True
 
-    def _drop_finished(self) -> None:
+    def _drop_finished(self, customizations: Customizations) -> None:
         for backbone, batch in list(self.batches.items()):
             keep = [i for i, request in enumerate(batch.rows) if not self._ended(request)]
             batch.keep(keep)
-            if not batch.rows and backbone not in self._customizations.backbones:
+            if not batch.rows and backbone not in customizations.backbones:
                 del self.batches[backbone]  # its model was unloaded
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _prefill(self, decoding: Decoding, requests: list[Request]) -> None:
         """Prefill newly admitted requests, grouped by model and by kind (ids, soft prompt or prefix), hand on each
         one's first token, and add those that go on to their model's running batch."""
         groups: dict[tuple[str, str], list[Request]] = {}
         for request in requests:
             groups.setdefault((request.custom.backbone, request.custom.kind), []).append(request)
         for (backbone, kind), group in groups.items():
-            tokens, cache, mask = self._decoding.prefill(backbone, kind, group)
+            tokens, cache, mask = decoding.prefill(backbone, kind, group)
             kept = [i for i, (request, token) in enumerate(zip(group, tokens, strict=True))
                     if self._take(request, token)]
             if kept:
                 batch = self.batches.setdefault(backbone, DecodeBatch())
                 batch.join([group[i] for i in kept], *select_rows(cache, mask, kept))
 
-    def _step(self) -> None:
+    def _step(self, decoding: Decoding) -> None:
         """One step for every running batch: one token per row (a lone greedy row: one or more, see
         `Decoding._draft`)."""
         for backbone, batch in self.batches.items():
             if not batch.rows:
                 continue
-            tokens, drafted = self._decoding.step(backbone, batch)
+            tokens, drafted = decoding.step(backbone, batch)
             going_on = []
             for i, (request, row_tokens) in enumerate(zip(batch.rows, tokens, strict=True)):
                 for used, token in enumerate(row_tokens):  # noqa: B007 - `used` is read after the loop
@@ -211,7 +212,7 @@ class Scheduler:
                 if goes_on:
                     going_on.append(i)
             if drafted:  # the cache keeps the next token and the draft tokens that held
-                self._decoding.accepted(used)
+                decoding.accepted(used)
                 batch.rewind(drafted - used)
             batch.keep(going_on)
 
