@@ -63,6 +63,8 @@ class Decoding:
             inputs_embeds, mask = left_pad(rows)  # [rows, width, hidden]
             inputs = {"inputs_embeds": inputs_embeds}
         else:
+            if self.pad_token_id is None:
+                raise RuntimeError("batched prompts are left-padded, so the tokenizer needs a pad token id")
             ids, mask = left_pad([torch.tensor(r.prompt_ids, device=device) for r in group], self.pad_token_id)
             inputs = {"input_ids": ids}  # [rows, width]
         cache, new_columns = DynamicCache(), mask.shape[1]
@@ -145,7 +147,8 @@ class Decoding:
         lookup = PromptLookupCandidateGenerator(eos_token_id=torch.tensor(sorted(self.stop_ids)),
                                                 num_output_tokens=room, max_matching_ngram_size=3,
                                                 max_length=context.shape[1] + room + 1)
-        candidates, _ = lookup.get_candidates(context)
+        # transformers annotates torch.LongTensor, a legacy type no int64 tensor has for mypy
+        candidates, _ = lookup.get_candidates(context)  # type: ignore[arg-type]
         return candidates[0, context.shape[1]:].tolist()
 
     def _verified(self, logits: torch.Tensor, draft: list[int]) -> list[int]:
