@@ -209,10 +209,13 @@ class Customizations:
             return {}
         route = adapter_keys[0] if len(set(adapter_keys)) == 1 else "mixed"
         if route != self.lora_route:  # switching walks every module: only when the batch's route changes
+            tuner = model.base_model
+            if not isinstance(tuner, peft.tuners.tuners_utils.BaseTuner):
+                raise TypeError(f"a served LoRA model wraps a PEFT tuner, not a {type(tuner).__name__}")
             if route == BASE_ADAPTER:
-                model.base_model.disable_adapter_layers()
+                tuner.disable_adapter_layers()
             else:
-                model.base_model.enable_adapter_layers()
+                tuner.enable_adapter_layers()
                 if route != "mixed":
                     model.set_adapter(route, inference_mode=True)
             self.lora_route = route
@@ -313,7 +316,8 @@ class Customizations:
         prefix = load_file(str(weights)).get("prompt_embeddings") if weights.is_file() else None
         layers, heads = config.get("num_layers"), config.get("num_attention_heads")
         model_config = self.backbones["base"].config
-        if (prefix is None or layers != model_config.num_hidden_layers or config.get("num_transformer_submodules", 1)
+        if (prefix is None or heads is None or layers != model_config.num_hidden_layers
+                or config.get("num_transformer_submodules", 1)
                 != 1 or prefix.shape[-1] != layers * 2 * config.get("token_dim", 0)):
             raise TailorError(f"serve: adapter '{name}': {folder} is not a prefix-tuning adapter of this base model")
         virtual = prefix.shape[0]
