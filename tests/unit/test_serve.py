@@ -408,3 +408,13 @@ def test_every_engine_finish_reason_becomes_one_openai_knows(engine_reason, repo
     generation = Generation("base", prompt_tokens=3)
     generation.finish_reason, generation.completion_tokens = engine_reason, 2
     assert _outcome(generation, None) == (reported, 3, 2)
+
+
+def test_a_vanishing_temperature_samples_the_greedy_token_instead_of_failing():
+    """logits / 1e-300 overflow to inf and softmax to NaN: torch.multinomial raised, a 500 (found by Schemathesis)."""
+    import torch
+
+    from tailor.serve.sampling import pick
+
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.5])
+    assert pick(logits, 1e-300, 1.0, None) == 1 and pick(logits, 1e-45, 0.5, None) == 1

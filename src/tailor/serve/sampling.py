@@ -18,6 +18,9 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
     probs = torch.softmax(logits / temperature, dim=-1)  # [vocab]
     probs, order = probs.sort(descending=True)
     probs[(probs.cumsum(-1) - probs) >= top_p] = 0  # a token stays if the mass before it is under top_p
+    mass = float(probs.sum())
+    if not 0 < mass < float("inf"):  # a temperature so small that logits / temperature overflow: the greedy choice
+        return int(logits.argmax())
     choice = torch.multinomial(probs, 1, generator=generator)
     return int(order[choice])
 

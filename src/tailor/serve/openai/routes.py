@@ -100,11 +100,17 @@ def _label(request: Request, model: str) -> None:
         request.state.model = model
 
 
+# with "stream": true a completion answers as server-sent events, which the schema must say as well as the JSON body
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"description": (
+    "Events whose data is a chunk's JSON, one per delta, then [DONE]")}}}}}
+
+
 def _events(result) -> StreamingResponse:
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/chat/completions", response_model=None, responses=errors(400, 401, 403, 404, 413, 429, 503))
+@router.post("/chat/completions", response_model=None,
+             responses=STREAMED | errors(400, 401, 403, 404, 413, 429, 503))
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            caller: Caller = Depends(chat_scope)) -> ChatCompletion | StreamingResponse:
     _label(request, body.model)
@@ -112,7 +118,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     return _events(result) if body.stream else result
 
 
-@router.post("/completions", response_model=None, responses=errors(400, 401, 403, 404, 413, 429))
+@router.post("/completions", response_model=None, responses=STREAMED | errors(400, 401, 403, 404, 413, 429))
 async def completions(body: CompletionRequest, request: Request,
                       caller: Caller = Depends(chat_scope)) -> Completion | StreamingResponse:
     _label(request, body.model)
