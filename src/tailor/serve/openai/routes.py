@@ -101,7 +101,7 @@ def _label(request: Request, model: str) -> None:
 
 
 # with "stream": true a completion answers as server-sent events, which the schema must say as well as the JSON body
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"description": (
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {"description": (
     "Events whose data is a chunk's JSON, one per delta, then [DONE]")}}}}}
 
 
