@@ -169,6 +169,14 @@ def save_adapter(model, run_dir: Path, config: TailorConfig) -> Path:
     return target
 
 
+def prompts_path(option: str | None, root: Path, run_dir: Path, key: str) -> Path:
+    """The prompts a rollout method samples answers for: the named file, or RUN/data/train.jsonl."""
+    path = resolve_path(option, root) if option else Path(run_dir) / "data" / "train.jsonl"
+    if not path.is_file():
+        raise TailorError(f"{key}: {path} not found; name a prompts file or run `tailor data build`")
+    return path
+
+
 def load_prompts(path: Path) -> list[tuple[list[dict], str | None]]:
     """Prompts and their reference answers (a final assistant turn, or "reference"; None without one) from chat
     `messages` or `prompt` records."""

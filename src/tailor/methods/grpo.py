@@ -21,14 +21,13 @@ import torch
 from pydantic import Field
 
 from tailor.config import TailorConfig
-from tailor.errors import TailorError
 from tailor.methods.alignment import (
     AnswerLogProbs,
     iteration_prompts,
     load_policy,
     load_prompts,
+    prompts_path,
     reference,
-    resolve_path,
     rollout,
     rollout_batches,
     train_rollouts,
@@ -106,12 +105,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     options: GrpoOptions = config.method_options("grpo")
     cfg = config.train
     root, run_dir = Path(root), Path(run_dir)
-    prompts_path = (resolve_path(options.prompts_file, root) if options.prompts_file
-                    else run_dir / "data" / "train.jsonl")
-    if not prompts_path.is_file():
-        raise TailorError(f"methods.grpo.prompts_file: {prompts_path} not found; name a prompts file or run "
-                          f"`tailor data build`")
-    prompts = load_prompts(prompts_path)
+    prompts_file = prompts_path(options.prompts_file, root, run_dir, "methods.grpo.prompts_file")
+    prompts = load_prompts(prompts_file)
     # graders load (user code imported, reward model read) before the policy: a typo costs no model load
     graders = Graders(options.graders, root, "methods.grpo.graders")
     base_ref = resolve_base_model(config.base_model, root=root)
@@ -147,7 +142,7 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
 
     return train_rollouts("grpo", config, run_dir, model, ClippedGroupLoss(log_probs, options),
                           steps_per_iteration=steps_per_iteration, iterations=options.iterations, iteration=iteration,
-                          dtype=dtype, base_ref=base_ref, inputs=[prompts_path], resume=resume,
+                          dtype=dtype, base_ref=base_ref, inputs=[prompts_file], resume=resume,
                           show_progress=show_progress, should_stop=should_stop)
 
 

@@ -27,8 +27,8 @@ from tailor.methods.alignment import (
     iteration_prompts,
     load_policy,
     load_prompts,
+    prompts_path,
     reference,
-    resolve_path,
     rollout,
     rollout_batches,
     train_rollouts,
@@ -172,12 +172,8 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
     options: PpoOptions = config.method_options("ppo")
     cfg = config.train
     root, run_dir = Path(root), Path(run_dir)
-    prompts_path = (resolve_path(options.prompts_file, root) if options.prompts_file
-                    else run_dir / "data" / "train.jsonl")
-    if not prompts_path.is_file():
-        raise TailorError(f"methods.ppo.prompts_file: {prompts_path} not found; name a prompts file or run "
-                          f"`tailor data build`")
-    prompts = [messages for messages, _ in load_prompts(prompts_path)]
+    prompts_file = prompts_path(options.prompts_file, root, run_dir, "methods.ppo.prompts_file")
+    prompts = [messages for messages, _ in load_prompts(prompts_file)]
     base_ref = resolve_base_model(config.base_model, root=root)
     dtype = pick_dtype(cfg.dtype)
     seed_everything(cfg.seed)
@@ -212,7 +208,7 @@ def run(config: TailorConfig, root: Path, run_dir: Path, *, show_progress: bool 
 
     return train_rollouts("ppo", config, run_dir, model, ClippedPpoLoss(policy, options),
                           steps_per_iteration=steps_per_iteration, iterations=options.iterations, iteration=iteration,
-                          dtype=dtype, base_ref=base_ref, inputs=[prompts_path], resume=resume,
+                          dtype=dtype, base_ref=base_ref, inputs=[prompts_file], resume=resume,
                           show_progress=show_progress, should_stop=should_stop)
 
 
