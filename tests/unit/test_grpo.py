@@ -94,3 +94,15 @@ def test_bad_graders_stop_the_run_with_one_message(tiny_model_dir, prompts_works
 def test_an_unknown_grader_type_is_named_in_the_config():
     with pytest.raises(TailorError, match=r"methods\.grpo\.graders\.0"):
         validate_config({"train": {"method": "grpo"}, "methods": {"grpo": {"graders": [{"type": "regex"}]}}})
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_a_missing_prompts_file_is_named_before_any_model_loads(method, tiny_model_dir, tmp_path):
+    options = {"prompts_file": "missing.jsonl"} | (
+        {"graders": [{"type": "string_check", "reference": "yes"}]} if method == "grpo"
+        else {"reward_function": "x:y"})
+    config = validate_config({"base_model": str(tiny_model_dir), "train": {"method": method},
+                              "methods": {method: options}})
+    with pytest.raises(TailorError, match=rf"methods\.{method}\.prompts_file: .*missing\.jsonl not found; name a "
+                                          r"prompts file or run `tailor data build`"):
+        run_training(config, tmp_path, tmp_path, show_progress=False)
