@@ -36,7 +36,7 @@ from tailor.methods.graders import Graders, GraderSpec
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.loop import Objective, TrainResult, seed_everything
+from tailor.train.loop import StepLoss, TrainResult, seed_everything
 
 
 class GrpoOptions(UsesLora):
@@ -73,7 +73,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, scale: bool) -> torc
     return advantages.reshape(-1)
 
 
-class ClippedGroupLoss(Objective):
+class ClippedGroupLoss(StepLoss):
     """Summed per-token loss of a mini-batch of sampled answers; the unit is an answer token."""
 
     stats = ("kl", "clip_fraction")

@@ -37,7 +37,7 @@ from tailor.methods.graders import call_reward_function, load_reward_function
 from tailor.methods.lora import UsesLora
 from tailor.methods.registry import ROLLOUT_TRAIN_KEYS, Method, register
 from tailor.models.base import load_tokenizer, pick_dtype, resolve_base_model
-from tailor.train.loop import Objective, TrainResult, seed_everything
+from tailor.train.loop import StepLoss, TrainResult, seed_everything
 
 
 class PpoOptions(UsesLora):
@@ -142,7 +142,7 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return masked_whiten(advantages, mask), returns
 
 
-class ClippedPpoLoss(Objective):
+class ClippedPpoLoss(StepLoss):
     """PPO's clipped policy loss plus the weighted clipped value loss, summed over the answer tokens of a
     mini-batch of rollouts (the unit is an answer token). The value head is the objective's own parameter."""
 

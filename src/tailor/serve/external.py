@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import threading
 import time
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,10 @@ class _ThreadedEngine(ServingEngine):
         return self._start(model, {"messages": messages}, max_tokens=max_tokens, temperature=temperature,
                            top_p=top_p, stop=stop, seed=seed, timeout=timeout)
 
+    @abstractmethod
     def _start(self, model: str, request: dict, *, max_tokens: int | None, temperature: float, top_p: float,
                stop: list[str] | None, seed: int | None, timeout: float | None) -> Generation:
-        raise NotImplementedError
+        """Start one request on the engine's own thread (vLLM's event loop, llama.cpp's worker)."""
 
 
 class VllmEngine(_ThreadedEngine):

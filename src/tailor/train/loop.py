@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,7 +217,19 @@ def sequence_log_probs(model, batch: dict) -> torch.Tensor:
     return per_token.sum(dim=1)
 
 
-class Objective(torch.nn.Module):
+class StepLoss(torch.nn.Module, ABC):
+    """What one optimizer step minimizes, for the Stepper: the summed loss of a batch with summed statistics. Its
+    own parameters (the reward head, PPO's value head) train with the model's and are checkpointed with them.
+    Rollout methods (PPO, GRPO) build their batches themselves; objectives over items add how to batch them."""
+
+    stats: tuple[str, ...] = ()  # names of the summed statistics `forward` returns, reported per unit
+
+    @abstractmethod
+    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's summed loss and its summed `stats`."""
+
+
+class Objective(StepLoss):
     """What a phase of training minimizes on the one core: how its items become batches, the summed loss of a batch
     with summed statistics, and the units the sums are divided by (label tokens, pairs, examples).
 
@@ -225,17 +238,13 @@ class Objective(torch.nn.Module):
     accumulation and data parallelism equal one big batch) and "tokens" (real tokens, for tokens/s).
     """
 
-    stats: tuple[str, ...] = ()  # names of the summed statistics `forward` returns, reported per unit
-
+    @abstractmethod
     def lengths(self, items: list) -> list[int]:
         """Tokens per item, so batches group similar lengths."""
-        raise NotImplementedError
 
+    @abstractmethod
     def collate(self, items: list, device) -> dict:
-        raise NotImplementedError
-
-    def forward(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """One batch of `items` on `device`, with its "units" and "tokens"."""
 
 
 class NextToken(Objective):
@@ -348,7 +357,7 @@ class Stepper:
     then `step` once per optimizer step.
     """
 
-    def __init__(self, model, objective: Objective, cfg: TrainConfig, out_dir: Path, steps: int, *,
+    def __init__(self, model, objective: StepLoss, cfg: TrainConfig, out_dir: Path, steps: int, *,
                  run: dict | None = None, resume: bool = False, show_progress: bool = True,
                  description: str = "training"):
         trackers.check(cfg.report_to)
