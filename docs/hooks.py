@@ -6,7 +6,7 @@
 - reference/http.md from the server's OpenAPI schema: every route and the fields of its request body.
 
 `mkdocs build --strict` fails when a generated page links to a page that does not exist;
-tests/unit/test_docs.py fails when a key, command or option lacks a description.
+tests/unit/project/test_docs.py fails when a key, command or option lacks a description.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import torch
 
 from tailor.config import ServeConfig
 from tailor.serve.engine import Engine
-from tests.unit.test_serve import adapter_dir, start_server  # noqa: F401 (adapter_dir: a fixture)
+from tests.unit.helpers import start_server
+from tests.unit.serve.test_serve import adapter_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("TAILOR_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
@@ -126,7 +127,7 @@ def test_a_server_with_keys_asks_for_one(page, engine, tmp_path):
 
 def test_a_grounded_answer_shows_its_sources_as_expandable_links(page, tiny_model_dir, tmp_path):
     from tailor.train.run import run_training
-    from tests.unit.test_rag import make_workspace, prepare_run
+    from tests.unit.methods.test_rag import make_workspace, prepare_run
 
     workspace = make_workspace(tmp_path / "ws", tiny_model_dir)
     config, root, run_dir = prepare_run(workspace)

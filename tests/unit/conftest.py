@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from rollouts import PROMPTS, REWARDS  # tests/unit/rollouts.py; pytest puts tests/unit on sys.path
 
 from tailor.config import validate_config
 from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
+from tests.unit.helpers import PROMPTS, REWARDS
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,7 +18,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-# rollout methods (ppo, grpo): a workspace with rule-based rewards and yes/no prompts (tests/unit/rollouts.py)
+# rollout methods (ppo, grpo): a workspace with rule-based rewards and yes/no prompts (tests/unit/helpers.py)
 @pytest.fixture
 def prompts_workspace(tmp_path):
     (tmp_path / "test_rewards.py").write_text(REWARDS)

@@ -1,0 +1,80 @@
+"""What unit tests of several stages share (fixtures are in the conftest.py files): tiny chat records, the rollout
+methods' rewards and prompts, and a real server on a thread. Imported as `from tests.unit.helpers import ...`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from tailor.config import ServeConfig
+    from tailor.serve.engine import Engine
+
+# tiny chat records for the training and search tests
+FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
+         ("How much is a parking permit?", "A parking permit costs $45 per year."),
+         ("What is city hall's phone number?", "Call (555) 201-4400.")]
+
+
+def chat(question, answer):
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]}
+
+
+# the rollout methods (ppo, grpo): rule-based rewards a workspace module provides, prompts answered yes or no, and how
+# far a policy moved towards "Yes."
+REWARDS = """
+def says_yes(prompt, answer):
+    return 1.0 if "yes" in answer.lower() else 0.0
+
+def broken(prompt, answer):
+    raise ValueError("no score today")
+
+def not_a_number(prompt, answer):
+    return "high"
+"""
+PROMPTS = [[{"role": "user", "content": f"Is topic {i} open?"}] for i in range(8)]
+
+
+def yes_margin(model_dir, run_dir=None) -> float:
+    """Mean log P("Yes.") − log P("No.") over the PROMPTS, under the base (or RUN/adapter on it): how far a policy
+    moved towards the rule, measured without the noise of a few sampled answers."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from tailor.models.base import load_tokenizer
+    from tailor.train.examples import collate, tokenize_chat
+    from tailor.train.loop import sequence_log_probs
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    if run_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+    model.eval()
+    rows = [tokenize_chat(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+            for answer in ("Yes.", "No.") for prompt in PROMPTS]
+    with torch.no_grad():
+        values = sequence_log_probs(model, collate(rows, tokenizer.pad_token_id, torch.device("cpu")))
+    return float(values[:len(PROMPTS)].mean() - values[len(PROMPTS):].mean())
+
+
+def start_server(engine: Engine, host: str = "127.0.0.1", config: ServeConfig | None = None,
+                 root=".") -> tuple[uvicorn.Server, str]:
+    """`tailor serve`'s app on a thread, on a free port: (the server, to stop with should_exit, and its URL)."""
+    import uvicorn
+
+    from tailor.serve.app import bind_socket, create_app
+
+    sock = bind_socket(host, 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, root), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return server, f"http://{host}:{sock.getsockname()[1]}"

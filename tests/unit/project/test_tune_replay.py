@@ -1,0 +1,76 @@
+"""The figures of benchmarks/tune.py's goals: a search's best at a third of the grid's steps, and its steps until
+it is within 1% of the grid's best, on hand-made traces and a hand-made landscape."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def replay():
+    spec = importlib.util.spec_from_file_location("tune_replay", REPO / "benchmarks" / "tune_replay.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# [(steps spent, best finished eval loss so far)] after each trial; the grid's best is 2.0, so within 1% is <= 2.02
+TRACE = [(12, 2.5), (16, 2.5), (28, 2.1), (40, 2.03), (60, 2.03), (72, 2.01), (84, 2.0)]
+
+
+def test_best_at_a_budget_counts_only_trials_finished_within_it(replay):
+    assert replay.best_at(TRACE, 60) == 2.03
+    assert replay.best_at(TRACE, 71) == 2.03  # the trial that ends at 72 crossed the budget
+    assert replay.best_at(TRACE, 11) == float("inf")
+
+
+def test_steps_to_within_is_the_first_trial_that_gets_there(replay):
+    assert replay.steps_to(TRACE, 2.0 * 1.01) == 72
+    assert replay.steps_to(TRACE, 1.9) is None
+
+
+def test_figures_over_searches(replay):
+    searches = [{"regret": 0.0, "within": True, "steps_to_within": 24},
+                {"regret": 0.015, "within": False, "steps_to_within": 72},
+                {"regret": 0.005, "within": True, "steps_to_within": None}]  # never: counts the grid's 180 steps
+    figures = replay.budget_figures(searches, grid_steps=180)
+    assert figures["within_at_budget"] == pytest.approx(0.6667)
+    assert figures["median_regret_at_budget"] == 0.005
+    assert figures["mean_regret_at_budget"] == pytest.approx(0.00667)
+    assert figures["steps_to_within"] == {"median": 72, "p90": 180, "not_reached": 1}
+
+
+def _landscape(replay, final: dict[tuple[float, int], float]):
+    """A 5 x 3 grid of 12-step trials whose eval loss is the final value at every report."""
+    values, intermediate = {}, {}
+    for learning_rate in replay.LEARNING_RATES:
+        for rank in replay.RANKS:
+            key = json.dumps({"methods.lora.r": rank, "train.learning_rate": learning_rate}, sort_keys=True)
+            values[key] = final.get((learning_rate, rank), 3.0)
+            intermediate[key] = dict.fromkeys(range(2, 13, 2), values[key])
+    return replay.Grid(values=values, intermediate=intermediate, steps=12 * len(values), best=min(values.values()))
+
+
+def test_a_search_where_every_point_is_within_one_percent_gets_there_with_its_first_trial(replay):
+    grid = _landscape(replay, {(3e-3, 4): 2.98})  # every other point is 3.0: 0.67% worse
+    by_name = {strategy.name: strategy for strategy in replay.strategies()}
+    found = replay.budget_replay(by_name["random"], 0, grid)
+    assert found["steps_to_within"] == 12
+    assert found["within"]
+    assert found["regret"] in (0.0, pytest.approx(3.0 / 2.98 - 1))
+
+
+def test_random_search_trains_every_trial_in_full_and_stops_at_the_budget(replay):
+    grid = _landscape(replay, {(3e-3, 4): 2.0})  # only one point is within 1%
+    by_name = {strategy.name: strategy for strategy in replay.strategies()}
+    result = replay.replay(by_name["random"], 0, grid, stop=lambda spent, best: spent >= 60)
+    assert [spent for spent, _ in result["trace"]] == [12, 24, 36, 48, 60]
+    found = replay.budget_replay(by_name["random"], 0, grid)
+    assert found["within"] == (found["steps_to_within"] is not None and found["steps_to_within"] <= 60)
+    assert found["steps_to_within"] % 12 == 0
