@@ -115,7 +115,7 @@ def eval_questions(eval_path: Path, count: int) -> list[list[dict]]:
 def check_methods(names: list[str]) -> None:
     """Every name known, trainable through the run's data, and evaluable: before any model loads."""
     from tailor.methods import registry
-    from tailor.methods.artifacts import ARTIFACT_DIRS
+    from tailor.methods.kinds import get_kind
 
     if not names:
         raise TailorError("--methods: name at least one method, e.g. --methods prompt,lora")
@@ -124,9 +124,10 @@ def check_methods(names: list[str]) -> None:
         raise TailorError(f"--methods: {', '.join(repeated)} listed twice")
     for name in names:
         method = registry.get(method_name(name), key="--methods")
-        if method.artifact not in ARTIFACT_DIRS:
+        kind = get_kind(method.artifact)
+        if not kind.generates:
             raise TailorError(f"--methods: {name} does not produce a chat model to evaluate "
-                              f"(its artifact is a {method.artifact} model)")
+                              f"(its artifact is {kind.summary})")
 
 
 def run_compare(config: TailorConfig, root: Path, run_dir: Path, names: list[str], *, show_progress: bool = True,

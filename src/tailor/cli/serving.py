@@ -27,25 +27,28 @@ def _artifact_method(config: TailorConfig, run_dir: Path, folder: Path, artifact
 
 
 def run_adapters(config: TailorConfig, run_dir: Path) -> dict[str, str]:
-    """The run's customized models (its adapter, its rag settings), served under the method's name next to the
-    base model."""
-    from tailor.methods.artifacts import ADAPTER_DIR, ARTIFACT_MARKERS, RAG_DIR
+    """The run's customized models (its adapter or whole model, its rag settings), served under the method's name
+    next to the base model."""
+    from tailor.methods.artifacts import run_method
+    from tailor.methods.kinds import ADAPTER, MODEL, RAG
 
     served = {}
-    for kind, sub in (("rag", RAG_DIR), ("adapter", ADAPTER_DIR)):  # the trained adapter last: chat's default
-        folder = Path(run_dir) / sub
-        if (folder / ARTIFACT_MARKERS[kind]).is_file():
-            served[_artifact_method(config, run_dir, folder, kind)] = str(folder)
+    # the run's own kind last: it wins a name two folders share, and it is chat's default (the last name)
+    trained = run_method(config, run_dir).artifact
+    for kind in sorted((RAG, ADAPTER, MODEL), key=lambda kind: kind.name == trained):
+        folder = kind.in_run(run_dir)
+        if kind.holds(folder):
+            served[_artifact_method(config, run_dir, folder, kind.name)] = str(folder)
     return served
 
 
 def run_profiles(config: TailorConfig, run_dir: Path) -> dict:
     """The run's prompt profile, served under the method's name: the base model with the profile applied."""
-    from tailor.methods.artifacts import PROMPT_DIR
-    from tailor.methods.prompt import PROFILE_FILE, load_profile
+    from tailor.methods.kinds import PROMPT
+    from tailor.methods.prompt import load_profile
 
-    folder = Path(run_dir) / PROMPT_DIR
-    if not (folder / PROFILE_FILE).is_file():
+    folder = PROMPT.in_run(run_dir)
+    if not PROMPT.holds(folder):
         return {}
     return {_artifact_method(config, run_dir, folder, "prompt"): load_profile(folder)}
 
@@ -53,7 +56,7 @@ def run_profiles(config: TailorConfig, run_dir: Path) -> dict:
 def configured_adapters(config: TailorConfig, root: Path, taken: dict[str, str]) -> dict[str, str]:
     """`serve.adapters` as served name -> absolute folder, checked before any model loads: each folder exists and
     holds something the engine serves, and no name shadows another served name (`taken`: name -> what it is)."""
-    from tailor.methods.prompt import PROFILE_FILE
+    from tailor.methods.kinds import serving_kind
 
     folders = {}
     for name, path in config.serve.adapters.items():
@@ -63,10 +66,7 @@ def configured_adapters(config: TailorConfig, root: Path, taken: dict[str, str])
         folder = Path(path) if Path(path).is_absolute() else Path(root) / path
         if not folder.is_dir():
             raise TailorError(f"{key}: {folder} does not exist (a folder, relative to the workspace)")
-        if not any((folder / marker).is_file() for marker in ("adapter_config.json", PROFILE_FILE, "config.json",
-                                                              "retrieval.json")):
-            raise TailorError(f"{key}: {folder} is not a PEFT adapter folder (adapter_config.json), a prompt profile "
-                              f"({PROFILE_FILE}), a rag folder (retrieval.json) or a model folder (config.json)")
+        serving_kind(folder, key)
         folders[name] = str(folder)
     return folders
 
@@ -77,10 +77,6 @@ def build_engine(config: TailorConfig, root: Path, run_dir: Path | None):
 
     adapters = run_adapters(config, run_dir) if run_dir is not None else {}
     profiles = run_profiles(config, run_dir) if run_dir is not None else {}
-    if run_dir is not None and (Path(run_dir) / "model" / "config.json").is_file():
-        # a `full` run's whole model, decoded beside the base by the same engine
-        adapters.setdefault(_artifact_method(config, run_dir, Path(run_dir) / "model", "model"),
-                            str(Path(run_dir) / "model"))
     # the engine would silently replace a served name, so a clash is refused here, before the model loads
     taken = {"base": "the base model", **dict.fromkeys(adapters, "the run's customization"),
              **dict.fromkeys(profiles, "the run's prompt profile"),
@@ -116,7 +112,9 @@ def serve(overrides: list[str] = OverridesArgument, run: Path = RunOption, works
           api_key_file: Path = typer.Option(None, "--api-key-file", help=(
               "Hashed API keys (`tailor keys create`); required to listen beyond 127.0.0.1 "
               "(default: serve.api_key_file)."))) -> None:
-    """Serve the base model and the run's customized model: OpenAI-compatible API and a chat page at /."""
+    """Serve the base model and the run's customized model: OpenAI-compatible API, a chat page at / and the
+    operations console at /admin."""
+    from tailor.registry.store import REGISTRY_FILE, open_registry
     from tailor.serve.app import serve as run_server
 
     config, root = open_workspace(workspace, overrides, required=False)
@@ -136,9 +134,11 @@ def serve(overrides: list[str] = OverridesArgument, run: Path = RunOption, works
         from tailor.serve.registry_watch import watch_registry
 
         watcher = watch_registry(engine, config, root)
+    # the /admin console shows the workspace's registry when there is one (opening it would create the file)
+    models = open_registry(config, root) if watcher is None and (root / REGISTRY_FILE).is_file() else None
     # completions, feedback and request logs belong to the run being served (the workspace when it has none)
     run_server(engine, host or serve_config.host, port or serve_config.port, config=serve_config, root=root,
-               state_dir=run_dir if run_dir.is_dir() else root, watcher=watcher)
+               state_dir=run_dir if run_dir.is_dir() else root, watcher=watcher, registry=models)
 
 
 def chat(overrides: list[str] = OverridesArgument, run: Path = RunOption, workspace: Path = WorkspaceOption,

@@ -43,10 +43,11 @@ class ModelSpec:
 
 
 def run_has_artifact(config: TailorConfig, run_dir: Path) -> bool:
-    from tailor.methods.artifacts import ARTIFACT_MARKERS, artifact_dir, run_method
+    from tailor.methods.artifacts import artifact_dir, run_method
+    from tailor.methods.kinds import get_kind
 
     method = run_method(config, run_dir)
-    return (artifact_dir(run_dir, method) / ARTIFACT_MARKERS[method.artifact]).is_file()
+    return get_kind(method.artifact).holds(artifact_dir(run_dir, method))
 
 
 def default_specs(config: TailorConfig, run_dir: Path) -> list[ModelSpec]:
@@ -77,13 +78,14 @@ def parse_spec(name: str, value: str, *, root: Path, run_dir: Path, where: str) 
     if not folder.is_dir():
         raise TailorError(f"{where}: {folder} does not exist (expected base, run, a run folder, an exported model "
                           f"folder or endpoint:URL#MODEL)")
-    if (folder / "config.json").is_file():
+    from tailor.methods.kinds import MODEL, run_folders
+
+    if MODEL.holds(folder):
         return ModelSpec(name, "export", str(folder), where=where)
-    if any((folder / sub).is_dir() for sub in ("adapter", "model", "prompt", "rag")) or (
-            folder / "manifest.json").is_file():
+    if any((folder / sub).is_dir() for sub in run_folders()) or (folder / "manifest.json").is_file():
         return ModelSpec(name, "run", str(folder), where=where)
-    raise TailorError(f"{where}: {folder} is neither a run folder (adapter/, model/, prompt/ or rag/) nor an "
-                      f"exported model folder (config.json)")
+    raise TailorError(f"{where}: {folder} is neither a run folder ({', '.join(f + '/' for f in run_folders())}) "
+                      f"nor an exported model folder ({MODEL.marker})")
 
 
 def resolve_specs(config: TailorConfig, root: Path, run_dir: Path) -> list[ModelSpec]:

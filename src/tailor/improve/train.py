@@ -15,6 +15,7 @@ from typing import Any
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
+from tailor.methods.kinds import ADAPTER
 from tailor.registry.tables import ModelVersion
 
 
@@ -28,8 +29,8 @@ def improve_config(config: TailorConfig, method: str, methods: dict | None = Non
 
 
 def production_adapter(production: ModelVersion) -> Path:
-    folder = Path(production.run_dir) / "adapter"
-    if not (folder / "adapter_config.json").is_file():
+    folder = ADAPTER.in_run(production.run_dir)
+    if not ADAPTER.holds(folder):
         raise TailorError(f"{production.label} ({production.method}) has no LoRA adapter in {folder}; improve "
                           f"continues a LoRA adapter (lora, dpo, kto runs), so train production with one of those")
     return folder

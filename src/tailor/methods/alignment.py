@@ -18,6 +18,7 @@ import torch
 
 from tailor.config import TailorConfig, dump_config
 from tailor.errors import TailorError
+from tailor.methods.kinds import ADAPTER
 from tailor.methods.lora import LoraOptions
 from tailor.methods.lora import prepare as add_lora
 from tailor.models.base import load_model
@@ -37,10 +38,10 @@ def resolve_path(value: str, root: Path) -> Path:
 def adapter_folder(value: str, root: Path, key: str) -> Path:
     """A run folder (its adapter/) or an adapter folder itself."""
     path = resolve_path(value, root)
-    for folder in (path / "adapter", path):
-        if (folder / "adapter_config.json").is_file():
+    for folder in (ADAPTER.in_run(path), path):
+        if ADAPTER.holds(folder):
             return folder
-    raise TailorError(f"{key}: {path} holds no PEFT adapter (no adapter_config.json in it or in its adapter/ "
+    raise TailorError(f"{key}: {path} holds no PEFT adapter (no {ADAPTER.marker} in it or in its {ADAPTER.folder}/ "
                       f"folder); name a run trained with lora, or its adapter folder")
 
 

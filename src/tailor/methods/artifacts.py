@@ -4,39 +4,30 @@ Every PEFT method saves a standard adapter folder `RUN/adapter/`, loaded on top 
 complete model folder `RUN/model/` (safetensors weights + tokenizer); `prompt` builds a prompt profile `RUN/prompt/`
 that changes the conversations, not the model; `rag` writes `RUN/rag/retrieval.json`, the base model answering
 from retrieved passages. Any artifact folder holding retrieval.json (rag, raft, retrieval.enabled) is evaluated and
-served with retrieval. Training, evaluation and `tailor methods` go through these helpers only, so a new kind of
-artifact is taught here once.
+served with retrieval. What each kind of artifact is, and how it loads, is defined once in `kinds.py`; training,
+evaluation and `tailor methods` go through these helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tailor.config import TailorConfig, dump_config
 from tailor.errors import TailorError
 from tailor.methods import registry
+from tailor.methods.kinds import EvalLoad, InferenceModels, get_kind
 from tailor.methods.registry import Method
 from tailor.models.base import load_model
 from tailor.workspace import MANIFEST, atomic_dir, atomic_write_text, read_json
 
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
-PROMPT_DIR = "prompt"
-RAG_DIR = "rag"
-ARTIFACT_DIRS = {"adapter": ADAPTER_DIR, "model": MODEL_DIR, "prompt": PROMPT_DIR, "rag": RAG_DIR}
-# the file that tells a folder holds this kind of artifact
-ARTIFACT_MARKERS = {"adapter": "adapter_config.json", "model": "config.json", "prompt": "profile.json",
-                    "rag": "retrieval.json"}
-
 
 def artifact_dir(run_dir: Path, method: Method) -> Path:
-    return Path(run_dir) / ARTIFACT_DIRS[method.artifact]
+    """Where the run keeps the method's artifact (its kind's folder)."""
+    return get_kind(method.artifact).in_run(run_dir)
 
 
 def load_for_training(config: TailorConfig, base_ref: str, compute_dtype: torch.dtype, name: str | None = None):
@@ -119,49 +110,6 @@ def build_artifact(conversations: list[list[dict]], run_dir: Path, config: Tailo
     return target, examples
 
 
-@dataclass
-class InferenceModels:
-    """The base model and the run's customized one, as evaluation compares them."""
-
-    method: str
-    model: Any  # the customized model; the bare base when the run has no artifact yet (or for `prompt`)
-    separate_base: Any = None  # `full`: the base loaded on its own; adapters switch theirs off instead
-    has_artifact: bool = True
-    profile: Any = None  # `prompt`: the PromptProfile that `method` applies to every conversation
-    tokenizer: Any = None  # a "model" artifact's own tokenizer (from_scratch trains one); None: the base's
-    grounding: Any = None  # retrieval.Grounding when the artifact answers from retrieved passages
-    bare_base: bool = False  # `rag`: the customized model is the base itself, only its conversations differ
-
-    def tokenizer_for(self, name: str, base_tokenizer):
-        """The tokenizer model `name` reads and writes with: a model artifact's own, else the base's."""
-        return self.tokenizer if name == self.method and self.tokenizer is not None else base_tokenizer
-
-    @property
-    def names(self) -> list[str]:
-        return ["base", self.method] if self.has_artifact else ["base"]
-
-    @contextlib.contextmanager
-    def use(self, name: str) -> Iterator[Any]:
-        """The model to run as `name` ("base" or the method), for the duration of the block."""
-        if name not in self.names:
-            raise KeyError(name)
-        if name == "base" and self.separate_base is not None:
-            yield self.separate_base
-        elif name == "base" and self.has_artifact and self.profile is None and not self.bare_base:
-            with self.model.disable_adapter():  # the same base weights, adapter off: no second copy in memory
-                yield self.model
-        else:
-            yield self.model
-
-    def messages_for(self, name: str, messages: list[dict]) -> list[dict]:
-        """The conversation as model `name` sees it: with the prompt profile applied for `prompt`."""
-        if name != self.method or self.profile is None:
-            return messages
-        from tailor.methods.prompt import apply_profile
-
-        return apply_profile(self.profile, messages)
-
-
 def trained_method(config: TailorConfig, run_dir: Path) -> str:
     """The method the run was last trained with (its manifest), else the configured one.
 
@@ -205,36 +153,9 @@ def load_for_inference(config: TailorConfig, run_dir: Path, base_ref: str, dtype
 
 def _load_artifact(config: TailorConfig, run_dir: Path, method: Method, folder: Path, base_ref: str,
                    dtype: torch.dtype, own_tokenizers: bool) -> InferenceModels:
+    kind = get_kind(method.artifact)
+    if kind.load_for_eval is None:
+        raise TailorError(f"{method.name}: its artifact ({kind.summary}) is not a chat model to evaluate")
     options = config.method_options(method.name)
     load_options = method.load_options(options) if method.load_options else {}
-    if method.artifact == "rag":
-        # one model in memory: "base" and "rag" differ only in the passages put into the conversation
-        base = load_model(base_ref, dtype=dtype).eval()
-        return InferenceModels(method.name, base, has_artifact=(folder / ARTIFACT_MARKERS["rag"]).is_file(),
-                               bare_base=True)
-    if method.artifact == "prompt":
-        from tailor.methods.prompt import PROFILE_FILE, load_profile
-
-        base = load_model(base_ref, dtype=dtype).eval()
-        if not (folder / PROFILE_FILE).is_file():
-            return InferenceModels(method.name, base, has_artifact=False)
-        # one model in memory: "base" and "prompt" differ only in the conversations they are given
-        return InferenceModels(method.name, base, profile=load_profile(folder))
-    if method.artifact == "model":
-        base = load_model(base_ref, dtype=dtype).eval()
-        if not (folder / "config.json").is_file():
-            return InferenceModels(method.name, base, has_artifact=False)
-        from tailor.models.base import load_tokenizer
-
-        tokenizer = load_tokenizer(str(folder))
-        if not own_tokenizers and tokenizer.get_vocab() != load_tokenizer(base_ref).get_vocab():
-            raise TailorError(f"{folder}: this {method.name} model has its own tokenizer ({len(tokenizer)} tokens; "
-                              f"the base has another), and this command reads every model with the base's tokens")
-        return InferenceModels(method.name, load_model(str(folder), dtype=dtype).eval(), separate_base=base,
-                               tokenizer=tokenizer)
-    base = load_model(base_ref, dtype=dtype, **load_options)
-    if not (folder / "adapter_config.json").is_file():
-        return InferenceModels(method.name, base.eval(), has_artifact=False)
-    import peft
-
-    return InferenceModels(method.name, peft.PeftModel.from_pretrained(base, str(folder)).eval())
+    return kind.load_for_eval(EvalLoad(config, method.name, folder, base_ref, dtype, load_options, own_tokenizers))

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from tailor.errors import TailorError
 from tailor.methods.artifacts import save_whole_model
+from tailor.methods.kinds import ADAPTER, MODEL
 from tailor.methods.lora import UsesLora
 from tailor.methods.lora import prepare as add_lora
 from tailor.methods.registry import Method, Phase, TrainContext, register
@@ -89,12 +90,12 @@ def load_teacher(ref: str, root: Path, dtype: torch.dtype):
     path = Path(ref).expanduser()
     if not path.is_absolute() and (Path(root) / path).exists():
         path = Path(root) / path
-    if path.is_dir() and not (path / "config.json").is_file():  # a run folder
-        if (path / "model" / "config.json").is_file():
-            folder = str(path / "model")
+    if path.is_dir() and not MODEL.holds(path):  # a run folder
+        if MODEL.holds(MODEL.in_run(path)):
+            folder = str(MODEL.in_run(path))
             return load_model(folder, dtype=dtype).eval(), load_tokenizer(folder), folder
-        adapter = path / "adapter"
-        if (adapter / "adapter_config.json").is_file():
+        adapter = ADAPTER.in_run(path)
+        if ADAPTER.holds(adapter):
             import peft
 
             manifest = path / "manifest.json"

@@ -24,7 +24,7 @@ METHOD_MODULES = ("prompt", "rag", "prompt_tuning", "p_tuning", "prefix_tuning",
                   "continued_pretraining", "distill", "from_scratch",
                   "reward", "dpo", "kto", "ppo", "grpo")
 # Modules of the package that register no method: this registry and what several methods share.
-HELPER_MODULES = frozenset({"registry", "artifacts", "alignment", "graders"})
+HELPER_MODULES = frozenset({"registry", "artifacts", "kinds", "alignment", "graders"})
 
 
 @dataclass
@@ -78,9 +78,9 @@ class Method:
     prepare: Callable[[Any, Any], Any] | None = None
     # False: no weights change; `build` writes the artifact instead of the training loop (no optimizer, no checkpoints)
     trains: bool = True
-    # "adapter": a standard PEFT folder RUN/adapter/ loaded on top of the base; "model": a complete model RUN/model/;
-    # "prompt": a prompt profile RUN/prompt/ applied to the conversations of the unchanged base; "rag": RUN/rag/
-    # with only retrieval.json, the unchanged base answering from retrieved passages
+    # the kind of artifact it leaves in the run (methods/kinds.py): "adapter" (a PEFT folder RUN/adapter/), "model"
+    # (a complete model RUN/model/), "prompt" (a prompt profile RUN/prompt/), "rag" (RUN/rag/ with only
+    # retrieval.json), "reward" (RUN/reward/: a scalar head)
     artifact: str = "adapter"
     # artifact_for(options) -> the artifact kind when the options decide it (DPO: LoRA adapter or full model);
     # read through `artifacts.run_method`, which resolves it for a run

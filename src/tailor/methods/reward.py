@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 from tailor.config import TailorConfig, dump_config
 from tailor.errors import TailorError
-from tailor.methods import artifacts
 from tailor.methods.alignment import (
     Pair,
     collate_pairs,
@@ -27,6 +26,7 @@ from tailor.methods.alignment import (
     record_training,
     split_pairs,
 )
+from tailor.methods.kinds import REWARD
 from tailor.methods.lora import UsesLora
 from tailor.methods.lora import prepare as add_lora
 from tailor.methods.registry import PAIR_TRAIN_KEYS, Method, register
@@ -36,11 +36,9 @@ from tailor.train.examples import chat_ids
 from tailor.train.loop import Objective, TrainResult, seed_everything, train
 from tailor.workspace import atomic_dir, atomic_write_text, read_json, write_json
 
-REWARD_DIR = "reward"
+REWARD_DIR = REWARD.folder
 HEAD_FILE = "head.safetensors"
-INFO_FILE = "reward.json"
-# artifacts.py owns this table; the reward artifact is not a generator, so it gets its own folder
-artifacts.ARTIFACT_DIRS.setdefault("reward", REWARD_DIR)
+INFO_FILE = REWARD.marker
 
 
 class RewardOptions(UsesLora):

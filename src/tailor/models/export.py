@@ -33,8 +33,9 @@ import torch
 from tailor.config import TailorConfig, validate_config
 from tailor.errors import TailorError
 from tailor.methods.artifacts import artifact_dir, run_method
+from tailor.methods.kinds import ADAPTER, PROMPT, PROMPT_TABLE, ArtifactKind, get_kind
 from tailor.methods.registry import Method
-from tailor.models.base import load_model, load_tokenizer, resolve_base_model
+from tailor.models.base import load_tokenizer, resolve_base_model
 from tailor.workspace import MANIFEST, atomic_dir, file_sha256, now_iso, read_json, write_json
 
 FORMATS = ("merged", "int8", "gguf", "gguf-q8_0", "prompt")
@@ -73,6 +74,10 @@ class TrainedRun:
     def artifact(self) -> Path:
         return artifact_dir(self.run_dir, self.method)
 
+    @property
+    def kind(self) -> ArtifactKind:
+        return get_kind(self.method.artifact)
+
 
 def read_trained_run(run_dir: Path | str, *, weights: bool = True) -> TrainedRun:
     """The run's method, config and base model; with `weights`, the run must hold trained weights to export."""
@@ -92,22 +97,24 @@ def read_trained_run(run_dir: Path | str, *, weights: bool = True) -> TrainedRun
         what = ("serve it with the base model and its index (`tailor serve`)" if method.artifact == "rag" else
                 "export its profile with --format prompt, or serve it with the base model (`tailor serve`)")
         raise TailorError(f"{method.name}: changes no weights, so there is no model to export; {what}")
-    marker = "config.json" if method.artifact == "model" else "adapter_config.json"
-    if not (run.artifact / marker).is_file():
-        raise TailorError(f"{run.artifact}: no trained {method.name} artifact ({marker} missing)")
+    if not run.kind.holds(run.artifact):
+        raise TailorError(f"{run.artifact}: no trained {method.name} artifact ({run.kind.marker} missing)")
     return run
 
 
 def check_mergeable(run: TrainedRun) -> None:
-    """Refuse, before any weight is read, adapters that add virtual tokens instead of changing weights."""
-    if run.method.artifact == "model":
+    """Refuse, before any weight is read, artifacts without weights to merge, and adapters that add virtual tokens
+    instead of changing weights."""
+    if run.kind.load_weights is None:
+        raise TailorError(f"{run.method.name}: its artifact is {run.kind.summary}, which holds no weights to merge")
+    if run.kind is not ADAPTER:
         return
     import peft
 
     try:
         adapter_config = peft.PeftConfig.from_pretrained(str(run.artifact))
     except (ValueError, OSError, TypeError) as exc:
-        raise TailorError(f"{run.artifact}/adapter_config.json: unreadable, the artifact is corrupted "
+        raise TailorError(f"{run.artifact}/{ADAPTER.marker}: unreadable, the artifact is corrupted "
                           f"({str(exc).splitlines()[0]}); nothing was written") from None
     if adapter_config.is_prompt_learning:
         raise TailorError(f"{run.method.name}: cannot be merged (its virtual tokens are inputs, not weights); export "
@@ -119,13 +126,10 @@ def load_reference(run: TrainedRun):
     A damaged artifact file (truncated, bit-flipped header, wrong shapes) is reported as such, not as a traceback."""
     from safetensors import SafetensorError
 
+    if run.kind.load_weights is None:
+        raise TailorError(f"{run.method.name}: its artifact is {run.kind.summary}, which holds no weights")
     try:
-        if run.method.artifact == "model":
-            return load_model(str(run.artifact), dtype=torch.float32).cpu().eval()
-        import peft
-
-        base = load_model(run.base_ref, dtype=torch.float32).cpu()
-        return peft.PeftModel.from_pretrained(base, str(run.artifact)).eval()
+        return run.kind.load_weights(run.artifact, run.base_ref, torch.float32).cpu().eval()
     except (SafetensorError, RuntimeError, ValueError, OSError) as exc:
         raise TailorError(f"{run.artifact}: the artifact is corrupted and cannot be loaded "
                           f"({str(exc).splitlines()[0][:200]}); nothing was written") from None
@@ -135,7 +139,7 @@ def merged_model(run: TrainedRun):
     """Adapter weights folded into the base weights: a plain transformers model."""
     check_mergeable(run)
     model = load_reference(run)
-    return model if run.method.artifact == "model" else model.merge_and_unload().eval()
+    return model.merge_and_unload().eval() if run.kind is ADAPTER else model
 
 
 def quantize_int8(model):
@@ -265,16 +269,9 @@ def default_folder(run_dir: Path, fmt: str) -> Path:
 def prompt_artifacts(run: TrainedRun) -> dict[str, Path]:
     """What the run holds besides weights that a deployment needs: the prompt-learning adapter (for --format
     prompt), the p_tuning prompt table with its index, and the prompt profile. Name in the export → source."""
-    from tailor.methods.artifacts import PROMPT_DIR
-    from tailor.methods.p_tuning import PROMPT_INDEX, PROMPT_TABLE
-    from tailor.methods.prompt import PROFILE_FILE
-
-    found: dict[str, Path] = {}
-    for name in (PROMPT_TABLE, PROMPT_INDEX):
-        if (run.run_dir / name).is_file():
-            found[name] = run.run_dir / name
-    if (run.run_dir / PROMPT_DIR / PROFILE_FILE).is_file():
-        found[PROMPT_DIR] = run.run_dir / PROMPT_DIR
+    found: dict[str, Path] = {path.name: path for path in PROMPT_TABLE.files(run.run_dir)}
+    if PROMPT.holds(PROMPT.in_run(run.run_dir)):
+        found[PROMPT.folder] = PROMPT.in_run(run.run_dir)
     return found
 
 
@@ -287,7 +284,7 @@ def _describe_prompts(run: TrainedRun, copied: dict[str, Path], adapter: bool) -
         lines += ["- `adapter/`: the PEFT prompt-learning adapter (learned virtual-token embeddings). Load it on the "
                   "base model: `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
                   "\"adapter\")`. It cannot be merged into the weights: the tokens are prepended to every input."]
-    if "prompt_table.safetensors" in copied:
+    if PROMPT_TABLE.marker in copied:
         lines += ["- `prompt_table.safetensors` + `prompt_table.json`: p-tuning's prompt table, one tensor "
                   "[num_virtual_tokens, hidden] per task name (the index gives each task's base model and date). "
                   "Prepend a task's rows to the input embeddings (`inputs_embeds`) to run that task; "
@@ -374,7 +371,7 @@ def _export_prompts(run: TrainedRun, target: Path) -> ExportResult:
     import peft
 
     adapter = False
-    if (run.artifact / "adapter_config.json").is_file():
+    if run.kind is ADAPTER and ADAPTER.holds(run.artifact):
         adapter = peft.PeftConfig.from_pretrained(str(run.artifact)).is_prompt_learning
     if not adapter and not prompt_artifacts(run):
         raise TailorError(f"--format prompt: {run.run_dir} has no prompt-learning adapter, prompt table or prompt "

@@ -13,11 +13,6 @@ import tailor
 from tailor.errors import TailorError
 from tailor.workspace import MANIFEST, file_sha256, read_json
 
-# see tailor.methods.artifacts; these folders and the prompt table are checksummed (a rag folder holds the
-# retrieval settings; the index it names is data, like the corpus, and is not copied into the registry)
-ARTIFACT_DIRS = ("adapter", "model", "prompt", "rag")
-PROMPT_TABLE_FILES = ("prompt_table.safetensors", "prompt_table.json")
-
 
 @dataclass
 class Lineage:
@@ -50,12 +45,12 @@ def code_version() -> str:
 
 
 def artifact_checksums(run_dir: Path) -> dict[str, str]:
-    """sha256 of every file of the run's artifact folder and prompt table, keyed by path relative to the run."""
-    files = [path for folder in ARTIFACT_DIRS if (run_dir / folder).is_dir()
-             for path in sorted((run_dir / folder).rglob("*"))
-             if path.is_file() and not path.name.startswith(".")]  # dot-files are half-written temporaries
-    files += [run_dir / name for name in PROMPT_TABLE_FILES if (run_dir / name).is_file()]
-    return {path.relative_to(run_dir).as_posix(): file_sha256(path) for path in files}
+    """sha256 of every file of the run's artifacts (every kind in tailor.methods.kinds), keyed by path relative to
+    the run. A rag folder holds the retrieval settings; the index it names is data, like the corpus, and is not
+    copied into the registry."""
+    from tailor.methods.kinds import run_artifact_files
+
+    return {path.relative_to(run_dir).as_posix(): file_sha256(path) for path in run_artifact_files(run_dir)}
 
 
 def _relative_to(path: str, run_dir: Path) -> str:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tailor.errors import TailorError
+from tailor.methods.kinds import ADAPTER
 from tailor.models.base import load_model
 from tailor.serve.protocol import UnknownModelError
 from tailor.serve.quantize import quantize_linears
@@ -224,36 +225,41 @@ class Customizations:
     # ----- loading (on the decode thread) -----
 
     def _load(self, name: str, folder: Path) -> Customization:
-        """The customization in `folder`, with its retrieval when the folder holds retrieval.json."""
-        from tailor.retrieval.grounding import RETRIEVAL_FILE, Grounding
+        """The customization in `folder` as its artifact kind loads it (methods/kinds.py), with its retrieval when
+        the folder holds retrieval.json."""
+        from tailor.methods.kinds import serving_kind
+        from tailor.retrieval.grounding import Grounding
 
-        only_retrieval = (folder / RETRIEVAL_FILE).is_file() and not any(
-            (folder / marker).is_file() for marker in ("profile.json", "adapter_config.json", "config.json"))
-        custom = Customization("base", folder=str(folder)) if only_retrieval else self._load_weights(name, folder)
+        kind = serving_kind(folder, f"serve: adapter '{name}'")
+        assert kind.load_for_serving is not None  # serving_kind refuses kinds that are not served
+        custom = kind.load_for_serving(self, name, folder)
         custom.grounding = Grounding.load(folder, self.count_tokens)
         return custom
 
-    def _load_weights(self, name: str, folder: Path) -> Customization:
-        from tailor.methods.prompt import PROFILE_FILE, load_profile
+    # ----- the ServingLoader protocol: what each artifact kind loads itself into -----
 
-        if (folder / PROFILE_FILE).is_file():
-            return Customization("profile", profile=load_profile(folder), folder=str(folder))
-        if (folder / "adapter_config.json").is_file():
-            return self._load_peft(name, folder)
-        if (folder / "config.json").is_file():
-            model = self._quantized(load_model(str(folder), dtype=self.dtype).eval())
-            if model.config.vocab_size != self.backbones["base"].config.vocab_size:
-                raise TailorError(f"serve: model '{name}': {folder} has another vocabulary than the base model; "
-                                  f"serve it with its own `tailor serve`")
-            return self._own_backbone(model, folder)
-        raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder (no adapter_config.json), "
-                          f"a prompt profile ({PROFILE_FILE}), a rag folder (retrieval.json) or a model folder "
-                          f"(config.json)")
+    def load_grounded_base(self, name: str, folder: Path) -> Customization:
+        """A rag folder: the base model itself, answering from retrieved passages."""
+        return Customization("base", folder=str(folder))
 
-    def _load_peft(self, name: str, folder: Path) -> Customization:
+    def load_profile(self, name: str, folder: Path) -> Customization:
+        from tailor.methods.prompt import load_profile
+
+        return Customization("profile", profile=load_profile(folder), folder=str(folder))
+
+    def load_whole_model(self, name: str, folder: Path) -> Customization:
+        model = self._quantized(load_model(str(folder), dtype=self.dtype).eval())
+        if model.config.vocab_size != self.backbones["base"].config.vocab_size:
+            raise TailorError(f"serve: model '{name}': {folder} has another vocabulary than the base model; "
+                              f"serve it with its own `tailor serve`")
+        return self._own_backbone(model, folder)
+
+    def load_peft(self, name: str, folder: Path) -> Customization:
+        """A PEFT adapter: LoRA rows beside the base, virtual tokens or prefixes per row, or anything else PEFT
+        cannot mix per row merged into its own copy of the base."""
         import peft
 
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / ADAPTER.marker).read_text(encoding="utf-8"))
         kind = config.get("peft_type")
         if kind in ("PROMPT_TUNING", "P_TUNING"):
             return Customization("soft_prompt", soft_prompt=self._virtual_tokens(name, folder), folder=str(folder))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tailor.errors import TailorError
+from tailor.methods.kinds import ADAPTER
 from tailor.serve.decoding import end_of_turn_ids
 from tailor.serve.protocol import (
     Generation,
@@ -129,8 +130,9 @@ class VllmEngine(_ThreadedEngine):
             self.add_adapter(name, folder)
 
     def add_adapter(self, name: str, folder: str | Path) -> None:
-        if not (Path(folder) / "adapter_config.json").is_file():
-            raise TailorError(f"serve: adapter '{name}': {folder} is not a PEFT adapter folder")
+        if not ADAPTER.holds(folder):
+            raise TailorError(f"serve: adapter '{name}': {folder} is not {ADAPTER.summary}; the vLLM engine serves "
+                              f"LoRA adapters only")
         self._adapters[name] = self._lora_request(name, next(self._ids), str(folder))
         self.revision += 1  # a replaced name must not answer from the response cache of its old weights
 

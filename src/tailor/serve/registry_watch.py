@@ -9,8 +9,9 @@ files are checked against the checksums recorded at registration; a corrupted or
 name keeps serving what it served before, so a bad artifact never replaces a good one.
 
 A canary (`tailor improve`, `Registry.start_canary`) is followed the same way: its candidate is loaded under its
-label (city@4) and the alias router sends the canary's share of the users asking for `city` to it; when the canary
-ends, the label is unloaded and the split removed. Without an alias router (`aliases`), canaries are not served.
+label (city@4) and the alias router sends the canary's share of the users asking for `city` to it (a share changed
+while it runs, at the next poll); when the canary ends, the label is unloaded and the split removed. Without an alias
+router (`aliases`), canaries are not served.
 
 Polling, not notifications: the registry is any SQLAlchemy database (SQLite by default), and a SELECT every few
 seconds is the one change signal all of them share.
@@ -50,13 +51,16 @@ class SyncResult:
 
 
 def artifact_folder(version: ModelVersion) -> Path | None:
-    """The folder a version is served from: its PEFT adapter, whole model, prompt profile or rag settings (the engine
-    loads all four); None when the version recorded none of them."""
-    from tailor.methods.artifacts import ARTIFACT_DIRS
+    """The folder a version is served from: the artifact of its method's kind, else the first it recorded of a kind
+    the engine serves (PEFT adapter, whole model, prompt profile, rag settings); None when it recorded none."""
+    from tailor.methods import registry
+    from tailor.methods.kinds import KINDS
 
-    for folder in ARTIFACT_DIRS.values():
-        if any(path.startswith(f"{folder}/") for path in version.artifacts):
-            return Path(version.run_dir) / folder
+    own = registry.get(version.method).artifact if version.method in registry.names() else None
+    for kind in sorted(KINDS.values(), key=lambda kind: kind.name != own):
+        if kind.folder and kind.load_for_serving is not None and any(
+                path.startswith(f"{kind.folder}/") for path in version.artifacts):
+            return kind.in_run(version.run_dir)
     return None
 
 
@@ -71,6 +75,7 @@ class RegistryWatcher:
         self.names = names  # None: every name in the registry
         self.aliases: AliasRouter | None = None  # set by the app that serves the engine (canaries need it)
         self.canaries: dict[str, str] = {}  # model name → the candidate label served beside it
+        self._shares: dict[str, float] = {}  # model name → the share of its users the canary gets now
         self.served: dict[str, Served] = {}
         self._refused: dict[str, int] = {}  # name → version id already reported as not servable
         self._stop = threading.Event()
@@ -131,7 +136,13 @@ class RegistryWatcher:
                 result.removed.append(label)
                 log.info("canary %s ended", label)
         for name, canary in running.items():
-            if name in self.canaries or self._refused.get(canary.served_name) == canary.candidate_id:
+            if name in self.canaries:
+                if self._shares.get(name) != canary.share:  # changed in the registry (the /admin console)
+                    self.aliases.start_canary(name, canary.served_name, canary.share)
+                    self._shares[name] = canary.share
+                    log.info("canary %s: now %.0f%% of '%s' users", canary.served_name, canary.share * 100, name)
+                continue
+            if self._refused.get(canary.served_name) == canary.candidate_id:
                 continue
             folder = artifact_folder(canary.candidate)
             try:
@@ -147,6 +158,7 @@ class RegistryWatcher:
                 continue
             self.aliases.start_canary(name, canary.served_name, canary.share)
             self.canaries[name] = canary.served_name
+            self._shares[name] = canary.share
             result.loaded.append(canary.served_name)
             log.info("canary %s: %.0f%% of '%s' users", canary.served_name, canary.share * 100, name)
 

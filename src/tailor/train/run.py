@@ -14,7 +14,6 @@ from tailor.config import TailorConfig
 from tailor.errors import TailorError
 from tailor.methods import registry
 from tailor.methods.artifacts import (
-    ADAPTER_DIR,  # noqa: F401 (re-exported)
     build_artifact,
     load_for_training,
     save_artifact,

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.methods import p_tuning, registry
-from tailor.methods.artifacts import ARTIFACT_DIRS, load_for_inference, load_for_training, save_artifact
+from tailor.methods.artifacts import load_for_inference, load_for_training, save_artifact
+from tailor.methods.kinds import KINDS, get_kind
 from tailor.methods.lora import LoraOptions, UsesLora, lora_config
 from tailor.methods.lora import prepare as lora_prepare
 from tailor.models.base import load_tokenizer
@@ -288,6 +289,10 @@ def test_invalid_options_are_named_in_the_config(method, options, message):
 
 
 
+def test_every_method_leaves_a_known_artifact_kind():
+    assert {registry.get(name).artifact for name in registry.names()} <= set(KINDS)
+
+
 def test_every_module_of_the_methods_package_is_a_registered_method_or_a_named_helper():
     assert registry.method_modules() == set(registry.METHOD_MODULES)
     assert set(registry.names()) == set(registry.METHOD_MODULES)  # each registers the method of its own name
@@ -373,7 +378,7 @@ def test_tailor_eval_compares_every_method_with_its_base(name, tiny_model_dir, r
     assert report["models"]["base"]["eval_loss"] != report["models"][name]["eval_loss"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["train"]["method"] == name
-    artifact = ARTIFACT_DIRS[registry.get(name).artifact]
+    artifact = get_kind(registry.get(name).artifact).folder
     assert any(path.endswith(artifact) for path in manifest["stages"]["train"]["outputs"])
 
 

@@ -13,7 +13,8 @@ from tailor.cli.serving import run_profiles
 from tailor.config import validate_config
 from tailor.errors import TailorError
 from tailor.evaluate.harness import run_eval
-from tailor.methods.artifacts import PROMPT_DIR, load_for_inference
+from tailor.methods.artifacts import load_for_inference
+from tailor.methods.kinds import PROMPT
 from tailor.methods.prompt import (
     CHAIN_OF_THOUGHT,
     EMBEDDINGS_FILE,
@@ -108,7 +109,7 @@ def test_build_trains_nothing_and_eval_reports_a_prompt_column(tiny_model_dir, t
     result = run_training(config, tmp_path, tmp_path, show_progress=False)
     assert isinstance(result, BuildResult) and result.examples == 3
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
-    assert (tmp_path / PROMPT_DIR / PROFILE_FILE).is_file() and (tmp_path / PROMPT_DIR / "tailor.yaml").is_file()
+    assert (tmp_path / PROMPT.folder / PROFILE_FILE).is_file() and (tmp_path / PROMPT.folder / "tailor.yaml").is_file()
     train_stage = json.loads((tmp_path / "manifest.json").read_text())["stages"]["train"]
     assert train_stage["method"] == "prompt" and train_stage["metrics"]["examples"] == 3
     assert train_stage["metrics"]["seconds"] >= 0

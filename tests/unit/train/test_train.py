@@ -6,9 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tailor.config import validate_config
+from tailor.methods.kinds import ADAPTER
 from tailor.models.base import load_tokenizer
 from tailor.train.examples import IGNORE, tokenize_chat
-from tailor.train.run import ADAPTER_DIR, run_training
+from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
 from tests.unit.helpers import FACTS, chat
 
@@ -29,7 +30,7 @@ def config_for(model_dir, **train):
 def adapter_weights(folder):
     from safetensors.torch import load_file
 
-    return load_file(folder / ADAPTER_DIR / "adapter_model.safetensors")
+    return load_file(folder / ADAPTER.folder / "adapter_model.safetensors")
 
 
 def test_loss_mask_covers_only_the_answer(tiny_model_dir):
@@ -51,7 +52,7 @@ def test_training_lowers_loss_and_writes_a_peft_adapter(tiny_model_dir, run_dir)
     assert result.eval_loss is not None and result.trainable_params > 0
     # plain peft loads the adapter
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = peft.PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR))
+    model = peft.PeftModel.from_pretrained(base, str(run_dir / ADAPTER.folder))
     assert any("lora_A" in name for name, _ in model.named_parameters())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert "train" in manifest["stages"] and "torch" in manifest["packages"]
@@ -74,7 +75,7 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, run_dir, tmp_path_fac
     run_training(config, straight, straight, show_progress=False)
 
     interrupted = run_training(config, run_dir, run_dir, show_progress=False, should_stop=lambda step: step == 4)
-    assert interrupted.steps == 4 and not (run_dir / ADAPTER_DIR).exists()
+    assert interrupted.steps == 4 and not (run_dir / ADAPTER.folder).exists()
     resumed = run_training(config, run_dir, run_dir, resume=True, show_progress=False)
     assert resumed.steps == 6
     first, second = adapter_weights(straight), adapter_weights(run_dir)
