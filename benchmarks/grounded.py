@@ -183,9 +183,8 @@ def run_domain(domain: str, methods: list[str], quick: bool, method_overrides: d
         methods = [m for m in methods if not registry.get(method_name(m)).needs_data]
     console.rule(f"[bold]{domain}[/]: {', '.join(methods)}")
     started = time.perf_counter()
-    ingest([str(root / source) for source in config.sources], run_dir / "corpus.jsonl",
-           chunk_chars=config.ingest.chunk_chars, chunk_overlap=config.ingest.chunk_overlap,
-           min_chars=config.ingest.min_chars, progress=False)
+    ingest([str(root / source) for source in config.sources], run_dir / "corpus.jsonl", config.ingest,
+           progress=False)
     ingest_seconds = time.perf_counter() - started
     folder = index_folder(config, root, run_dir)
     if folder.exists():

@@ -58,9 +58,7 @@ def prepare_run(config, root: Path, run_dir: Path) -> None:
     from tailor.data.build import build_chat_data
     from tailor.data.ingest import ingest
 
-    ingest([str(root / source) for source in config.sources], run_dir / "corpus.jsonl",
-           chunk_chars=config.ingest.chunk_chars, chunk_overlap=config.ingest.chunk_overlap,
-           min_chars=config.ingest.min_chars, progress=True)
+    ingest([str(root / source) for source in config.sources], run_dir / "corpus.jsonl", config.ingest, progress=True)
     build_chat_data(config, root, run_dir)
 
 

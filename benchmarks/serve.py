@@ -266,7 +266,7 @@ def rag_prompts(folder: Path, count: int) -> tuple[list[list[dict]], float]:
 
     example = QUESTIONS.parents[1]
     config, root = load_config(example, ["retrieval.k=5"])
-    ingest([str(root / source) for source in config.sources], folder / "corpus.jsonl", progress=False)
+    ingest([str(root / source) for source in config.sources], folder / "corpus.jsonl", config.ingest, progress=False)
     build_run_index(config, root, folder, show_progress=False)
     tokenizer = load_tokenizer(resolve_base_model("smollm2-135m-instruct"))
     grounding = Grounding(Retriever(index_folder(config, root, folder), config.retrieval,

@@ -10,7 +10,7 @@ import copy
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,6 +27,15 @@ DEFAULT_SYSTEM_PROMPT = (
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def updated(self, key: str, **settings: Any) -> Self:
+        """A copy with `settings` over its values, validated like tailor.yaml; a bad one is one message naming
+        `key.setting` (key: where the section sits, e.g. "ingest")."""
+        try:
+            return type(self).model_validate({**self.model_dump(), **settings})
+        except ValidationError as exc:
+            raise TailorError(_format_error(exc.errors()[0], "", root=type(self),
+                                            prefix=tuple(key.split(".")))) from None
 
 
 class IngestConfig(Section):
@@ -273,6 +282,9 @@ class ServeConfig(Section):
     aliases: dict[str, dict[str, float]] = Field({}, description=(
         "A/B splits: an alias served by several models by weight, sticky per user, e.g. "
         "{city-bot: {lora: 0.9, base: 0.1}}."))
+    monitor_sample_seconds: float = Field(10.0, gt=0, description=(
+        "Seconds between two readings of the server's own metrics for the graphs of the /admin console, which keep "
+        "the last 360 readings (an hour at 10 s)."))
     adapters: dict[str, str] = Field({}, description=(
         "More customizations served beside the run's own, served name -> folder (relative to the workspace): LoRA, "
         "prompt-tuning, p-tuning or prefix-tuning PEFT folders, prompt profile folders, whole model folders, e.g. "

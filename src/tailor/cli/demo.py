@@ -62,9 +62,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run fo
         timings[name] = round(time.perf_counter() - timings[name], 1)
 
     stage("ingest")
-    summary = ingest([str(root / s) for s in config.sources], out / "corpus.jsonl",
-                     chunk_chars=config.ingest.chunk_chars, chunk_overlap=config.ingest.chunk_overlap,
-                     min_chars=config.ingest.min_chars, progress=not no_progress)
+    summary = ingest([str(root / s) for s in config.sources], out / "corpus.jsonl", config.ingest,
+                     progress=not no_progress)
     write_json(out / "corpus.report.json", summary.to_dict())
     update_manifest(out, "ingest", inputs=[], outputs=[out / "corpus.jsonl"],
                     metrics={"records": summary.records, "files_read": summary.files_read,

@@ -33,7 +33,6 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
            no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar.")) -> None:
     """Read documents (txt, md, html, pdf, docx, csv/tsv, json/jsonl records, chat logs) or crawled web pages into
     normalized, cleaned, deduplicated chunks in corpus.jsonl; --pii replaces personal data."""
-    from tailor.data.ingest import Cleaning
     from tailor.data.ingest import ingest as run_ingest
 
     overrides = ([f"ingest.pii={pii}"] if pii else []) + ([f"ingest.workers={workers}"] if workers else [])
@@ -58,18 +57,8 @@ def ingest(sources: list[Path] = typer.Argument(None, help="Files or folders (de
             raise TailorError(f"--crawl: no page could be fetched from {', '.join(crawl)}")
         source_names = {str(crawl_dir / name): url for url, name in crawled.pages.items()}
         names.append(str(crawl_dir))
-    summary = run_ingest(names, output, chunk_chars=config.ingest.chunk_chars,
-                         chunk_overlap=config.ingest.chunk_overlap, min_chars=config.ingest.min_chars,
-                         pii=config.ingest.pii, pii_keep=config.ingest.pii_keep + list(pii_keep or []),
-                         near_dup_threshold=config.ingest.near_dup_threshold,
-                         text_field=config.ingest.text_field, speaker_roles=config.ingest.speaker_roles,
-                         cleaning=Cleaning(boilerplate_min_docs=config.ingest.boilerplate_min_docs,
-                                           boilerplate_share=config.ingest.boilerplate_share,
-                                           max_symbol_ratio=config.ingest.max_symbol_ratio,
-                                           max_repeated_ngrams=config.ingest.max_repeated_ngrams,
-                                           languages=tuple(config.ingest.languages)),
-                         source_names=source_names, workers=config.ingest.workers,
-                         max_record_chars=config.ingest.max_record_chars, progress=not no_progress)
+    summary = run_ingest(names, output, config.ingest, pii_keep=config.ingest.pii_keep + list(pii_keep or []),
+                         source_names=source_names, progress=not no_progress)
     write_json(output.with_name(output.stem + ".report.json"), summary.to_dict())
     if output.parent == run_dir:
         update_manifest(run_dir, "ingest", outputs=[output],

@@ -26,16 +26,18 @@ import os
 import tempfile
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from tailor.config import IngestConfig
 from tailor.data.chunk import chunk_text
 from tailor.data.clean import detect_language, line_key, normalize_text, quality_problem, remove_lines
 from tailor.data.dedup import Cluster, Deduplicator
@@ -93,12 +95,8 @@ class IngestSummary:
         }
 
 
-def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: int = 1500, chunk_overlap: int = 200,
-           min_chars: int = 20, pii: str | None = None, pii_keep: Sequence[str] = (),
-           near_dup_threshold: float | None = 0.85, text_field: str | None = None,
-           speaker_roles: Mapping[str, str] | None = None, cleaning: Cleaning | None = None,
-           source_names: dict[str, str] | None = None, workers: int = 1, max_record_chars: int = 1_000_000,
-           progress: bool = True) -> IngestSummary:
+def ingest(sources: Sequence[str | Path], output: Path | str, options: IngestConfig | None = None, *,
+           source_names: dict[str, str] | None = None, progress: bool = True, **settings: Any) -> IngestSummary:
     """Read every supported file under `sources` into chunk records written to `output` (JSON lines).
 
     Folders are searched recursively in sorted order; hidden files and folders (`.git`, `.DS_Store`) are ignored.
@@ -107,42 +105,36 @@ def ingest(sources: Sequence[str | Path], output: Path | str, *, chunk_chars: in
     document, page or record), title; chat transcripts give one record per conversation, with its `messages`.
     `line` is the line, row or record number a record-file document (CSV, JSON lines, JSON) starts at.
 
-    `text_field`: the field of JSON/CSV records that holds the text (default: text, content, body, ...);
-    `speaker_roles`: chat-log speaker name -> user/assistant/system.
-    `cleaning`: boilerplate-line removal, quality and language filters (see `Cleaning`).
-    `source_names`: file path -> the name its records get as `source` (a crawled page's URL).
-    `workers`: processes reading and normalizing files in parallel; the output is the same for any number.
-    `max_record_chars`: text and Markdown files longer than this are cut (at paragraph breaks) into records of at
-    most this many characters, each read and kept in memory alone.
-
-    `pii`: None (off), "redact", "mask" or "pseudonymize"; findings matching a `pii_keep` regex stay as written.
-    `near_dup_threshold`: documents at least this similar (Jaccard over word 5-grams) to an earlier one are
-    dropped; None or 0 keeps near copies and drops exact ones only.
+    `options`: the `ingest:` section of tailor.yaml (chunk sizes, personal data, deduplication, cleaning, workers;
+    its defaults when None); keyword `settings` replace single values of it (`chunk_chars=120`), checked the same
+    way. `source_names`: file path -> the name its records get as `source` (a crawled page's URL).
     """
+    options = (options or IngestConfig()).updated("ingest", **settings)
+    chunk_chars, chunk_overlap, min_chars, pii = (options.chunk_chars, options.chunk_overlap, options.min_chars,
+                                                  options.pii)
+    cleaning = Cleaning(boilerplate_min_docs=options.boilerplate_min_docs, boilerplate_share=options.boilerplate_share,
+                        max_symbol_ratio=options.max_symbol_ratio, max_repeated_ngrams=options.max_repeated_ngrams,
+                        languages=tuple(options.languages))
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
         raise TailorError("ingest: no sources given (name document files or folders)")
     chunk_text("", chunk_chars, chunk_overlap)  # rejects bad sizes before any file is read
     # both reject bad options here, before any file is read
-    redactor = PiiRedactor(pii, keep=pii_keep) if pii else None
+    redactor = PiiRedactor(pii, keep=options.pii_keep) if pii else None
     from tailor.data.chatlog import check_speaker_roles
 
-    if workers < 1:
-        raise TailorError(f"ingest.workers must be at least 1 (found {workers})")
-    if max_record_chars < 1000:
-        raise TailorError(f"ingest.max_record_chars must be at least 1000 (found {max_record_chars})")
-    options = ReaderOptions(text_field=text_field, speaker_roles=check_speaker_roles(speaker_roles or {}),
-                            max_record_chars=max_record_chars)
+    reading = ReaderOptions(text_field=options.text_field, speaker_roles=check_speaker_roles(options.speaker_roles),
+                            max_record_chars=options.max_record_chars)
     names = {os.path.realpath(path): name for path, name in (source_names or {}).items()}
-    dedup = Deduplicator(near_dup_threshold)
+    dedup = Deduplicator(options.near_dup_threshold)
     output = Path(output)
     files, skipped = _collect_files(sources, exclude=output)
     summary = IngestSummary(skipped=skipped, output=str(output), pii_mode=pii)
     with _file_progress(len(files), enabled=progress) as advance:
         records = _records(files, summary, sources, chunk_chars=chunk_chars, chunk_overlap=chunk_overlap,
-                           min_chars=min_chars, redactor=redactor, dedup=dedup, advance=advance, options=options,
-                           cleaning=cleaning or Cleaning(), names=names, workers=workers)
+                           min_chars=min_chars, redactor=redactor, dedup=dedup, advance=advance, options=reading,
+                           cleaning=cleaning, names=names, workers=options.workers)
         # _records raises after the last file when nothing came out; write_jsonl then discards its temporary file
         summary.records = write_jsonl(output, records)
     return summary

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from fpdf import FPDF
 
+from tailor.config import validate_config
 from tailor.data.chunk import chunk_text
 from tailor.data.clean import normalize_text
 from tailor.data.ingest import IngestSummary, ingest
@@ -294,6 +295,19 @@ def test_ingest_is_deterministic(docs, tmp_path, monkeypatch):
     assert first.records == second.records > 5
 
 
+def test_ingest_takes_the_config_section_and_names_a_bad_setting(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "contact.txt").write_text("For permits write to Jane Roe at jane.roe@example.org or call "
+                                                   "the permit office on weekdays between nine and five.")
+    config = validate_config({"ingest": {"pii": "redact", "min_chars": 10}})
+    summary = ingest([tmp_path / "docs"], tmp_path / "corpus.jsonl", config.ingest, progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert "jane.roe@example.org" not in record["text"] and summary.pii_mode == "redact"
+    with pytest.raises(TailorError, match=r"^ingest\.chunk_chars: Input should be greater than 100 \(found 5\)$"):
+        ingest([tmp_path / "docs"], tmp_path / "other.jsonl", config.ingest, chunk_chars=5, progress=False)
+    assert not (tmp_path / "other.jsonl").exists()
+
+
 def test_ingest_rejects_empty_and_missing_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TailorError, match=r"empty: no documents found \(supported: "):
@@ -329,7 +343,6 @@ def test_ingest_reads_a_symlinked_file_once_under_its_own_name(tmp_path, monkeyp
 # --- cleaning: boilerplate, quality, language ----------------------------------------------------------------------
 
 def test_boilerplate_quality_and_language_filters(tmp_path, monkeypatch):
-    from tailor.data.ingest import Cleaning
 
     monkeypatch.chdir(tmp_path)
     docs = Path("docs")
@@ -346,7 +359,7 @@ def test_boilerplate_quality_and_language_filters(tmp_path, monkeypatch):
     (docs / "spanish.txt").write_text("La piscina municipal abre en junio y cierra en septiembre para la temporada "
                                       "de verano.", encoding="utf-8")
     summary = ingest(["docs"], "corpus.jsonl", progress=False, near_dup_threshold=None,
-                     cleaning=Cleaning(languages=("en",)))
+                     languages=["en"])
     records = read_records(Path("corpus.jsonl"))
     assert sorted(r["source"] for r in records) == [f"docs/page{n}.txt" for n in range(4)]
     assert all(footer not in r["text"] and r["text"].startswith("Fees\n\n") for r in records)  # headings stay
@@ -358,7 +371,7 @@ def test_boilerplate_quality_and_language_filters(tmp_path, monkeypatch):
     assert summary.to_dict()["boilerplate_lines_removed"] == 4
     # all off: everything is kept, boilerplate included
     ingest(["docs"], "all.jsonl", progress=False, near_dup_threshold=None,
-           cleaning=Cleaning(boilerplate_min_docs=0, max_symbol_ratio=1.0, max_repeated_ngrams=1.0))
+           boilerplate_min_docs=0, max_symbol_ratio=1.0, max_repeated_ngrams=1.0)
     everything = read_records(Path("all.jsonl"))
     assert len({r["source"] for r in everything}) == 7 and sum(footer in r["text"] for r in everything) == 4
     assert {r["lang"] for r in everything if r["source"] == "docs/spanish.txt"} == {"es"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tailor.data import ingest as ingest_module
-from tailor.data.ingest import Cleaning, ingest
+from tailor.data.ingest import ingest
 from tailor.data.readers import ReaderOptions, ReaderWarning, read_document
 from tailor.errors import TailorError
 from tests.unit.data.test_ingest import GOOD_TEXT, PAGE_HTML, make_pdf, read_records
@@ -75,7 +75,7 @@ def test_workers_write_the_same_corpus_and_isolate_failures(tmp_path, monkeypatc
 
 def test_workers_must_be_positive(tmp_path):
     (tmp_path / "a.txt").write_text(GOOD_TEXT, encoding="utf-8")
-    with pytest.raises(TailorError, match="ingest.workers must be at least 1"):
+    with pytest.raises(TailorError, match=r"ingest.workers: Input should be greater than or equal to 1 \(found 0\)"):
         ingest([tmp_path / "a.txt"], tmp_path / "c.jsonl", workers=0, progress=False)
 
 
@@ -186,7 +186,7 @@ def test_mixed_encodings_are_decoded_with_a_note_for_every_guess(tmp_path, monke
         if name in ("utf8.txt", "bom.txt", "utf16.txt", "utf16be.txt"):
             assert not notes, (name, notes)
     # the same text in several encodings: boilerplate removal would take it all as a repeated line
-    summary = ingest(["docs"], "corpus.jsonl", near_dup_threshold=None, cleaning=Cleaning(boilerplate_min_docs=0),
+    summary = ingest(["docs"], "corpus.jsonl", near_dup_threshold=None, boilerplate_min_docs=0,
                      progress=False)
     notes = {w.split(":")[0]: w for w in summary.warnings}
     assert set(notes) == {"docs/cp1252.txt", "docs/latin1.txt", "docs/cp1251.txt", "docs/mixed.txt"}
