@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
 from typing import Annotated, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_serializer, field_validator, model_serializer
@@ -29,7 +30,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk, with no choices, carrying the token usage.")
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel, ABC):
     """What chat and legacy completions share: the model, sampling options, streaming and the caller."""
 
     model_config = ConfigDict(extra="forbid")
@@ -68,9 +69,10 @@ class SamplingRequest(BaseModel):
         return {"max_tokens": self.token_budget(), "temperature": self.temperature, "top_p": self.top_p,
                 "stop": self.stop, "seed": self.seed}
 
+    @abstractmethod
     def logprob_count(self) -> int | None:
-        """Alternatives per position (0: the chosen token only); None: no logprobs asked for."""
-        raise NotImplementedError  # each request kind asks for logprobs its own way
+        """Alternatives per position (0: the chosen token only); None: no logprobs asked for. Each request kind
+        asks for logprobs its own way."""
 
     def deterministic(self) -> bool:
         """The same request gives the same answer, so a cached one may be served."""
