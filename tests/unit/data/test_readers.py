@@ -134,7 +134,8 @@ def test_ingest_keeps_conversations_whole_and_records_provenance(tmp_path, monke
     assert summary.records == 1 and record["line"] == 1 and record["source"] == "log.jsonl"
     assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
     assert len(record["text"]) > 150  # not chunked
-    with pytest.raises(TailorError, match=r"ingest\.speaker_roles\.clerk: Input should be 'system', 'user' or 'assistant' \(found 'agent'\)"):
+    with pytest.raises(TailorError, match=r"ingest\.speaker_roles\.clerk: Input should be 'system', 'user' or "
+                                          r"'assistant' \(found 'agent'\)"):
         ingest(["log.jsonl"], "corpus.jsonl", progress=False, speaker_roles={"clerk": "agent"})
 
 
