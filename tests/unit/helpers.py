@@ -64,14 +64,15 @@ def yes_margin(model_dir, run_dir=None) -> float:
 
 
 def start_server(engine: Engine, host: str = "127.0.0.1", config: ServeConfig | None = None,
-                 root=".") -> tuple[uvicorn.Server, str]:
-    """`tailor serve`'s app on a thread, on a free port: (the server, to stop with should_exit, and its URL)."""
+                 root=".", **app_options) -> tuple[uvicorn.Server, str]:
+    """`tailor serve`'s app on a thread, on a free port: (the server, to stop with should_exit, and its URL).
+    `app_options`: more arguments of create_app (e.g. the registry the /admin console shows)."""
     import uvicorn
 
     from tailor.serve.app import bind_socket, create_app
 
     sock = bind_socket(host, 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, root), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, root, **app_options), log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     deadline = time.monotonic() + 20
     while not server.started:

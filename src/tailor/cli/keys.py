@@ -24,7 +24,8 @@ def _key_file(workspace: Path, file: Path | None) -> Path:
 
 @keys_app.command("create")
 def create(name: str = typer.Argument(..., help="A name for the key, shown in logs instead of the key."),
-           scope: list[str] = typer.Option(["chat"], "--scope", "-s", help="chat or admin (repeatable)."),
+           scope: list[str] = typer.Option(["chat"], "--scope", "-s", help=(
+               "chat, admin, or a role of the /admin console: viewer, reviewer, approver (repeatable).")),
            rate_limit: str = typer.Option(None, "--rate-limit", help="This key's limit, e.g. 600/minute."),
            file: Path = FileOption, workspace: Path = WorkspaceOption) -> None:
     """Create a key and print it once; only its SHA-256 hash is written to the file."""

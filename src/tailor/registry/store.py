@@ -300,6 +300,27 @@ class Registry:
         with self.transaction() as session:
             return list(session.scalars(select(Canary).where(Canary.name == name).order_by(Canary.id)))
 
+    def set_canary_share(self, canary_id: int, share: float, *, by: str | None = None, reason: str = "") -> Canary:
+        """Send another share of the users to a running canary. The audit log records it as a `share` row on the
+        candidate (its stage unchanged) with the old and the new share; a server with --registry follows within one
+        poll."""
+        if not 0 < share < 1:
+            raise TailorError(f"canary share must be between 0 and 1 (found {share})")
+        who = current_user(by)
+        with self.transaction() as session:
+            canary = session.get(Canary, canary_id)
+            if canary is None or canary.ended_at is not None:
+                raise TailorError(f"canary {canary_id}: no such running canary")
+            if canary.share == share:
+                raise TailorError(f"canary {canary_id} already sends {share:.0%} of {canary.name}'s users to "
+                                  f"{canary.candidate.label}")
+            stage = canary.candidate.stage
+            session.add(StageChange(version=canary.candidate, action="share", from_stage=stage, to_stage=stage,
+                                    changed_by=who, reason=f"canary share {canary.share:.0%} → {share:.0%}"
+                                    + (f": {reason}" if reason else "")))
+            canary.share = share
+        return canary
+
     def end_canary(self, canary_id: int, outcome: str, *, by: str | None = None, reason: str = "") -> Canary:
         """End a canary: `promoted` puts the candidate in production (the old version archived), `rolled_back`
         archives the candidate (action `rollback`), `stopped` archives it without judging it. One transaction:

@@ -1,5 +1,6 @@
 """The web application: the OpenAI-compatible API under /v1 (chat and legacy completions, models, feedback, admin),
-a health check, Prometheus metrics, and the chat page at /.
+a health check, Prometheus metrics, the chat page at /, and the operations console at /admin (its API under
+/admin/api: serve/admin/).
 
 Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so OpenAI clients show the
 message instead of failing to parse it; a bad request is a 4xx naming the field, never a 500.
@@ -7,6 +8,8 @@ message instead of failing to parse it; a bad request is a 4xx naming the field,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import math
@@ -27,7 +30,11 @@ from starlette.exceptions import HTTPException
 
 from tailor.config import ServeConfig
 from tailor.errors import TailorError
+from tailor.registry import Registry
 from tailor.serve.ab import AliasRouter
+from tailor.serve.admin.console import Console
+from tailor.serve.admin.history import MetricsHistory
+from tailor.serve.admin.routes import router as admin_router
 from tailor.serve.cache import ResponseCache
 from tailor.serve.feedback import FeedbackStore, UnknownResponseError
 from tailor.serve.filters import OutputFilter
@@ -77,21 +84,37 @@ def build_services(engine: ServingEngine, config: ServeConfig, root: Path, state
 
 
 def create_app(engine: ServingEngine, config: ServeConfig | None = None, root: Path | str = ".",
-               state_dir: Path | str | None = None, watcher=None) -> FastAPI:
+               state_dir: Path | str | None = None, watcher=None, registry: Registry | None = None) -> FastAPI:
     """The app for `engine`. Without a config: no keys, an in-memory feedback database and no request log.
-    `watcher`: the RegistryWatcher following the registry, which routes canaries through this app's aliases."""
+    `watcher`: the RegistryWatcher following the registry, which routes canaries through this app's aliases.
+    `registry`: the one the /admin console shows and changes (default: the watcher's; none: its registry screens
+    are empty). `root`: the workspace, whose run folders the console lists."""
     config = config or ServeConfig(feedback_db=":memory:", request_log=None)
     services = build_services(engine, config, Path(root), Path(state_dir) if state_dir else None)
     if watcher is not None:
         watcher.aliases = services.aliases
         watcher.sync()  # a canary already running is routed before the first request
+    history = MetricsHistory(services.metrics, interval=config.monitor_sample_seconds)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sampling = asyncio.create_task(history.run())  # the console's graphs, read while the server runs
+        try:
+            yield
+        finally:
+            sampling.cancel()
+
     # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline
-    app = FastAPI(title="tailor", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tailor", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.services = services
     app.state.engine = engine
+    app.state.console = Console(Path(root), services, registry or (watcher.registry if watcher else None), history)
     app.include_router(router)
+    app.include_router(admin_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    chat_page = resources.files("tailor.serve").joinpath("web/index.html").read_text(encoding="utf-8")
+    web = resources.files("tailor.serve").joinpath("web")
+    chat_page = web.joinpath("index.html").read_text(encoding="utf-8")
+    console_page = web.joinpath("admin.html").read_text(encoding="utf-8")
 
     @app.get("/health")
     async def health() -> dict:
@@ -105,6 +128,10 @@ def create_app(engine: ServingEngine, config: ServeConfig | None = None, root: P
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat() -> str:
         return chat_page
+
+    @app.get("/admin", response_class=HTMLResponse, include_in_schema=False)
+    async def console() -> str:
+        return console_page  # the page holds no data: each screen asks /admin/api with the key typed into it
 
     # each handler takes the class it is registered for (Starlette types them all as taking Exception); Starlette
     # picks the handler of the nearest class in the exception's MRO, so TailorError's does not shadow its subclasses'
@@ -187,9 +214,9 @@ def _error(status: int, body: ErrorBody, headers: Mapping[str, str] | None = Non
 
 
 def _field(loc: tuple) -> str:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    """("body", "messages", 0, "role") -> "messages[0].role"; ("path", "version") -> "version"."""
     name = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in ("body", "path", "query") else loc:
         name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
     return name or "body"
 
@@ -289,9 +316,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def serve(engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           config: ServeConfig | None = None, root: Path | str = ".", state_dir: Path | str | None = None,
-          watcher=None) -> None:
+          watcher=None, registry: Registry | None = None) -> None:
     """Serve until interrupted (Ctrl+C), then close the engine. Without API keys only this machine may connect."""
-    app = create_app(engine, config, root, state_dir, watcher)
+    app = create_app(engine, config, root, state_dir, watcher, registry)
     if app.state.services.keys is None and host not in LOOPBACK:
         print(f"tailor: no API key configured (serve.api_key_file or --api-key-file), so listening on 127.0.0.1 "
               f"only, not {host}", flush=True)
@@ -301,7 +328,7 @@ def serve(engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, log_
     names = [*engine.model_names(), *app.state.services.aliases.names()]
     auth = "API keys required" if app.state.services.keys is not None else "no API key needed, local only"
     print(f"tailor: chat at http://{shown}:{port}/  (OpenAI API: http://{shown}:{port}/v1, "
-          f"models: {', '.join(names)}; {auth})", flush=True)
+          f"models: {', '.join(names)}; {auth}; operations console: http://{shown}:{port}/admin)", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:

@@ -6,8 +6,10 @@ Keys live in a JSON file (`tailor keys create`) as SHA-256 hashes, never in clea
                "created_at": "2026-11-22T19:00:00+00:00"}]}
 
 A key is 32 random bytes, so a fast hash is enough: slow password hashes (bcrypt, argon2) exist to protect guessable
-secrets, and there is nothing to guess here. Scopes: `chat` (completions, models, feedback) and `admin` (everything,
-plus adding and removing adapters and reading /metrics).
+secrets, and there is nothing to guess here. Scopes: `chat` (completions, models, feedback), `admin` (everything,
+plus adding and removing adapters and reading /metrics), and the roles of the operations console at /admin, each
+allowing what the one before allows: `viewer` (read every screen), `reviewer` (also accept, edit or reject
+corrections), `approver` (also promote and roll back versions, change canary shares).
 
 A running server sees changes to the key file without a restart: before each lookup it compares the file's
 modification time, size and inode with what it last read (one stat call) and re-reads it when they differ, so
@@ -35,7 +37,8 @@ from tailor.serve.metrics import ServerMetrics
 from tailor.serve.openai.protocol import ApiError
 from tailor.workspace import now_iso, read_json, write_json
 
-SCOPES = ("chat", "admin")
+ROLES = ("viewer", "reviewer", "approver")  # the console's roles, each one allowing what the ones before it allow
+SCOPES = ("chat", "admin", *ROLES)
 KEY_PREFIX = "tlr-"
 
 # markers of common chat templates; a tokenizer's own special tokens are added to these
@@ -60,7 +63,10 @@ class ApiKey:
     rate_limit: str | None = None
 
     def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
+        if "admin" in self.scopes or scope in self.scopes:
+            return True
+        # an approver may do what a reviewer may, and a reviewer what a viewer may
+        return scope in ROLES and any(ROLES.index(held) > ROLES.index(scope) for held in self.scopes if held in ROLES)
 
 
 @dataclass(frozen=True)

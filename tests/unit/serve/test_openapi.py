@@ -50,15 +50,20 @@ def engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def url(engine):
+def url(engine, tmp_path_factory):
+    from tailor.registry import Registry
+
+    # an empty workspace and registry: the /admin/api routes answer from them (empty lists, 404s, 409s)
+    root = tmp_path_factory.mktemp("openapi")
     server, url = start_server(engine, config=ServeConfig(feedback_db=":memory:", request_log=None,
-                                                          rate_limit="100000/minute"))
+                                                          rate_limit="100000/minute"),
+                               root=root, registry=Registry(f"sqlite:///{root / 'registry.db'}"))
     yield url
     server.should_exit = True
 
 
 @pytest.mark.parametrize(("operations", "excluded", "tested"), [
-    (["--exclude-path-regex", REFUSES_VALID_DATA], [], 5),
+    (["--exclude-path-regex", REFUSES_VALID_DATA], [], 20),  # 5 of the OpenAI API and feedback, 15 of /admin/api
     (["--include-path-regex", REFUSES_VALID_DATA], ["--exclude-checks", "positive_data_acceptance"], 3),
 ], ids=["all-checks", "refusing-valid-data"])
 def test_the_server_answers_as_its_openapi_schema_says(url, engine, operations, excluded, tested):
@@ -85,6 +90,8 @@ def test_every_route_documents_its_error_statuses_with_the_error_body():
     assert statuses["POST /v1/chat/completions"] == ["200", "400", "401", "403", "404", "413", "429", "503"]
     assert statuses["POST /v1/completions"] == ["200", "400", "401", "403", "404", "413", "429"]
     assert statuses["DELETE /v1/admin/adapters/{name}"] == ["204", "400", "401", "403", "404", "429"]
+    assert statuses["POST /admin/api/feedback/{feedback_id}/review"] == ["200", "400", "401", "403", "404", "409",
+                                                                       "413", "429"]
     assert not any("422" in listed for listed in statuses.values())  # a validation error is a 400 here
     for operations in schema["paths"].values():
         for operation in operations.values():
