@@ -363,6 +363,11 @@ class ImproveConfig(Section):
         "with its data, candidate run and eval."))
     lock_file: str | None = Field(None, description=(
         "File locked while `tailor improve` runs, so two runs never overlap; null: FOLDER/improve.lock."))
+    documents: bool = Field(True, description=(
+        "Read the documents (`sources`) again and compare them with the production version's corpus; when "
+        "production answers from retrieved passages and documents were added, changed or removed, the candidate "
+        "answers from an updated copy of its index (only changed documents embedded). Changed documents alone "
+        "are then something to learn."))
     corrections: Literal["reviewed", "all"] = Field("reviewed", description=(
         "Which corrections train: reviewed (only those accepted in the review queue, `tailor improve review` or "
         "/admin) or all (every correction not rejected)."))

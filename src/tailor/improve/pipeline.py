@@ -13,7 +13,7 @@ from tailor.improve.state import LOCK_FILE, State, hold_lock
 from tailor.registry.store import current_user
 from tailor.workspace import read_json, write_json
 
-STAGES = ("collect", "data", "train", "eval", "gates", "register", "canary", "decide")
+STAGES = ("collect", "documents", "data", "train", "eval", "gates", "register", "canary", "decide")
 # exit status of `tailor improve`: 0 the loop advanced (or waits, or promoted); 1 an error; 3 the candidate was
 # refused by the gates or rolled back
 REFUSED = 3
@@ -111,13 +111,29 @@ class Cycle:
         self.state.finish("collect", {"feedback_db": str(db_path), "counts": counts,
                                       "last_feedback_at": found.last_feedback_at,
                                       "output": str(self.state.cycle_dir() / "collect" / "feedback.json")})
+        return None
+
+    def documents(self) -> Outcome | None:
+        from tailor.improve.documents import refresh_documents
+
         improve = self.config.improve
+        found = (refresh_documents(self.config, self.root, self.production(), self.state.cycle_dir())
+                 if improve.documents else {"status": "off (improve.documents: false)", "added": [], "changed": [],
+                                            "removed": []})
+        changes = ", ".join(f"{len(found[what])} {what}" for what in ("added", "changed", "removed") if found[what])
+        self.say(f"  documents: {changes or found['status']}"
+                 + (f"; index updated ({found['embedded']} chunks embedded, {found['reused']} reused)"
+                    if found.get("index") else ""))
+        self.state.finish("documents", found)
+        collected = self.state.record("collect")
+        counts = collected["counts"]
         usable = counts["corrections"] if improve.sft else counts["rated"]
-        if usable < improve.min_corrections or usable == 0:
+        if (usable < improve.min_corrections or usable == 0) and not found.get("index"):
             what = "corrections" if improve.sft else "rated answers"
             reason = (f"{usable} new {what} (improve.min_corrections: {improve.min_corrections})"
-                      + (f"; {found.pending_review} corrections await review (tailor feedback review)"
-                         if found.pending_review else ""))
+                      + (f"; {counts['pending_review']} corrections await review (tailor feedback review)"
+                         if counts["pending_review"] else "")
+                      + ("; documents unchanged" if improve.documents and found["status"] == "unchanged" else ""))
             self.state.end_cycle("nothing_to_learn", reason)
             return Outcome("nothing_to_learn", f"nothing to learn: {reason}")
         return None
@@ -138,7 +154,8 @@ class Cycle:
 
         counts = self.state.record("data")["counts"]
         trained = train_candidate(self.config, self.root, self.production(), self.state.cycle_dir(), counts,
-                                  show_progress=self.show_progress, say=lambda line: self.say(f"  {line}"))
+                                  self.state.record("documents"), show_progress=self.show_progress,
+                                  say=lambda line: self.say(f"  {line}"))
         self.state.finish("train", trained)
         return None
 

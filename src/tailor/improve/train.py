@@ -4,19 +4,25 @@ SFT on the corrections is the training core's plain SFT loop (train/loop.py) on 
 adapter (methods/alignment.py `load_policy`, as dpo and kto start from an SFT adapter); `methods.lora` has no
 option to start from an adapter, so the composition lives here. KTO and DPO then run as the registered methods,
 each starting from the adapter the step before wrote (`init_adapter`). Every step writes a run folder
-(CYCLE/sft, CYCLE/kto, CYCLE/dpo) with its manifest; the last one is the candidate.
+(CYCLE/sft, CYCLE/kto, CYCLE/dpo) with its manifest; the last one is the candidate. A grounded production's
+retrieval.json goes into the candidate's adapter (improve/documents.py: the cycle's updated index, when the
+documents changed).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from tailor.config import TailorConfig
 from tailor.errors import TailorError
+from tailor.improve.documents import production_grounding, retrieval_index
 from tailor.methods.kinds import ADAPTER
 from tailor.registry.tables import ModelVersion
+from tailor.retrieval.grounding import RETRIEVAL_FILE
+from tailor.workspace import MANIFEST, write_json
 
 
 def improve_config(config: TailorConfig, method: str, methods: dict | None = None) -> TailorConfig:
@@ -75,9 +81,11 @@ def train_method(config: TailorConfig, root: Path, method: str, start: Path, dat
     return {"steps": result.steps, "train_loss": result.train_loss, "seconds": round(result.seconds, 1)}
 
 
-def train_candidate(config: TailorConfig, root: Path, production: ModelVersion, cycle_dir: Path, counts: dict, *,
-                    show_progress: bool, say) -> dict:
-    """Run the configured steps; returns {"candidate": run folder, "steps": {name: figures}}."""
+def train_candidate(config: TailorConfig, root: Path, production: ModelVersion, cycle_dir: Path, counts: dict,
+                    documents: dict, *, show_progress: bool, say) -> dict:
+    """Run the configured steps; returns {"candidate": run folder, "steps": {name: figures}}. A grounded production
+    makes a grounded candidate, answering from the cycle's updated index when the documents changed; changed
+    documents without feedback to learn from make a candidate of production's adapter on the new index."""
     improve = config.improve
     start = production_adapter(production)
     plan = [(name, path) for name, wanted, path in (
@@ -86,10 +94,19 @@ def train_candidate(config: TailorConfig, root: Path, production: ModelVersion, 
         ("dpo", improve.dpo, cycle_dir / "data" / "preferences.jsonl")) if wanted]
     needed = {"sft": 1, "kto": 2, "dpo": 1}
     plan = [(name, path) for name, path in plan if counts.get(name, 0) >= needed[name]]
+    grounding = production_grounding(production)
+    if not plan and documents.get("index"):
+        run_dir = cycle_dir / "documents-only"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        say(f"no feedback to train on: {production.label}'s adapter answering from the updated index")
+        shutil.copytree(start, ADAPTER.in_run(run_dir))
+        shutil.copy2(Path(production.run_dir) / MANIFEST, run_dir / MANIFEST)
+        ground(ADAPTER.in_run(run_dir), grounding, documents)
+        return {"candidate": str(run_dir), "steps": {}}
     if not plan:
         raise TailorError("improve: nothing to train on (no corrections for sft, fewer than 2 rated answers for "
                           "kto, no pairs for dpo); enable another step or collect more feedback")
-    steps, run_dir = {}, None
+    steps: dict[str, dict] = {}
     for name, data in plan:
         run_dir = cycle_dir / name
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted step starts over: its inputs are the same
@@ -98,5 +115,17 @@ def train_candidate(config: TailorConfig, root: Path, production: ModelVersion, 
             steps[name] = train_sft(config, root, start, data, run_dir, show_progress=show_progress)
         else:
             steps[name] = train_method(config, root, name, start, data, run_dir, show_progress=show_progress)
-        start = run_dir / "adapter"
+        start = ADAPTER.in_run(run_dir)
+    ground(ADAPTER.in_run(run_dir), grounding, documents)
     return {"candidate": str(run_dir), "steps": steps}
+
+
+def ground(adapter: Path, grounding: tuple[Path, dict] | None, documents: dict) -> None:
+    """Production's retrieval.json in the candidate's adapter folder, naming the cycle's updated index when the
+    documents changed, else production's own index (by absolute path: the candidate lives elsewhere)."""
+    if grounding is None:
+        return
+    folder, retrieval = grounding
+    index = Path(documents["index"]) if documents.get("index") else retrieval_index(folder, retrieval)
+    write_json(adapter / RETRIEVAL_FILE, {**retrieval, "index": os.path.relpath(index, adapter),
+                                          "index_absolute": str(index)})

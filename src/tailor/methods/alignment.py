@@ -163,7 +163,7 @@ def reference(model) -> Iterator:
 
 def save_adapter(model, run_dir: Path, config: TailorConfig) -> Path:
     """RUN/adapter/: the trained "default" adapter only (a standard PEFT folder on the base) + the config."""
-    target = Path(run_dir) / "adapter"
+    target = ADAPTER.in_run(run_dir)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, selected_adapters=["default"])
         atomic_write_text(tmp / "tailor.yaml", dump_config(config))

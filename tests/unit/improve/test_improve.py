@@ -351,3 +351,43 @@ def test_improve_epochs_are_not_capped_by_the_first_runs_step_budget():
     assert config.improve_train().learning_rate == 2.0e-3  # the rest from train:
     config = validate_config({"train": {"max_steps": 16}, "improve": {"train": {"epochs": 8, "max_steps": 5}}})
     assert config.improve_train().max_steps == 5
+
+
+def test_changed_documents_give_a_grounded_candidate_an_updated_index(workspace, tmp_path):
+    """No feedback at all, but a document changed and one was added: production answers from retrieved passages,
+    so the candidate is production's adapter on a copy of its index where only those documents were embedded."""
+    from tailor.cli.retrieval import build_run_index
+    from tailor.data.ingest import ingest
+    from tailor.retrieval.grounding import Grounding, write_retrieval_file
+
+    docs = workspace / "docs"
+    docs.mkdir()
+    (docs / "hall.md").write_text("# City Hall\n\nCity Hall is at 400 Linden Avenue and opens at 8 am on weekdays.")
+    (docs / "pool.md").write_text("# Pool\n\nThe municipal pool opens in June and closes in September each year.")
+    raw = yaml.safe_load((workspace / "tailor.yaml").read_text())
+    raw["sources"] = ["docs"]
+    raw["ingest"] = {"min_chars": 10}
+    (workspace / "tailor.yaml").write_text(yaml.safe_dump(raw))
+    config, root = load_config(workspace)
+    production = tmp_path / "prod"
+    ingest([str(docs)], production / "corpus.jsonl", config.ingest, progress=False)
+    build_run_index(config, root, production, show_progress=False)
+    write_retrieval_file(production / "adapter", config, root, production)
+    index_before = (production / "index" / "chunks.jsonl").read_bytes()
+    FeedbackStore(workspace / "feedback.db")  # the server has had no feedback yet
+
+    assert run_improve(config, root, show_progress=False, say=lambda line: None).outcome == "nothing_to_learn"
+    (docs / "hall.md").write_text("# City Hall\n\nCity Hall moved to 12 Harbor Street and opens at 9 am on weekdays.")
+    (docs / "library.md").write_text("# Library\n\nThe library lends e-readers for three weeks to card holders.")
+    lines: list[str] = []
+    outcome = run_improve(config, root, show_progress=False, say=lines.append)
+    assert outcome.outcome == "waiting", lines  # a candidate in its canary
+    assert "  documents: 1 added, 1 changed; index updated (2 chunks embedded, 1 reused)" in lines
+    cycle = improve_folder(config, root) / "cycle-0002"
+    candidate = Grounding.load(cycle / "documents-only" / "adapter")
+    assert candidate is not None and candidate.retriever.index.folder == (cycle / "documents" / "index").resolve()
+    passages = candidate.retriever.retrieve("Where is City Hall now?").passages
+    assert "12 Harbor Street" in passages[0].text
+    assert (production / "index" / "chunks.jsonl").read_bytes() == index_before  # production's index untouched
+    registry = open_registry(config, root)
+    assert registry.resolve("city@2").stage == "staging"
