@@ -46,6 +46,8 @@ def _iso(moment: datetime) -> str:
 def _show(value: Any) -> str:
     if value is MISSING:
         return "—"
+    if value is None:
+        return "none"
     if isinstance(value, float):
         return f"{value:.6g}"
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
