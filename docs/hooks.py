@@ -231,7 +231,8 @@ def http_page() -> str:
     sections = ["# HTTP reference\n",
                 "Generated from the server's OpenAPI schema at every build of this site (a running server serves it "
                 "at `GET /openapi.json`). The [API guide](../api.md) explains keys, [errors](../api.md#errors), "
-                "streaming and citations with examples. Besides these routes: `GET /` (the chat page) and "
+                "streaming and citations with examples. Besides these routes: `GET /` (the chat page), `GET /admin` "
+                "(the [operations console](../operators/admin.md), on the `/admin/api` routes below) and "
                 "`GET /metrics` (Prometheus; the `admin` scope when keys are set).\n"]
     for route, operations in schema["paths"].items():
         for method, operation in operations.items():

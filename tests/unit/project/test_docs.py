@@ -98,10 +98,11 @@ def test_methods_reference_lists_every_method_and_option(site):
 
 
 def test_http_reference_lists_every_route(site):
+    from tailor.serve.admin.routes import router as console_router
     from tailor.serve.openai.routes import router
 
     html = page(site, "reference/http")
-    for route in router.routes:
+    for route in [*router.routes, *console_router.routes]:
         for method in route.methods:
             assert f"<code>{method} {route.path}</code>" in html, route.path
 
