@@ -374,3 +374,14 @@ def test_keys_command_creates_role_keys(tmp_path):
     wrong = runner.invoke(app, ["keys", "create", "x", "--scope", "owner", "-f", str(tmp_path / "k.json")])
     # in-process the TailorError reaches the runner (main() prints it as one line)
     assert "one or more of chat, admin, viewer, reviewer, approver (found owner)" in str(wrong.exception)
+
+
+def test_without_keys_changes_are_recorded_under_the_clients_address(workspace):
+    _, _, registry, root = workspace
+    local = TestClient(create_app(NoModel(), ServeConfig(feedback_db=":memory:", request_log=None),  # type: ignore[arg-type]
+                                  root=root, registry=registry))
+    assert local.get("/admin/api/me").json() == {"name": "ip:testclient", "scopes": ["admin"], "can_review": True,
+                                                 "can_approve": True}
+    promoted = local.post("/admin/api/models/city/versions/2/promote", json={"stage": "staging", "reason": "try it"})
+    assert promoted.status_code == 200, promoted.text
+    assert registry.history("city")[-1].changed_by == "ip:testclient"
