@@ -7,6 +7,7 @@ figures equal to ab.py's, and the monitoring series following /metrics. No model
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -347,7 +348,8 @@ def test_the_console_page_is_one_offline_file(workspace):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/admin/api" in page.text and "<svg" not in page.text.split("<script>")[0]  # graphs are drawn by the JS
     assert "http://" not in page.text.replace("http://www.w3.org/2000/svg", "") and "https://" not in page.text
-    assert "<script src" not in page.text and "<link" not in page.text  # nothing loaded from elsewhere
+    assert "<script src" not in page.text  # nothing loaded from elsewhere
+    assert re.findall(r"<link [^>]*>", page.text) == ['<link rel="icon" href="data:,">']
 
 
 def test_the_console_is_documented_in_the_openapi_schema(workspace):
