@@ -1,10 +1,12 @@
 """What unit tests of several stages share (fixtures are in the conftest.py files): tiny chat records, the rollout
-methods' rewards and prompts, and a real server on a thread. Imported as `from tests.unit.helpers import ...`."""
+methods' rewards and prompts, a real server on a thread, and the `tailor` program in-process. Imported as
+`from tests.unit.helpers import ...`."""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,3 +81,50 @@ def start_server(engine: Engine, host: str = "127.0.0.1", config: ServeConfig | 
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
     return server, f"http://{host}:{sock.getsockname()[1]}"
+
+
+# the `tailor` program in-process: what `python -m tailor.cli.app` does, minus the interpreter start (seconds per call)
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def tailor(*args, cwd=".", input: str = "", columns: int = 80) -> Finished:
+    """Run `tailor ARGS` in folder `cwd` through the program's own entry point (`tailor.cli.app.main`, which turns a
+    user error into one line and an exit status), with `input` as standard input and a terminal `columns` wide; a
+    subprocess proves nothing more here, and one test in tests/unit/cli/test_cli.py still runs the real program."""
+    import io
+    import os
+    import sys
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from transformers.utils import logging as hf_logging
+
+    from tailor.cli import common
+    from tailor.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    # rich's consoles keep their own file and width (None: follow sys.stdout, the terminal): restored as they were
+    consoles = [(console, console._file, console._width) for console in (common.console, common.err_console)]
+    previous = (os.getcwd(), sys.argv, sys.stdin, hf_logging.get_verbosity())
+    os.chdir(cwd)
+    sys.argv, sys.stdin = ["tailor", *map(str, args)], io.StringIO(input)
+    common.console.file, common.err_console.file = out, err
+    common.console.width = common.err_console.width = columns
+    try:
+        with warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(previous[0])
+        sys.argv, sys.stdin = previous[1:3]
+        hf_logging.set_verbosity(previous[3])
+        for console, file, width in consoles:
+            console._file, console._width = file, width
+    return Finished(code, out.getvalue(), err.getvalue())

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.helpers import tailor
+
 TAILOR = [sys.executable, "-m", "tailor.cli.app"]
 
 
-def tailor(*args, cwd):
-    return subprocess.run([*TAILOR, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+def test_the_real_program_ends_a_user_error_in_one_line(tmp_path):
+    """The other tests run the entry point in-process (tests/unit/helpers.py); this one starts the program."""
+    result = subprocess.run([*TAILOR, "train"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_clean_error(result, "no tailor.yaml here")
 
 
 def assert_clean_error(result, *fragments):
@@ -88,8 +92,7 @@ def test_usage_errors_exit_nonzero(tmp_path, args):
 
 def test_terminal_chat_answers_and_quits_on_empty_line(tmp_path, tiny_model_dir):
     (tmp_path / "tailor.yaml").write_text(f"base_model: {tiny_model_dir}\n")
-    result = subprocess.run([*TAILOR, "chat", "--max-tokens", "5"], cwd=tmp_path, input="Library hours?\n\n",
-                            capture_output=True, text=True, timeout=300)
+    result = tailor("chat", "--max-tokens", "5", cwd=tmp_path, input="Library hours?\n\n")
     assert result.returncode == 0, result.stderr
     assert "chatting with base" in result.stdout
     assert result.stdout.count("base>") == 1  # one answer, then the empty line ended the session

@@ -2,9 +2,6 @@
 method that orders full > LoRA > QLoRA, hardware profiles, and the comparison with a past run in the registry."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from tailor.registry import Registry
 from tailor.train.examples import chat_ids
 from tailor.train.run import run_training
 from tailor.workspace import write_jsonl
+from tests.unit.helpers import tailor
 
 FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("How much is a parking permit?", "A parking permit costs $45 per year.")]
@@ -100,9 +98,7 @@ def test_compares_with_past_runs_and_cli_json(tiny_model_dir, data_file, tmp_pat
 
     (tmp_path / "tailor.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     out = tmp_path / "estimate.json"
-    done = subprocess.run([sys.executable, "-m", "tailor.cli.app", "estimate", "-w", str(tmp_path), "--json",
-                           str(out)], capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"COLUMNS": "250"})
+    done = tailor("estimate", "-w", tmp_path, "--json", out, columns=250)
     assert done.returncode == 0, done.stderr
     assert "Memory needed to train" in done.stdout and "H100 80GB" in done.stdout and "city@1" in done.stdout
     saved = json.loads(out.read_text())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from tailor.cli.app import app
 from tailor.cli.stages import check_training_data
 from tailor.data.validate import OPENAI_CHECKS, validate_files, write_valid
 from tailor.errors import TailorError
+from tests.unit.helpers import tailor
 
 EXAMPLE_QA = Path(__file__).resolve().parents[3] / "examples" / "city-services" / "qa"
 
@@ -156,8 +155,7 @@ def test_cli_exit_codes_summary_and_skip_invalid(bad_file, tmp_path):
 
 def test_cli_never_prints_a_traceback(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"messages": 1}\n\x00\x01\n[]\n')
-    result = subprocess.run([sys.executable, "-m", "tailor.cli.app", "data", "validate", "bad.jsonl", "nothere.csv",
-                             "--tokenizer", "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = tailor("data", "validate", "bad.jsonl", "nothere.csv", "--tokenizer", "nowhere", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
     assert "--tokenizer: nowhere is not a tokenizer folder" in result.stderr
@@ -306,8 +304,7 @@ def test_cli_default_token_limit_is_the_model_context_or_data_max_tokens(weightl
 
 def test_cli_empty_file_exits_nonzero_with_one_line_naming_it(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    result = subprocess.run([sys.executable, "-m", "tailor.cli.app", "data", "validate", "empty.jsonl",
-                             "--max-tokens", "100"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = tailor("data", "validate", "empty.jsonl", "--max-tokens", "100", cwd=tmp_path, columns=200)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     assert [line for line in result.stdout.splitlines() if "empty file" in line] == [
         "empty.jsonl: empty file: no records — add records (a JSON object per line, or CSV rows under a header), "

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -25,7 +23,7 @@ from tailor.evaluate.harness import run_eval
 from tailor.serve.engine import Engine
 from tailor.train.run import BuildResult, prepare_training, run_training
 from tests.conftest import EXAMPLE
-from tests.unit.helpers import start_server
+from tests.unit.helpers import start_server, tailor
 
 DOCS = ("city-hall.md", "dog-licenses.md", "noise-complaints.txt", "marriage-licenses.pdf", "tree-planting.txt")
 EVAL = [{"question": "What is the address of City Hall?", "answer": "City Hall is at 400 Linden Avenue.",
@@ -174,8 +172,7 @@ def test_rag_without_an_index_is_one_clear_error(tmp_path, tiny_model_dir):
 def test_index_command_reports_bad_input_in_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "corpus.jsonl").write_text("")
-    result = subprocess.run([sys.executable, "-m", "tailor.cli.app", "index", "--no-progress"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = tailor("index", "--no-progress", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
     assert "corpus.jsonl: the corpus is empty" in " ".join(result.stderr.split())  # rich wraps long lines
 

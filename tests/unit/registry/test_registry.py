@@ -2,10 +2,7 @@
 audit log, diffs, bad input that changes nothing, and corrupted artifacts caught by their checksums."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from tailor.registry import Registry
 from tailor.registry.diff import diff_versions
 from tailor.train.run import run_training
 from tailor.workspace import file_sha256, write_json, write_jsonl
+from tests.unit.helpers import tailor
 
 FACTS = [("When is the library open?", "Monday to Friday, 9 am to 7 pm."),
          ("How much is a parking permit?", "A parking permit costs $45 per year.")]
@@ -154,18 +152,15 @@ def test_cli_diff_and_clean_errors(runs, tmp_path):
     registry = Registry(f"sqlite:///{workspace / 'registry.db'}")
     registry.register_run(runs[0], "city")
     registry.register_run(runs[1], "city")
-    env = os.environ | {"COLUMNS": "200"}
+    def models(*args):
+        return tailor("models", *args, "-w", workspace, columns=200)
 
-    def tailor(*args):
-        return subprocess.run([sys.executable, "-m", "tailor.cli.app", *args, "-w", str(workspace)],
-                              capture_output=True, text=True, env=env, timeout=120)
-
-    diff = tailor("models", "diff", "city@1", "city@2")
+    diff = models("diff", "city@1", "city@2")
     assert diff.returncode == 0, diff.stderr
     assert "train.learning_rate" in diff.stdout and "0.001" in diff.stdout and "0.002" in diff.stdout
     assert "eval.lora.token_f1" in diff.stdout and "+0.2" in diff.stdout
     before = json.dumps(stages(registry))
-    bad = tailor("models", "promote", "city", "9", "--stage", "production")
+    bad = models("promote", "city", "9", "--stage", "production")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "error: city has no version 9 (versions: 1, 2)"
     assert json.dumps(stages(registry)) == before

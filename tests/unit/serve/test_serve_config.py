@@ -4,8 +4,6 @@ loads."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import peft
@@ -18,6 +16,7 @@ from tailor.cli.serving import build_engine
 from tailor.config import CONFIG_NAME, load_config
 from tailor.errors import TailorError
 from tailor.methods.prompt import PromptProfile, save_profile
+from tests.unit.helpers import tailor
 
 QUESTION = [{"role": "user", "content": "When is the library open?"}]
 
@@ -111,8 +110,7 @@ def test_bad_adapters_are_refused_before_the_model_loads(tiny_model_dir, artifac
 
 def test_tailor_chat_reports_a_missing_folder_in_one_line(tiny_model_dir, artifacts, tmp_path):
     workspace(tmp_path, tiny_model_dir, artifacts, {"adapters": {"parks": "adapters/gone"}})
-    result = subprocess.run([sys.executable, "-m", "tailor.cli.app", "chat", "-w", str(tmp_path)], input="",
-                            capture_output=True, text=True, timeout=120)
+    result = tailor("chat", "-w", tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     flat = "".join(result.stderr.split())  # the terminal may wrap the line, even inside the path
