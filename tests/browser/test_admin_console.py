@@ -223,7 +223,8 @@ def test_an_approver_reviews_a_correction_and_promotes_a_version(page, console, 
     screen(page, "ab", "h2")
     page.wait_for_selector("#screen-ab .canary")
     assert "city@3 on 20 % of users" in page.locator("#screen-ab .canary h3").inner_text()
-    assert re.search(r"Up-rate difference: \S+ (not )?significant", page.locator("#screen-ab .canary").inner_text())
+    assert re.search(r"Difference in up-rate \(Fisher's exact test\): (not )?significant \(p [=<] [0-9.]+\)",
+                     page.locator("#screen-ab .canary").inner_text())
     alias_rows = page.locator("#screen-ab .alias", has_text="city-bot").locator("tbody tr").all_inner_texts()
     assert sorted(row.split()[0] for row in alias_rows) == ["base", "lora"]
     shoot(page, shots / "04-ab.png")
