@@ -26,6 +26,7 @@ from tailor.registry import Registry
 from tailor.serve.feedback import FeedbackStore
 from tailor.serve.security import create_key
 from tailor.workspace import write_json
+from tests.unit.helpers import wait_until_healthy
 from tests.unit.serve.test_registry_serving import make_run
 
 pytestmark = pytest.mark.browser
@@ -78,16 +79,7 @@ def console(tiny_model_dir, tmp_path_factory):
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, f"tailor serve exited: {server.stderr.read()[-3000:]}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "tailor serve did not start"
-            time.sleep(0.3)
+        wait_until_healthy(url, server, timeout=180)
         # residents using the chatbot: the canary splits `city`, the alias `city-bot`, one correction to review
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['web']}"}, timeout=60) as http:
             for i in range(12):

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from tests.unit.helpers import wait_until_healthy
+
 pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,15 +62,12 @@ def start_tailor_serve(*args: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tailor.cli.app", "serve", *args, "--port", str(port)],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server, port
-        except httpx.HTTPError:
-            time.sleep(1)
-    server.terminate()
-    pytest.fail("tailor serve did not come up")
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout=180)
+    except AssertionError:
+        server.terminate()
+        raise
+    return server, port
 
 
 def test_openai_client_streams_from_tailor_serve(demo_run):

@@ -128,3 +128,22 @@ def tailor(*args, cwd=".", input: str = "", columns: int = 80) -> Finished:
         for console, file, width in consoles:
             console._file, console._width = file, width
     return Finished(code, out.getvalue(), err.getvalue())
+
+
+def wait_until_healthy(url: str, server=None, timeout: float = 120) -> None:
+    """Poll URL/health until it answers 200; `server` (a subprocess.Popen) must not exit meanwhile (its stderr, when
+    piped, goes into the failure)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server is not None and server.poll() is not None:
+            stderr = server.stderr.read()[-3000:] if server.stderr else ""
+            raise AssertionError(f"the server exited with status {server.returncode}: {stderr}")
+        assert time.monotonic() < deadline, f"{url} did not answer /health within {timeout:.0f} s"
+        time.sleep(0.2)

@@ -308,9 +308,7 @@ class Registry:
             raise TailorError(f"canary share must be between 0 and 1 (found {share})")
         who = current_user(by)
         with self.transaction() as session:
-            canary = session.get(Canary, canary_id)
-            if canary is None or canary.ended_at is not None:
-                raise TailorError(f"canary {canary_id}: no such running canary")
+            canary = _running_canary(session, canary_id)
             if canary.share == share:
                 raise TailorError(f"canary {canary_id} already sends {share:.0%} of {canary.name}'s users to "
                                   f"{canary.candidate.label}")
@@ -329,9 +327,7 @@ class Registry:
             raise TailorError(f"canary outcome must be promoted, rolled_back or stopped (found {outcome!r})")
         who = current_user(by)
         with self.transaction() as session:
-            canary = session.get(Canary, canary_id)
-            if canary is None or canary.ended_at is not None:
-                raise TailorError(f"canary {canary_id}: no such running canary")
+            canary = _running_canary(session, canary_id)
             candidate = canary.candidate
             if outcome == "promoted":
                 verify_artifacts(candidate)
@@ -398,3 +394,10 @@ def verify_artifacts(version: ModelVersion) -> None:
         if found != expected:
             raise TailorError(f"{version.label}: checksum mismatch for {path}: registered sha256 {expected[:12]}…, "
                               f"found {found[:12]}…; the file changed after registration")
+
+
+def _running_canary(session, canary_id: int) -> Canary:
+    canary = session.get(Canary, canary_id)
+    if canary is None or canary.ended_at is not None:
+        raise TailorError(f"canary {canary_id}: no such running canary")
+    return canary

@@ -12,12 +12,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import yaml
 
 from tailor.serve.feedback import FeedbackStore
+from tests.unit.helpers import wait_until_healthy
 
 CLIENTS = 8
 KILL_AFTER = 60  # acknowledged feedback rows before the kill; the clients keep posting until the server is gone
@@ -74,15 +74,7 @@ def test_no_acknowledged_feedback_is_lost_when_the_server_is_killed(tiny_model_d
                 i += 1
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "tailor serve did not start"
-            time.sleep(0.2)
+        wait_until_healthy(url, server)
         threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(CLIENTS)]
         for thread in threads:
             thread.start()

@@ -9,13 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from tailor.errors import TailorError
 from tailor.serve.feedback import FeedbackStore, UnknownResponseError
+from tests.unit.helpers import wait_until_healthy
 
 SERVER = """
 import sys, torch, uvicorn
@@ -56,14 +56,7 @@ def test_acknowledged_feedback_survives_killing_the_server(tiny_model_dir, tmp_p
     try:
         port = int(server.stdout.readline())
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.1)
+        wait_until_healthy(url, server, timeout=60)
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
         ack = httpx.post(f"{url}/v1/feedback", timeout=30, json={"response_id": reply["id"], "rating": "down",
