@@ -34,7 +34,7 @@ CPU format here) and on a Q8_0 GGUF written from the same weights. Figures per s
 requests/s, time to first token p50/p95. The headline ratios (`llama_cpp.single_stream_ratio`,
 `eight_clients_ratio`, `rag.ttft_p50_s`) are tailor int4 ÷ llama.cpp Q4_1, the same 4-bit layout (groups of 32 with
 a scale and a minimum); `chat_ratios_by_precision` adds int8 ÷ Q8_0 and bf16 ÷ Q8_0. Prefix caching is not
-implemented: `prefill_tokens_saved_ratio` is null.
+implemented: `prefill_tokens_saved_ratio` is null (benchmarks/prefix_reuse.py: at most 1.17x on this load).
 """
 
 from __future__ import annotations
@@ -348,7 +348,8 @@ def rag_workload(args) -> None:
                      "levels": [{"clients": c, **{name: rag_measured[(name, c)] for name in kinds}} for c in levels],
                      "ttft_p50_s": rag_measured[(headline, 1)]["ttft_p50_s"],
                      "ttft_p50_s_by_server": {name: rag_measured[(name, 1)]["ttft_p50_s"] for name in kinds},
-                     # no prefix caching: the shared head is 76 of ~1,000 prompt tokens (see docs/benchmarks.md)
+                     # no prefix caching: on these prompts no exact prefix cache skips more than 1.17x of the
+                     # prefill (1.25x with passages reordered); benchmarks/prefix_reuse.py measures the bound
                      "prefill_tokens_saved_ratio": None}
     equal_precision = {f"{TAILOR_SERVERS[q]}/{peer}": {"1_client": ratio(chat_measured, 1, TAILOR_SERVERS[q], peer),
                                                        "8_clients": ratio(chat_measured, 8, TAILOR_SERVERS[q], peer)}
