@@ -51,20 +51,20 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def workspace(steps: int) -> Path:
+def workspace(steps: int, work: Path = WORK, improve_settings: dict | None = None) -> Path:
     import yaml
 
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     raw = yaml.safe_load((EXAMPLE / "tailor.yaml").read_text())
     raw["project"] = "city"
     raw["data"]["qa_files"] = [str(EXAMPLE / f) for f in raw["data"]["qa_files"]]
     raw["data"]["eval_files"] = [str(EXAMPLE / f) for f in raw["data"]["eval_files"]]
     raw.pop("sources", None)
     raw["train"].update({"max_steps": steps, "save_every": 0})
-    raw["improve"] = IMPROVE
-    (WORK / "tailor.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return WORK
+    raw["improve"] = {**IMPROVE, **(improve_settings or {})}
+    (work / "tailor.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return work
 
 
 def train_production(root: Path) -> None:
@@ -162,17 +162,13 @@ def improve(root: Path, overrides: list[str], decide_only: bool = False) -> tupl
     return outcome, lines, time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--production-steps", type=int, default=16)
-    parser.add_argument("--residents", type=int, default=30)
-    parser.add_argument("--max-canary", type=int, default=90, help="Most canary requests before giving up.")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def run_loop(*, production_steps: int = 16, residents: int = 30, max_canary: int = 90, work: Path = WORK,
+             improve_settings: dict | None = None, broken_candidate: bool = True) -> dict:
+    """The whole loop in `work`; returns the figures loop.json holds (tests/integration/test_improve_loop.py runs a
+    smaller one)."""
     began = time.perf_counter()
     load_before = os.getloadavg()
-    root = workspace(args.production_steps)
+    root = workspace(production_steps, work, improve_settings)
     train_production(root)
     server = Server(root)
     try:
@@ -180,7 +176,7 @@ def main() -> None:
         from tailor.registry import open_registry
         from tailor.serve.feedback import FeedbackStore
 
-        asked = questions(args.residents)
+        asked = questions(residents)
         corrections, ratings = [], {"up": 0, "down": 0}
         for i, (question, reference) in enumerate(asked):
             response_id, _, answer = converse(server.url, question, f"resident-{i}")
@@ -190,17 +186,18 @@ def main() -> None:
             if rating == "down":
                 corrections.append(feedback_id)
         last_feedback = time.perf_counter()
-        log(f"{args.residents} residents: {ratings['up']} up, {ratings['down']} down with corrections")
+        log(f"{residents} residents: {ratings['up']} up, {ratings['down']} down with corrections")
         store = FeedbackStore(root / "feedback.db")
         for feedback_id in corrections:
             store.review(feedback_id, "accepted", by="staff")
         store.close()
 
-        # the broken candidate: 16 steps are enough to wreck it at this learning rate
-        broken, broken_lines, broken_seconds = improve(root, ["improve.train.learning_rate=1.0",
-                                                              "improve.train.max_steps=16",
-                                                              "improve.folder=improve-broken"])
-        log(f"broken candidate: {broken.outcome} in {broken_seconds:.0f} s")
+        broken_figures = None
+        if broken_candidate:  # 16 steps are enough to wreck it at this learning rate
+            broken, _, broken_seconds = improve(root, ["improve.train.learning_rate=1.0", "improve.train.max_steps=16",
+                                                       "improve.folder=improve-broken"])
+            log(f"broken candidate: {broken.outcome} in {broken_seconds:.0f} s")
+            broken_figures = {"outcome": broken.outcome, "message": broken.message, "seconds": round(broken_seconds, 1)}
         good_started = time.perf_counter()
         good, good_lines, good_seconds = improve(root, [])
         log(f"good candidate: {good.outcome} in {good_seconds:.0f} s")
@@ -212,7 +209,7 @@ def main() -> None:
         decision, canary_requests = good, 0
         canary_started = time.perf_counter()
         if good.outcome == "waiting":
-            while canary_requests < args.max_canary:
+            while canary_requests < max_canary:
                 for question, reference in asked:
                     response_id, model, answer = converse(server.url, question, f"canary-{canary_requests}")
                     judge_and_send(server.url, response_id, answer, reference, False)
@@ -229,14 +226,13 @@ def main() -> None:
         result = {
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "base_model": config.base_model, "example": "examples/city-services",
-            "settings": {"production_steps": args.production_steps, "residents": args.residents,
+            "settings": {"production_steps": production_steps, "residents": residents,
                          "improve": config.improve.model_dump(mode="json"), "broken_learning_rate": 1.0,
                          "cpu_count": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()},
             "load_average": {"before": [round(x, 2) for x in load_before],
                              "after": [round(x, 2) for x in os.getloadavg()]},
             "residents": {"up": ratings["up"], "down_with_correction": ratings["down"]},
-            "broken_candidate": {"outcome": broken.outcome, "message": broken.message,
-                                 "seconds": round(broken_seconds, 1)},
+            "broken_candidate": broken_figures,
             "candidate": {"outcome": good.outcome, "improve_seconds": round(good_seconds, 1),
                           "token_f1": figures["token_f1"], "questions": figures["questions"],
                           "corrected_gain": figures["corrected_gain"], "rest_change": figures["rest_change"]},
@@ -251,10 +247,22 @@ def main() -> None:
         }
     finally:
         server.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--production-steps", type=int, default=16)
+    parser.add_argument("--residents", type=int, default=30)
+    parser.add_argument("--max-canary", type=int, default=90, help="Most canary requests before giving up.")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run_loop(production_steps=args.production_steps, residents=args.residents, max_canary=args.max_canary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {args.out}: corrected F1 gain {result['candidate']['corrected_gain']}, rest change "
-        f"{result['candidate']['rest_change']}, decision {decision.outcome}, "
+        f"{result['candidate']['rest_change']}, decision {result['canary']['decision']}, "
         f"{result['seconds_from_last_feedback_to_decision']:.0f} s from the last feedback")
 
 
