@@ -4,22 +4,15 @@ broken candidate (the gates' refusal is tested on the tiny model in tests/unit/i
 is not met: with 12 residents (9 corrections) and 10 held-out questions the candidate gained +0.13 on the corrected
 questions and lost 0.15 on the rest, and was refused."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from tests.unit.helpers import load_benchmark
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 def test_corrections_make_a_candidate_that_wins_its_canary_and_is_promoted(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.spec_from_file_location("loop_benchmark", REPO / "benchmarks" / "loop.py")
-    loop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loop)
-    result = loop.run_loop(work=tmp_path / "loop", broken_candidate=False)
+    result = load_benchmark("loop").run_loop(work=tmp_path / "loop", broken_candidate=False)
     candidate = result["candidate"]
     print({key: candidate[key] for key in ("token_f1", "corrected_gain", "rest_change")}, result["canary"])
     assert result["residents"]["down_with_correction"] >= 20  # a production version that still gets questions wrong

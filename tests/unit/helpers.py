@@ -147,3 +147,18 @@ def wait_until_healthy(url: str, server=None, timeout: float = 120) -> None:
             raise AssertionError(f"the server exited with status {server.returncode}: {stderr}")
         assert time.monotonic() < deadline, f"{url} did not answer /health within {timeout:.0f} s"
         time.sleep(0.2)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, e.g. load_benchmark("loop") for benchmarks/loop.py."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses of the script look their module up there
+    spec.loader.exec_module(module)
+    return module

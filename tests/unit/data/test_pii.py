@@ -3,7 +3,6 @@ wiring, and recall on a slice of the generated benchmark set."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ from tailor.data.pii import (
     ssn_valid,
 )
 from tailor.errors import TailorError
+from tests.unit.helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[3]
 CITY_DOCS = REPO / "examples" / "city-services" / "docs"
@@ -224,10 +224,7 @@ def test_cli_ingest_pii_option(tmp_path, monkeypatch):
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("pii_benchmark", REPO / "benchmarks" / "pii.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pii")
 
 
 def test_benchmark_slice_recall_per_structured_type():

@@ -1,22 +1,20 @@
 """benchmarks/train.py's own measurements, without training: the bf16 peak behind its MFU, and where it writes."""
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
+from tests.unit.helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[3]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_benchmark", REPO / "benchmarks" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def train_benchmark():
+    return load_benchmark("train")
 
 
 def test_bf16_peak_is_the_best_shape_median_on_this_process_threads():
-    peak = load_benchmark().bf16_peak(64, 128, windows=3, window_s=0.01, warmup_s=0.01)
+    peak = train_benchmark().bf16_peak(64, 128, windows=3, window_s=0.01, warmup_s=0.01)
     assert peak["threads"] == torch.get_num_threads() and peak["windows"] == 3
     medians = {name: shape["tflops_median"] for name, shape in peak["per_shape"].items()}
     assert set(medians) == {"square_2048", "mlp_up", "mlp_down"}
@@ -27,6 +25,6 @@ def test_bf16_peak_is_the_best_shape_median_on_this_process_threads():
 
 
 def test_results_go_where_out_says_as_in_the_other_benchmarks(tmp_path):
-    parser = load_benchmark().arguments()
+    parser = train_benchmark().arguments()
     assert parser.parse_args([]).out == REPO / "benchmarks" / "results" / "train.json"
     assert parser.parse_args(["--out", str(tmp_path / "t.json")]).out == tmp_path / "t.json"

@@ -1,23 +1,19 @@
 """The figures of benchmarks/tune.py's goals: a search's best at a third of the grid's steps, and its steps until
 it is within 1% of the grid's best, on hand-made traces and a hand-made landscape."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.unit.helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
 def replay():
-    spec = importlib.util.spec_from_file_location("tune_replay", REPO / "benchmarks" / "tune_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tune_replay")
 
 
 # [(steps spent, best finished eval loss so far)] after each trial; the grid's best is 2.0, so within 1% is <= 2.02
