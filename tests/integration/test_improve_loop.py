@@ -10,6 +10,7 @@ from tests.unit.helpers import load_benchmark
 
 pytestmark = pytest.mark.integration
 
+
 def test_corrections_make_a_candidate_that_wins_its_canary_and_is_promoted(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = load_benchmark("loop").run_loop(work=tmp_path / "loop", broken_candidate=False)
