@@ -10,12 +10,13 @@ recorded in benchmarks/results/tune.json (`grid`). Training is deterministic, so
 be replayed offline on those numbers (benchmarks/tune_replay.py: tailor's sampler, pruner and sampling code, each
 trial's training replaced by the recorded losses), for many seeds, in seconds.
 
-What is measured (the goals of issue 22), for three searches over the grid's points (categorical choices):
+What is measured (the goals of issue 22), for four searches over the grid's points (categorical choices):
 
-* `tailor`: bayesian search as tailor runs it with this benchmark's settings (TPE in UntriedFirst after
-  STARTUP_TRIALS random trials, the median pruner, warm-up a third of a trial);
+* `tailor`: bayesian search as tailor runs it with this benchmark's settings and tailor's defaults (TPE in
+  UntriedFirst after STARTUP_TRIALS random trials; successive halving, its first rung at the first report);
 * `random`: Optuna's RandomSampler (`tune.sampler=random`), no pruning;
-* `random_pruned`: the same with tailor's median pruner;
+* `random_pruned`: the same with tailor's default pruner;
+* `median`: tailor's search with its previous default pruner (median, warm-up a third of a trial);
 
 on two families: `city` (the recorded grid, seeds 0 … 199) and `synthetic` (100 seeded landscapes of the same shape,
 10 seeds each; the family is described in benchmarks/tune_replay.py):
@@ -61,14 +62,16 @@ EVAL_RECORDS = 8  # held-out questions for the eval loss; the pruner reads it ev
 STEPS, REPORT_EVERY, STARTUP_TRIALS = 12, 2, 2
 
 
-def settings(pruner: str = "median") -> tuple[list[str], dict]:
+def settings(pruner: str | None = None) -> tuple[list[str], dict]:
+    """The grid benchmark's config overrides and space; `pruner` replaces tailor's default pruner."""
     learning_rates, ranks, steps = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], [4, 8, 16], STEPS
     # eval.limit=0: the objective is the eval loss on the same questions the pruner's losses come from
     overrides = [f"train.max_steps={steps}", "train.batch_size=2", "train.warmup_ratio=0.0", "train.epochs=1",
                  "train.save_every=0", "eval.limit=0", "eval.max_new_tokens=4", "eval.batch_size=4",
                  "tune.metric=eval_loss", f"tune.report_every={REPORT_EVERY}",
-                 f"tune.startup_trials={STARTUP_TRIALS}", f"tune.pruner={pruner}",
-                 "tune.pruner_warmup_steps=null"]  # the engine's default: a third of the trial's steps
+                 f"tune.startup_trials={STARTUP_TRIALS}",
+                 "tune.pruner_warmup_steps=null",  # the engine's default (successive halving: the first report)
+                 *([f"tune.pruner={pruner}"] if pruner else [])]
     space = {"train.learning_rate": {"type": "categorical", "choices": learning_rates},
              "methods.lora.r": {"type": "categorical", "choices": ranks}}
     return overrides, space
@@ -138,17 +141,9 @@ def replay_figures(results_with_grid: Path) -> dict:
     grid_steps = {"city": city.steps, "synthetic": landscapes[0].steps}  # every landscape has the same shape
     started, figures = time.perf_counter(), {}
     for name, strategy in chosen.items():
-        with tune_replay.patched(strategy):
-            searches = {
-                "city": [tune_replay.budget_replay(strategy, seed, city) for seed in range(CITY_SEEDS)],
-                "synthetic": [tune_replay.budget_replay(strategy, seed, landscape)
-                              for landscape in landscapes for seed in range(LANDSCAPE_SEEDS)]}
-        figures[name] = {family: tune_replay.budget_figures(found, grid_steps[family])
-                         for family, found in searches.items()}
-        print(f"{name}: " + "; ".join(f"{family} within 1% at a third {f['within_at_budget']:.3f}, median regret "
-                                      f"{f['median_regret_at_budget']}, steps to 1% median "
-                                      f"{f['steps_to_within']['median']} p90 {f['steps_to_within']['p90']}"
-                                      for family, f in figures[name].items()), flush=True)
+        figures[name] = tune_replay.budget_searches(strategy, {"city": [city], "synthetic": landscapes},
+                                                    {"city": CITY_SEEDS, "synthetic": LANDSCAPE_SEEDS})
+        print(tune_replay.budget_line(name, figures[name]), flush=True)
     families = ("city", "synthetic")
     return {
         "within_1pct_at_third": {n: {fam: f[fam]["within_at_budget"] for fam in families} for n, f in figures.items()},
@@ -181,14 +176,36 @@ CONTINUOUS_QUICK = {"trials": 2, "seeds": 1, "eval_records": EVAL_RECORDS,
 CONTINUOUS_STRATEGIES = {"tailor": ["tune.sampler=bayesian"], "random": ["tune.sampler=random", "tune.pruner=none"]}
 
 
-def continuous_search(cache: Path, quick: bool, seeds: int | None = None) -> dict:
+def collected(config, run_dir: Path) -> dict | None:
+    """The figures of a study as far as it ran (None when it has no finished trial), training nothing."""
+    import optuna
+
+    from tailor.tune.search import open_study
+    from tailor.tune.space import params_to_values
+
+    if not (run_dir / "tune" / "study.db").is_file():
+        return None
+    study = open_study(config, run_dir)
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)]
+    complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None
+    best = max(complete, key=lambda t: t.value)
+    return {"best_token_f1": round(best.value, 4), "steps": trial_steps(study),
+            "best": params_to_values(best.params, config.tune.space), "trials": len(finished),
+            "pruned": len(finished) - len(complete), "seconds": None}
+
+
+def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collect: bool = False) -> dict:
     """12 trials (quick: 2) of each strategy per tune seed (the first `seeds` of them), through tailor's own
-    `run_tune`."""
+    `run_tune`; `collect`: only read the studies as far as they ran."""
     scale = dict(CONTINUOUS_QUICK if quick else CONTINUOUS)
     wanted = scale["seeds"] if seeds is None else min(seeds, scale["seeds"])
-    # the example's training settings; the search's settings those of the grid benchmark (same pruner, warm-up)
+    # the example's training settings; the search's settings those of the grid benchmark (tailor's default pruner
+    # and warm-up, its start-up trials)
     overrides = ["train.save_every=0", "eval.limit=0", "tune.metric=token_f1",
-                 f"tune.startup_trials={STARTUP_TRIALS}", "tune.pruner=median", "tune.pruner_warmup_steps=null",
+                 f"tune.startup_trials={STARTUP_TRIALS}", "tune.pruner_warmup_steps=null",
                  f"tune.trials={scale['trials']}", *scale["overrides"]]
     data = apply_overrides(load_raw(EXAMPLE / "tailor.yaml"), overrides)
     data.setdefault("tune", {})["space"] = CONTINUOUS_SPACE
@@ -202,6 +219,11 @@ def continuous_search(cache: Path, quick: bool, seeds: int | None = None) -> dic
             tuned = apply_overrides(data, [*strategy_overrides, f"tune.seed={seed}"])
             config = validate_config(tuned, f"continuous ({name})")
             run_dir = folder / f"{name}-seed{seed}"
+            if collect:
+                found = collected(config, run_dir)
+                if found is not None:
+                    per_seed[str(seed)][name] = found
+                continue
             prepare_run(run_dir, config, EXAMPLE, eval_records=scale["eval_records"])
             started = time.perf_counter()
             result = run_tune(config, tuned, EXAMPLE, run_dir, source=f"benchmark continuous ({name})")
@@ -211,7 +233,15 @@ def continuous_search(cache: Path, quick: bool, seeds: int | None = None) -> dic
                 "best": result.best_values, "trials": len(states), "pruned": states.count("pruned"),
                 "seconds": round(time.perf_counter() - started, 1)}
             print(f"continuous seed {seed} {name}: {per_seed[str(seed)][name]}", flush=True)
-    full = "complete" if wanted == scale["seeds"] else f"partial: {wanted} of {scale['seeds']} seeds"
+    per_seed = {seed: found for seed, found in per_seed.items() if found}
+    done = sum(len(found) == len(CONTINUOUS_STRATEGIES) and all(f["trials"] >= scale["trials"]
+                                                                for f in found.values())
+               for found in per_seed.values())
+    full = "complete" if done == scale["seeds"] else (
+        f"partial: {done} of {scale['seeds']} seeds complete" + (
+            "; " + ", ".join(f"seed {seed} {name} {f['trials']} of {scale['trials']} trials"
+                             for seed, found in per_seed.items() for name, f in found.items()
+                             if f["trials"] < scale["trials"]) if collect else ""))
     status = (full if not quick else
               f"smoke run only ({scale['trials']} trials per strategy, {scale['seeds']} seed, 2-step trials, "
               f"{EVAL_RECORDS} questions): it shows the path works and measures nothing; the full run "
@@ -237,17 +267,18 @@ def goals(results: dict) -> dict:
             "met": ours is not None and theirs is not None and ours < theirs}
     continuous = results.get("continuous_search")
     key = "continuous_search.tailor_f1_at_least_random_in_2_of_3_seeds_with_fewer_steps"
+    # a seed counts once both strategies ran their trials in full
+    compared = [] if not continuous or continuous.get("quick") else [
+        seed for seed in continuous["seeds"].values()
+        if set(seed) >= set(CONTINUOUS_STRATEGIES) and min(f["trials"] for f in seed.values()) >= CONTINUOUS["trials"]]
+    wins = sum(seed["tailor"]["best_token_f1"] >= seed["random"]["best_token_f1"]
+               and seed["tailor"]["steps"] < seed["random"]["steps"] for seed in compared)
     if not continuous or continuous.get("status") != "complete":
-        wins = None if not continuous or continuous.get("quick") else sum(
-            seed["tailor"]["best_token_f1"] >= seed["random"]["best_token_f1"]
-            and seed["tailor"]["steps"] < seed["random"]["steps"] for seed in continuous["seeds"].values())
-        found[key] = {"value": None if wins is None else f"{wins} of {len(continuous['seeds'])} seeds run",
+        found[key] = {"value": None if not compared else f"{wins} of {len(compared)} seeds run",
                       "goal": ">= 2 of 3 seeds", "met": None,
                       "status": f"pending ({continuous['status'] if continuous else 'no run'})"}
     else:
-        wins = sum(seed["tailor"]["best_token_f1"] >= seed["random"]["best_token_f1"]
-                   and seed["tailor"]["steps"] < seed["random"]["steps"] for seed in continuous["seeds"].values())
-        found[key] = {"value": f"{wins} of {len(continuous['seeds'])}", "goal": ">= 2 of 3 seeds", "met": wins >= 2}
+        found[key] = {"value": f"{wins} of {len(compared)}", "goal": ">= 2 of 3 seeds", "met": wins >= 2}
     return found
 
 
@@ -258,14 +289,19 @@ def main() -> None:
     parser.add_argument("--continuous", action="store_true", help="Also run the continuous search (trains).")
     parser.add_argument("--continuous-seeds", type=int, default=None,
                         help="With --continuous: run only the first N tune seeds (of 3).")
+    parser.add_argument("--collect", action="store_true",
+                        help="With --continuous: train nothing; report the studies as far as they ran.")
     parser.add_argument("--record-grid", action="store_true", help="Train the grid again before the replay.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the training (default 1: the machine is shared; give it all cores "
+                             "when the continuous search has the machine to itself).")
     parser.add_argument("--cache", type=Path, default=CACHE, help="Where the trained studies are kept.")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="Written here; its other keys (and, when it exists, its grid) are kept.")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(1)  # the machine is shared: a second thread mostly waits for a core
+    torch.set_num_threads(args.threads)  # on a shared machine a second thread mostly waits for a core
 
     # the recorded grid and earlier keys come from --results when it exists, else from the committed results
     results = read_json(args.results if args.results.is_file() else RESULTS)
@@ -274,7 +310,7 @@ def main() -> None:
     write_json(args.results, results)  # the replay reads the grid from here
     results.update(replay_figures(args.results))
     if args.continuous:
-        results["continuous_search"] = continuous_search(args.cache, args.quick, args.continuous_seeds)
+        results["continuous_search"] = continuous_search(args.cache, args.quick, args.continuous_seeds, args.collect)
     results["goals"] = goals(results)
     write_json(args.results, results)
     print(json.dumps(results["goals"], indent=1))

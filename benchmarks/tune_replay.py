@@ -86,7 +86,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "tune.json"
 GOAL = 0.33  # the retired goal: the grid's exact best within this share of its steps
 BUDGET_SHARE = 1 / 3  # the goal at a budget: the best within WITHIN of the grid's best after a third of its steps
 WITHIN = 0.01
-SEARCH_STRATEGIES = ("tailor", "random", "random_pruned")  # the strategies benchmarks/tune.py compares
+SEARCH_STRATEGIES = ("tailor", "random", "random_pruned", "median")  # the strategies benchmarks/tune.py compares
 SYNTHETIC_SEED = 10_000  # landscape k: RandomState(SYNTHETIC_SEED + k)
 
 LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -107,6 +107,9 @@ class Strategy:
     overrides: list[str] = field(default_factory=list)
     # replacements of tailor's own functions, by "module.attribute" (tailor.tune.search._sampler, …)
     patches: dict[str, Callable] = field(default_factory=dict)
+    # the pruner the strategy varies on: the studies of the retired goal were defined on the median pruner (tailor's
+    # default then, warm-up a third of a trial); None: tailor's default now
+    pruner: str | None = "median"
 
 
 # ---- candidate code paths that are not (or not yet) tailor's own ----
@@ -369,13 +372,16 @@ def strategies() -> list[Strategy]:
     plain = {"tailor.tune.search._sampler": _tpe()}  # TPE as tailor ran it before UntriedFirst
     index = {"tailor.tune.search.sample": _index_sample}
     listed = [
-        Strategy("tailor", "the benchmark as declared now, tailor's code only (TPE in UntriedFirst)"),
+        Strategy("tailor", "the benchmark as declared now, tailor's code and defaults only (TPE in UntriedFirst, "
+                 "successive halving from the first report)", pruner=None),
         # the baselines of the goal at a budget: tailor's code with tune.sampler=random (Optuna's RandomSampler in
         # UntriedFirst: without pruning that changes no step count, since a repeated point is reused at 0 steps)
         Strategy("random", "Optuna's RandomSampler (tune.sampler=random), no pruning",
-                 overrides=["tune.sampler=random", "tune.pruner=none"]),
-        Strategy("random_pruned", "Optuna's RandomSampler (tune.sampler=random) with tailor's median pruner",
-                 overrides=["tune.sampler=random"]),
+                 overrides=["tune.sampler=random", "tune.pruner=none"], pruner=None),
+        Strategy("random_pruned", "Optuna's RandomSampler (tune.sampler=random) with tailor's default pruner",
+                 overrides=["tune.sampler=random"], pruner=None),
+        Strategy("median", "tailor before successive halving became its default: the median pruner after a third "
+                 "of a trial (the base of the rows below)"),
         Strategy("before", "the grid points as categorical choices, plain TPE (tailor before)", CATEGORICAL,
                  patches=plain),
         Strategy("before-index", "before, numeric choices searched as the index of the sorted points "
@@ -547,7 +553,7 @@ _configs: dict[str, object] = {}
 
 def benchmark_config(strategy: Strategy, seed: int):
     if strategy.name not in _configs:  # validating takes seconds (the base model is resolved): once per strategy
-        overrides, declared = benchmark.settings()
+        overrides, declared = benchmark.settings(strategy.pruner)
         # the strategy's overrides last: `random` replaces the sampler
         data = apply_overrides(load_raw(benchmark.EXAMPLE / "tailor.yaml"),
                                overrides + ["tune.sampler=bayesian"] + strategy.overrides)
@@ -675,6 +681,21 @@ def budget_figures(searches: list[dict], grid_steps: int) -> dict:
                                 "not_reached": sum(s["steps_to_within"] is None for s in searches)}}
 
 
+def budget_searches(strategy: Strategy, families: dict[str, list[Grid]], seeds: dict[str, int]) -> dict:
+    """`budget_figures` of one strategy per family: `seeds[family]` seeds on each of the family's grids."""
+    with patched(strategy):
+        searches = {family: [budget_replay(strategy, seed, grid) for grid in grids for seed in range(seeds[family])]
+                    for family, grids in families.items()}
+    return {family: budget_figures(found, families[family][0].steps) for family, found in searches.items()}
+
+
+def budget_line(name: str, figures: dict) -> str:
+    return f"{name}: " + "; ".join(
+        f"{family} within 1% at a third {f['within_at_budget']:.3f}, median regret {f['median_regret_at_budget']}, "
+        f"mean {f['mean_regret_at_budget']}, steps to 1% median {f['steps_to_within']['median']} "
+        f"p90 {f['steps_to_within']['p90']}" for family, f in figures.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=200, help="Seeds 0 … N-1 per strategy.")
@@ -686,6 +707,9 @@ def main() -> None:
     parser.add_argument("--landscapes", type=int, default=0,
                         help="Also replay on synthetic landscapes 0 … N-1 (see above) and report their figures.")
     parser.add_argument("--landscape-seeds", type=int, default=10, help="Seeds 0 … S-1 per synthetic landscape.")
+    parser.add_argument("--budget", action="store_true",
+                        help="Rank by the goal at a budget instead (within 1%% at a third of the grid's steps, "
+                             "benchmarks/tune.py's figures) on the city grid and --landscapes synthetic ones.")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")  # experimental-option warnings of Optuna, once per sampler
@@ -704,6 +728,18 @@ def main() -> None:
         return
 
     landscapes = [synthetic_grid(k) for k in range(args.landscapes)]
+    if args.budget:
+        families = {"city": [grid], **({"synthetic": landscapes} if landscapes else {})}
+        seeds = {"city": args.seeds, "synthetic": args.landscape_seeds}
+        rows = []
+        for strategy in chosen:
+            started = time.perf_counter()
+            found = budget_searches(strategy, families, seeds)
+            rows.append({"strategy": strategy.name, "summary": strategy.summary, **found})
+            print(f"{budget_line(strategy.name, found)}  ({time.perf_counter() - started:.0f}s)", flush=True)
+            if args.json:  # after every row: a long run stopped halfway keeps what it measured
+                write_table(args, grid, rows)
+        return
     rows = []
     synthetic_header = f" | synthetic {'mean':>6} {'median':>6} {'<=0.33':>6} {'none':>4}" if landscapes else ""
     print(f"{'strategy':26} {'mean':>6} {'median':>6} {'p90':>6} {'<=0.33':>6} {'none':>4}{synthetic_header}"
@@ -734,6 +770,9 @@ def write_table(args, grid: Grid, rows: list[dict]) -> None:
              "grid_steps": grid.steps, "grid_best": grid.best, "goal": GOAL,
              "note": f"fractions over seeds 0-{args.seeds - 1}; a search that never reached the grid's best "
                      "counts 1.0 in mean/median/p90"}
+    if args.budget:
+        table.update(goal=f"within {WITHIN:.0%} of the grid's best at {BUDGET_SHARE:.3f} of its steps",
+                     note=f"seeds 0-{args.seeds - 1} on the city grid; budget_figures per family")
     if args.landscapes:
         table["synthetic"] = {
             "landscapes": args.landscapes, "seeds_per_landscape": args.landscape_seeds, "first_seed": SYNTHETIC_SEED,

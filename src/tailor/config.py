@@ -482,14 +482,16 @@ class TuneConfig(Section):
         "In a space of finitely many points (categorical choices, int ranges) random and bayesian try every point "
         "before one again: a proposal of a tried or running point becomes the nearest untried one (training is "
         "seeded, so a second run of a point would only repeat its result)."))
-    pruner: Literal["median", "successive_halving", "hyperband", "none"] = Field("median", description=(
-        "Stop a trial early when its eval loss trails: median of earlier completed trials at the same step, "
-        "successive halving (only the best third of the trials at a rung goes on), or Hyperband (successive "
-        "halving in several brackets)."))
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = Field("successive_halving", description=(
+        "Stop a trial early when its eval loss trails: successive halving (only the best third of the trials at a "
+        "rung goes on; rungs at the warm-up, then 3x, 9x… its steps), the median of earlier completed trials at "
+        "the same step, or Hyperband (successive halving in several brackets). Successive halving found a "
+        "near-best point soonest in tailor's replayed benchmark (docs/benchmarks.md)."))
     pruner_warmup_steps: int | None = Field(None, ge=0, description=(
         "Steps every trial trains before the pruner may stop it (successive halving and Hyperband: the first "
-        "rung); null: a third of the configured run's steps, at least one report interval. Early eval losses "
-        "mostly rank learning rates by speed, not by where they end."))
+        "rung); null: the first report for successive halving, else a third of the configured run's steps (at "
+        "least one report interval): early eval losses mostly rank learning rates by speed, which the median "
+        "pruner would act on."))
     report_every: int = Field(0, ge=0, description=(
         "Steps between the eval losses every trial reports to the pruner; 0: train.eval_every, else a quarter of "
         "the configured run's steps."))

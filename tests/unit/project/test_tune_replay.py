@@ -70,3 +70,21 @@ def test_random_search_trains_every_trial_in_full_and_stops_at_the_budget(replay
     found = replay.budget_replay(by_name["random"], 0, grid)
     assert found["within"] == (found["steps_to_within"] is not None and found["steps_to_within"] <= 60)
     assert found["steps_to_within"] % 12 == 0
+
+
+def test_budget_searches_cover_every_grid_of_a_family(replay):
+    grid = _landscape(replay, {(3e-3, 4): 2.0})
+    by_name = {strategy.name: strategy for strategy in replay.strategies()}
+    figures = replay.budget_searches(by_name["random"], {"city": [grid], "synthetic": [grid, grid]},
+                                     {"city": 3, "synthetic": 2})
+    assert figures["city"]["searches"] == 3 and figures["synthetic"]["searches"] == 4
+    assert "city within 1% at a third" in replay.budget_line("random", figures)
+
+
+def test_the_replayed_tailor_search_is_tailors_default_and_median_the_previous_one(replay):
+    from tailor.config import TuneConfig
+
+    by_name = {strategy.name: strategy for strategy in replay.strategies()}
+    assert replay.benchmark_config(by_name["tailor"], 0).tune.pruner == TuneConfig().pruner == "successive_halving"
+    assert replay.benchmark_config(by_name["median"], 0).tune.pruner == "median"
+    assert replay.benchmark_config(by_name["random"], 0).tune.pruner == "none"

@@ -202,16 +202,21 @@ def test_median_pruner_waits_for_the_warm_up_and_never_prunes_the_last_step(work
     assert sorted(last.intermediate_values) == [1, 2, 3, 4] and last.value > 0
 
 
-def test_default_warm_up_is_a_third_of_the_run(workspace):
+def test_default_warm_up_is_the_first_report_for_halving_and_a_third_of_the_run_for_the_median(workspace):
     from tailor.tune.search import _pruner, pruner_warmup
 
     data = yaml.safe_load((workspace / "tailor.yaml").read_text())
     config = validate_config(apply_overrides(data, ["train.max_steps=12"]))
-    assert pruner_warmup(config, 8, every=2) == 4
-    assert pruner_warmup(validate_config(apply_overrides(data, ["train.max_steps=3"])), 8, every=2) == 2
+    assert config.tune.pruner == "successive_halving"  # the default
+    assert pruner_warmup(config, 8, every=2) == 2
+    halving = _pruner(config, 2, pruner_warmup(config, 8, every=2))
+    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner) and halving._min_resource == 2
+    median = validate_config(apply_overrides(data, ["train.max_steps=12", "tune.pruner=median"]))
+    assert pruner_warmup(median, 8, every=2) == 4
+    assert pruner_warmup(validate_config(apply_overrides(data, ["train.max_steps=3", "tune.pruner=median"])), 8,
+                         every=2) == 2
     assert pruner_warmup(validate_config(apply_overrides(data, ["tune.pruner_warmup_steps=0"])), 8, every=2) == 0
-    halving = _pruner(validate_config(apply_overrides(data, ["tune.pruner=successive_halving"])), 2, 4)
-    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)
+    assert _pruner(config, 2, 6)._min_resource == 6  # a longer warm-up moves the first rung
 
 
 def _space(config_data, tiny_model_dir):
