@@ -197,9 +197,11 @@ def collected(config, run_dir: Path) -> dict | None:
             "pruned": len(finished) - len(complete), "seconds": None}
 
 
-def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collect: bool = False) -> dict:
+def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collect: bool = False,
+                      strategies: list[str] | None = None) -> dict:
     """12 trials (quick: 2) of each strategy per tune seed (the first `seeds` of them), through tailor's own
-    `run_tune`; `collect`: only read the studies as far as they ran."""
+    `run_tune`; `collect`: only read the studies as far as they ran; `strategies`: train only these (the others'
+    studies are read as they are), e.g. one per process so both strategies advance side by side."""
     scale = dict(CONTINUOUS_QUICK if quick else CONTINUOUS)
     wanted = scale["seeds"] if seeds is None else min(seeds, scale["seeds"])
     # the example's training settings; the search's settings those of the grid benchmark (tailor's default pruner
@@ -219,7 +221,7 @@ def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collec
             tuned = apply_overrides(data, [*strategy_overrides, f"tune.seed={seed}"])
             config = validate_config(tuned, f"continuous ({name})")
             run_dir = folder / f"{name}-seed{seed}"
-            if collect:
+            if collect or (strategies and name not in strategies):
                 found = collected(config, run_dir)
                 if found is not None:
                     per_seed[str(seed)][name] = found
@@ -238,10 +240,9 @@ def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collec
                                                                 for f in found.values())
                for found in per_seed.values())
     full = "complete" if done == scale["seeds"] else (
-        f"partial: {done} of {scale['seeds']} seeds complete" + (
-            "; " + ", ".join(f"seed {seed} {name} {f['trials']} of {scale['trials']} trials"
-                             for seed, found in per_seed.items() for name, f in found.items()
-                             if f["trials"] < scale["trials"]) if collect else ""))
+        f"partial: {done} of {scale['seeds']} seeds complete" + "".join(
+            f"; seed {seed} {name} {f['trials']} of {scale['trials']} trials"
+            for seed, found in per_seed.items() for name, f in found.items() if f["trials"] < scale["trials"]))
     status = (full if not quick else
               f"smoke run only ({scale['trials']} trials per strategy, {scale['seeds']} seed, 2-step trials, "
               f"{EVAL_RECORDS} questions): it shows the path works and measures nothing; the full run "
@@ -291,6 +292,8 @@ def main() -> None:
                         help="With --continuous: run only the first N tune seeds (of 3).")
     parser.add_argument("--collect", action="store_true",
                         help="With --continuous: train nothing; report the studies as far as they ran.")
+    parser.add_argument("--continuous-strategy", action="append", choices=list(CONTINUOUS_STRATEGIES),
+                        help="With --continuous: train only this strategy (repeatable); the others are read.")
     parser.add_argument("--record-grid", action="store_true", help="Train the grid again before the replay.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the training (default 1: the machine is shared; give it all cores "
@@ -310,7 +313,8 @@ def main() -> None:
     write_json(args.results, results)  # the replay reads the grid from here
     results.update(replay_figures(args.results))
     if args.continuous:
-        results["continuous_search"] = continuous_search(args.cache, args.quick, args.continuous_seeds, args.collect)
+        results["continuous_search"] = continuous_search(args.cache, args.quick, args.continuous_seeds, args.collect,
+                                                         args.continuous_strategy)
     results["goals"] = goals(results)
     write_json(args.results, results)
     print(json.dumps(results["goals"], indent=1))
