@@ -176,25 +176,31 @@ CONTINUOUS_QUICK = {"trials": 2, "seeds": 1, "eval_records": EVAL_RECORDS,
 CONTINUOUS_STRATEGIES = {"tailor": ["tune.sampler=bayesian"], "random": ["tune.sampler=random", "tune.pruner=none"]}
 
 
-def collected(config, run_dir: Path) -> dict | None:
-    """The figures of a study as far as it ran (None when it has no finished trial), training nothing."""
+def study_figures(study, space: dict, seconds: float | None = None) -> dict | None:
+    """A continuous study's figures as far as it ran: best token F1 and its point, training steps, finished and
+    pruned trials (None before its first complete trial)."""
     import optuna
 
-    from tailor.tune.search import open_study
     from tailor.tune.space import params_to_values
 
-    if not (run_dir / "tune" / "study.db").is_file():
-        return None
-    study = open_study(config, run_dir)
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                       optuna.trial.TrialState.PRUNED)]
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    finished = [t for t in study.trials if t.state in states]
     complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return None
     best = max(complete, key=lambda t: t.value)
     return {"best_token_f1": round(best.value, 4), "steps": trial_steps(study),
-            "best": params_to_values(best.params, config.tune.space), "trials": len(finished),
-            "pruned": len(finished) - len(complete), "seconds": None}
+            "best": params_to_values(best.params, space), "trials": len(finished),
+            "pruned": len(finished) - len(complete), "seconds": seconds}
+
+
+def collected(config, run_dir: Path) -> dict | None:
+    """`study_figures` of a study on disk, training nothing (None when there is none)."""
+    from tailor.tune.search import open_study
+
+    if not (run_dir / "tune" / "study.db").is_file():
+        return None
+    return study_figures(open_study(config, run_dir), config.tune.space)
 
 
 def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collect: bool = False,
@@ -229,11 +235,8 @@ def continuous_search(cache: Path, quick: bool, seeds: int | None = None, collec
             prepare_run(run_dir, config, EXAMPLE, eval_records=scale["eval_records"])
             started = time.perf_counter()
             result = run_tune(config, tuned, EXAMPLE, run_dir, source=f"benchmark continuous ({name})")
-            states = [trial.state.name.lower() for trial in result.study.trials]
-            per_seed[str(seed)][name] = {
-                "best_token_f1": round(result.best_value, 4), "steps": trial_steps(result.study),
-                "best": result.best_values, "trials": len(states), "pruned": states.count("pruned"),
-                "seconds": round(time.perf_counter() - started, 1)}
+            per_seed[str(seed)][name] = study_figures(result.study, config.tune.space,
+                                                      round(time.perf_counter() - started, 1))
             print(f"continuous seed {seed} {name}: {per_seed[str(seed)][name]}", flush=True)
     per_seed = {seed: found for seed, found in per_seed.items() if found}
     done = sum(len(found) == len(CONTINUOUS_STRATEGIES) and all(f["trials"] >= scale["trials"]
