@@ -30,6 +30,7 @@ import torch
 from tailor.errors import TailorError
 from tailor.methods.kinds import ADAPTER
 from tailor.models.base import load_model
+from tailor.serve.attention import use_cpu_decode_attention
 from tailor.serve.protocol import UnknownModelError
 from tailor.serve.quantize import quantize_linears
 
@@ -87,7 +88,7 @@ class Customizations:
         self._keys = (f"adapter{i}" for i in itertools.count())
 
     def load_base(self) -> Any:
-        base = self.on_decode_thread(lambda: self._quantized(load_model(self.model_ref, dtype=self.dtype).eval()))
+        base = self.on_decode_thread(lambda: self._for_serving(load_model(self.model_ref, dtype=self.dtype).eval()))
         self.backbones["base"] = base
         self.device: torch.device = next(base.parameters()).device
         return base
@@ -248,7 +249,7 @@ class Customizations:
         return Customization("profile", profile=load_profile(folder), folder=str(folder))
 
     def load_whole_model(self, name: str, folder: Path) -> Customization:
-        model = self._quantized(load_model(str(folder), dtype=self.dtype).eval())
+        model = self._for_serving(load_model(str(folder), dtype=self.dtype).eval())
         if model.config.vocab_size != self.backbones["base"].config.vocab_size:
             raise TailorError(f"serve: model '{name}': {folder} has another vocabulary than the base model; "
                               f"serve it with its own `tailor serve`")
@@ -285,14 +286,16 @@ class Customizations:
         # IA3, DoRA and other adapters PEFT cannot mix per row: folded into their own copy of the base
         base = load_model(self.model_ref, dtype=self.dtype)
         try:
-            merged = self._quantized(peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval())
+            merged = self._for_serving(peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval())
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise TailorError(f"serve: adapter '{name}': {folder} does not fit the base model "
                               f"({str(exc).splitlines()[0]})") from None
         return self._own_backbone(merged, folder)
 
-    def _quantized(self, model):
-        return quantize_linears(model, self.quantize)
+    def _for_serving(self, model):
+        """A loaded model as the engine runs it: its linear layers quantized as configured, and attention that is
+        fast for a decoding step on a CPU (attention.py)."""
+        return use_cpu_decode_attention(quantize_linears(model, self.quantize))
 
     def _own_backbone(self, model, folder: Path) -> Customization:
         key = next(self._keys)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from tailor.serve.batching import DecodeBatch, left_pad, positions_from_mask
+from tailor.serve.batching import DecodeBatch, GrowingCache, left_pad, positions_from_mask
 from tailor.serve.customizations import Customizations
 from tailor.serve.protocol import TokenLogprobs
 from tailor.serve.sampling import pick
@@ -67,15 +67,15 @@ class Decoding:
                 raise RuntimeError("batched prompts are left-padded, so the tokenizer needs a pad token id")
             ids, mask = left_pad([torch.tensor(r.prompt_ids, device=device) for r in group], self.pad_token_id)
             inputs = {"input_ids": ids}  # [rows, width]
-        cache, new_columns = DynamicCache(), mask.shape[1]
+        cache, new_columns = GrowingCache(), mask.shape[1]
         if kind == "prefix":
             # each row's prefix is its first cache entries, right-aligned; the gap to its padded prompt is masked
             def stacked(layer: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
                 padded, prefix_mask = left_pad([r.custom.prefix[layer][kv].transpose(0, 1) for r in group])
                 return padded.transpose(1, 2), prefix_mask  # [rows, heads, virtual, head_dim], [rows, virtual]
 
-            cache = DynamicCache(ddp_cache_data=[(stacked(i, 0)[0], stacked(i, 1)[0])
-                                                 for i in range(len(group[0].custom.prefix))])
+            cache = GrowingCache([(stacked(i, 0)[0], stacked(i, 1)[0])
+                                   for i in range(len(group[0].custom.prefix))])
             mask = torch.cat([stacked(0, 0)[1], mask], dim=1)
         scoring = any(r.prompt_logprobs for r in group)
         out = model(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask)[:, -new_columns:],

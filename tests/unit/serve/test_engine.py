@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from tailor.errors import TailorError
 from tailor.models.base import load_tokenizer
+from tailor.serve.batching import GROW_COLUMNS
 from tailor.serve.engine import Engine, PromptTooLongError, QueueFullError, UnknownModelError, UnsupportedRequestError
 
 QUESTIONS = ["Where do I renew a parking permit?", "Library hours?",
@@ -125,14 +126,17 @@ def test_batches_of_one_adapter_or_none_take_the_plain_forward_and_still_match(e
 
 
 def test_a_request_joins_a_running_batch_mid_reply(engine, tiny_model_dir, customizations):
-    long = engine.stream("city", [{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_tokens=40)
+    # long enough to outgrow the cache's first buffers (batching.GrowingLayer) while the other row joins and leaves
+    long = engine.stream("city", [{"role": "user", "content": QUESTIONS[0]}], temperature=0,
+                         max_tokens=GROW_COLUMNS + 16)
     first = next(long)
     late = engine.stream("soft", [{"role": "user", "content": QUESTIONS[1]}], temperature=0, max_tokens=6)
     late_text = late.text()
     long_text = first + long.text()
     assert late.finished_at < long.finished_at  # it joined and left while the long reply was still decoding
-    assert long_text == reference(tiny_model_dir, customizations["city"], prompt_ids(engine, QUESTIONS[0]), 40,
-                                  engine.end_of_turn_ids)
+    assert long.completion_tokens > GROW_COLUMNS
+    assert long_text == reference(tiny_model_dir, customizations["city"], prompt_ids(engine, QUESTIONS[0]),
+                                  GROW_COLUMNS + 16, engine.end_of_turn_ids)
     assert late_text == reference(tiny_model_dir, customizations["soft"], prompt_ids(engine, QUESTIONS[1]), 6,
                                   engine.end_of_turn_ids)
 
