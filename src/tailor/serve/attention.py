@@ -1,12 +1,23 @@
 """Attention for the decoding steps of a CPU engine.
 
 A decoding step asks attention for one query position per row (a few with speculation) against the whole cache.
-PyTorch's CPU SDPA kernel (flash attention for CPU) is built for long queries: in bf16 it took 123 us per layer at
-300 cached positions and 495 us at 1,100 (a grounded prompt), 2 threads, where two plain matrix products over the
-grouped heads take 45 and 59 us. At 30 layers that is 13 ms of a RAG-shaped decoding step spent waiting on the
-kernel (serve.json). So the serving models use `CPU_DECODE` as their attention implementation: steps of a few
-positions on a CPU run the two products below (grouped-query heads share their key and value rows without copying
-them, softmax in fp32); everything else (prompts, GPUs) is transformers' SDPA path unchanged.
+transformers hands such a step to PyTorch's CPU SDPA kernel (flash attention for CPU) with its grouped-query flag,
+and in bf16 that took 123 us per layer at 300 cached positions and 486 us at 1,100 (a grounded prompt), 2 threads: at
+30 layers, 13 ms of a RAG-shaped decoding step. Two ways are faster, each where the other is not (2 threads, bf16,
+one layer; benchmarks/results/decode_step.json has whole steps):
+
+| rows x cached positions | transformers' SDPA call | SDPA, query heads packed per key head | two matmuls |
+|---|---|---|---|
+| 1 x 150 | 70 us | 15 us | 51 us |
+| 1 x 1,100 | 486 us | 72 us | 71 us |
+| 8 x 150 | | 72 us | 90 us |
+| 8 x 1,100 | | 437 us | 223 us |
+
+So the serving models use `CPU_DECODE` as their attention implementation. A step of a few positions on a CPU
+packs the query heads that share a key/value head into one query of several positions, so SDPA reads each cached
+row once (transformers packs them too, but only without a mask and without its grouped-query flag), while the
+cache is small; from `PACKED_SDPA_POSITIONS` cached positions over all rows on, it runs two plain matrix products
+with softmax in fp32. Everything else (prompts, GPUs) is transformers' SDPA path unchanged.
 
 Registered with transformers' AttentionInterface, the documented way to plug an attention function into its models.
 """
@@ -20,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 CPU_DECODE = "tailor_cpu_decode"
 DECODE_POSITIONS = 8  # query positions per row up to which a forward pass is a decoding step (speculation included)
+PACKED_SDPA_POSITIONS = 2048  # cached positions over all rows up to which packed SDPA is the faster (table above)
 
 
 def cpu_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -34,18 +46,23 @@ def cpu_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     kv_heads, columns = key.shape[1], key.shape[2]
-    # a GrowingCache layer's keys are the first columns of a buffer (batching.py): the matrix products run on the
-    # contiguous buffer, columns past the cache's masked out, because on a strided view they copy it first
-    key, value = _buffer_of(key), _buffer_of(value)
     groups = heads // kv_heads  # head h reads key/value head h // groups (transformers' repeat_kv order)
     scale = dim ** -0.5 if scaling is None else scaling
+    # [rows, kv_heads, groups * positions, dim]: the heads of one key/value head as one query, (group, position) order
     grouped = query.reshape(rows, kv_heads, groups * positions, dim)
-    scores = (grouped @ key.transpose(-1, -2)).float().mul_(scale)
-    scores = scores.view(rows, kv_heads, groups, positions, key.shape[2])
-    scores[..., columns:] = float("-inf")
     if attention_mask is None and positions > 1:  # the newest positions see the cache and the draft before them
         attention_mask = torch.ones(positions, columns, dtype=torch.bool, device=query.device).tril(
             columns - positions)[None, None]
+    if rows * columns <= PACKED_SDPA_POSITIONS:  # SDPA reads a strided cache view without copying it
+        mask = None if attention_mask is None else attention_mask.repeat(1, 1, groups, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+        return out.view(rows, heads, positions, dim).transpose(1, 2).contiguous(), None
+    # a GrowingCache layer's keys are the first columns of a buffer (batching.py): the matrix products run on the
+    # contiguous buffer, columns past the cache's masked out, because on a strided view they copy it first
+    key, value = _buffer_of(key), _buffer_of(value)
+    scores = (grouped @ key.transpose(-1, -2)).float().mul_(scale)
+    scores = scores.view(rows, kv_heads, groups, positions, key.shape[2])
+    scores[..., columns:] = float("-inf")
     if attention_mask is not None:
         mask = attention_mask[:, :, None]  # [rows or 1, 1, 1, positions, columns]
         cached = scores[..., :columns]

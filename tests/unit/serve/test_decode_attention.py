@@ -10,6 +10,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tailor.serve import attention
 from tailor.serve.attention import cpu_decode_attention
 from tailor.serve.batching import GROW_COLUMNS, GrowingCache, GrowingLayer
 
@@ -27,7 +28,10 @@ def reference(query, key, value, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("positions", [1, 4])
 @pytest.mark.parametrize("padded", [False, True])
-def test_decoding_attention_equals_sdpa_on_a_growing_cache(dtype, positions, padded):
+@pytest.mark.parametrize("path", ["packed_sdpa", "matmuls"])
+def test_decoding_attention_equals_sdpa_on_a_growing_cache(dtype, positions, padded, path, monkeypatch):
+    if path == "matmuls":  # the path of a large cache
+        monkeypatch.setattr(attention, "PACKED_SDPA_POSITIONS", 0)
     torch.manual_seed(0)
     rows, columns, dim = 3, 37, 64
     layer = GrowingLayer()
