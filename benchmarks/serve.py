@@ -323,6 +323,26 @@ def rag_prompts(folder: Path, count: int) -> tuple[list[list[dict]], float]:
 
 
 
+def git_commit() -> str | None:
+    """The commit the measured code is at (None outside a git checkout)."""
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                           text=True, check=False)
+    return found.stdout.strip() or None
+
+
+def headline_figures(report: dict) -> dict:
+    """The ratios and the headline server's tokens/s of a `--workload rag` report, for `earlier_runs`."""
+    llama, rag = report["llama_cpp"], report["rag"]
+    headline = rag["headline_server"]
+    return {"commit": llama.get("commit"), "single_stream_ratio": llama["single_stream_ratio"],
+            "eight_clients_ratio": llama["eight_clients_ratio"], "parallel_ratio": llama.get("parallel_ratio"),
+            "rag_ttft_p50_s": rag["ttft_p50_s"], "headline_server": headline,
+            "chat_tokens_per_second": {level["clients"]: level[headline]["tokens_per_second"]
+                                       for level in llama["chat_levels"]},
+            "rag_tokens_per_second": {level["clients"]: level[headline]["tokens_per_second"]
+                                      for level in rag["levels"]}}
+
+
 def rag_workload(args) -> None:
     """tailor's engine against llama.cpp (Q4_1, Q8_0) on the grounded chatbot's load (≈1,000-token prompts, 64-token
     answers) and on the chat load (short questions, 96-token answers, 1 and 8 clients); one level after the other,
@@ -392,6 +412,11 @@ def rag_workload(args) -> None:
         **({"llama_server_q4_1": f"llama.cpp's llama-server ({args.llama_server}), bundled Q4_1 GGUF, --parallel 16, "
                                  f"continuous batching, its prompt cache on, {LLAMA_THREADS} threads"}
            if args.llama_server else {})}
+    # a run replaces the figures; experiments kept from earlier runs and each earlier run's headline figures stay
+    previous = report.get("llama_cpp", {})
+    kept = {key: value for key, value in previous.items() if key.endswith("_experiment")}
+    earlier = [*previous.get("earlier_runs", []),
+               *([headline_figures(report)] if "rag" in report and "single_stream_ratio" in previous else [])]
     report["rag"] = {"prompt_tokens_mean": prompt_tokens, "max_tokens": 64, "quick": args.quick,
                      "servers": servers_used, "headline_server": headline,
                      "levels": [{"clients": c, **{name: rag_measured[(name, c)] for name in kinds}} for c in levels],
@@ -405,7 +430,8 @@ def rag_workload(args) -> None:
                        for q, peer in (("int4", "llama_cpp_q4_1"), ("int8", "llama_cpp_q8_0"),
                                        ("none", "llama_cpp_q8_0")) if q in args.quantize}
     report["llama_cpp"] = {
-        "servers": servers_used, "chat_max_tokens": 96, "headline": f"{headline} / llama_cpp_q4_1",
+        "commit": git_commit(), "servers": servers_used, "chat_max_tokens": 96,
+        "headline": f"{headline} / llama_cpp_q4_1",
         "chat_levels": [{"clients": c, **{name: chat_measured[(name, c)] for name in kinds}} for c in (1, 8)],
         "single_stream_ratio": ratio(chat_measured, 1), "eight_clients_ratio": ratio(chat_measured, 8),
         "rag_single_stream_ratio": ratio(rag_measured, 1), "rag_eight_clients_ratio": ratio(rag_measured, 8),
@@ -415,7 +441,7 @@ def rag_workload(args) -> None:
             "parallel_ratio_rag": {"1_client": ratio(rag_measured, 1, "", "llama_server_q4_1"),
                                    "8_clients": ratio(rag_measured, 8, "", "llama_server_q4_1")}}
            if args.llama_server else {}),
-        "load_average": [round(x, 2) for x in os.getloadavg()]}
+        "load_average": [round(x, 2) for x in os.getloadavg()], **kept, "earlier_runs": earlier}
     report.setdefault("goals", {})
     report["goals"].update({"rag.ttft_p50_s": "<= 1.5", "llama_cpp.single_stream_ratio": ">= 1.0",
                             "llama_cpp.eight_clients_ratio": ">= 3.0"})
