@@ -245,7 +245,8 @@ class ServeConfig(Section):
     max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one batch.")
     speculative_tokens: int | None = Field(None, ge=0, description=(
         "Draft tokens (prompt lookup) a greedy request decoding alone may check per step; 0: off; null: 4, except "
-        "for float32 weights on a CPU, where checking them costs more than it saves."))
+        "on a CPU: 1 with serve.quantize int8/int4 (their kernels cost more per extra position), 0 for float32 "
+        "weights, where checking them costs more than it saves."))
     quantize: Literal["none", "int8", "int4"] = Field("none", description=(
         "Weight-only quantization of the served model's linear layers on a CPU (PyTorch's int8 / int4 kernels; "
         "prompts run on the dequantized weights): int8 (a scale per output channel) decodes one request about 1.6x "

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tailor.errors import TailorError
-from tailor.serve.engine import Engine
+from tailor.serve.engine import Engine, default_speculative_tokens
 from tailor.serve.quantize import INT4_GROUP, KERNEL_POSITIONS, QuantizedLinear, quantize_linears
 from tests.unit.serve.test_engine import QUESTIONS, customizations  # noqa: F401 - the adapters fixture, shared
 
@@ -119,3 +119,16 @@ def test_a_quantized_engine_decodes_in_a_batch_as_one_at_a_time(quantized_engine
 def test_an_unknown_quantization_is_refused_when_the_engine_starts(tiny_model_dir):
     with pytest.raises(TailorError, match="serve.quantize: must be one of"):
         Engine(tiny_model_dir, dtype=torch.float32, quantize="fp8")
+
+
+def test_speculation_defaults_follow_the_cost_of_an_extra_position(tiny_model_dir):
+    """Null serve.speculative_tokens: 4 draft tokens for bf16 weights, 1 for int8/int4 (their kernels' cost grows with
+    positions), none for float32 on a CPU."""
+    assert default_speculative_tokens(torch.bfloat16, "none") == 4
+    assert default_speculative_tokens(torch.bfloat16, "int4") == default_speculative_tokens(torch.bfloat16, "int8") == 1
+    assert default_speculative_tokens(torch.float32, "int4") == 0
+    engine = Engine(tiny_model_dir, dtype=torch.bfloat16, max_new_tokens=4, quantize="int4")
+    try:
+        assert engine.speculative_tokens == 1
+    finally:
+        engine.shutdown()
