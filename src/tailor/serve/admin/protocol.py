@@ -14,15 +14,18 @@ Stage = Literal["candidate", "staging", "production", "archived"]
 class Reasoned(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000, description=(
+    # the pattern tells the schema (and its clients) that a reason of spaces alone is refused
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"\S", description=(
         "Why; kept in the audit log with the name of the key that made the change."))
 
-    @field_validator("reason")
+    @field_validator("reason", mode="before")  # before the pattern, so a blank reason gets this message
     @classmethod
-    def _not_blank(cls, reason: str) -> str:
-        if not reason.strip():
-            raise PydanticCustomError("blank", "must say why (it is empty)")
-        return reason.strip()
+    def _not_blank(cls, reason: object) -> object:
+        if isinstance(reason, str):
+            if not reason.strip():
+                raise PydanticCustomError("blank", "must say why (it is empty)")
+            return reason.strip()
+        return reason
 
 
 class PromoteRequest(Reasoned):
