@@ -239,12 +239,12 @@ class TransformersGGUF:
             ids = torch.tensor([prompt_ids])
             past = None
             while len(answer) < max_new_tokens:
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                out = self.model(input_ids=ids, cache=past, use_cache=True)
                 token = int(out.logits[0, -1].argmax())
                 answer.append(token)
                 if token in stop_ids:
                     break
-                past, ids = out.past_key_values, torch.tensor([[token]])
+                past, ids = out.cache, torch.tensor([[token]])
         return answer
 
     def logits(self, ids: list[int]) -> np.ndarray:

@@ -79,14 +79,14 @@ class Decoding:
             mask = torch.cat([stacked(0, 0)[1], mask], dim=1)
         scoring = any(r.prompt_logprobs for r in group)
         out = model(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask)[:, -new_columns:],
-                    past_key_values=cache, use_cache=True, logits_to_keep=0 if scoring else 1,
+                    cache=cache, use_cache=True, logits_to_keep=0 if scoring else 1,
                     **self._adapter_args(model, group))
         for row, request in enumerate(group):
             if request.prompt_logprobs:  # the prompt fills the row's last columns; column j predicts j + 1
                 ids = request.prompt_ids
                 scored = out.logits[row, -len(ids):-1]  # [prompt - 1, vocab]
                 request.generation.prompt_logprobs = [None, *token_logprobs(scored, ids[1:], request.logprobs)]
-        return self._choose(group, out.logits[:, -1]), out.past_key_values, mask
+        return self._choose(group, out.logits[:, -1]), out.cache, mask
 
     def step(self, backbone: str, batch: DecodeBatch) -> tuple[list[list[int]], int]:
         """One forward pass over a running batch: per row the tokens to hand on, in order (one; or, for a lone
@@ -97,9 +97,9 @@ class Decoding:
         ids = torch.tensor([[r.next_token, *draft] for r in batch.rows],
                            device=self.customizations.device)  # [rows, 1 + draft]
         mask, positions = batch.step_inputs(ids.shape[1])
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
                     use_cache=True, **self._adapter_args(model, batch.rows))
-        batch.cache = out.past_key_values
+        batch.cache = out.cache
         self.peak_batch_size = max(self.peak_batch_size, len(batch.rows))
         if draft:
             return [self._verified(out.logits[0], draft)], len(draft)
