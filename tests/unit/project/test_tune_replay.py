@@ -88,3 +88,36 @@ def test_the_replayed_tailor_search_is_tailors_default_and_median_the_previous_o
     assert replay.benchmark_config(by_name["tailor"], 0).tune.pruner == TuneConfig().pruner == "successive_halving"
     assert replay.benchmark_config(by_name["median"], 0).tune.pruner == "median"
     assert replay.benchmark_config(by_name["random"], 0).tune.pruner == "none"
+
+
+def continuous(*seeds: tuple[float, int, float, int], trials: int = 12) -> dict:
+    """A continuous_search result: per seed (tailor F1, tailor steps, random F1, random steps)."""
+    return {"quick": False, "status": "as far as it ran", "seeds": {
+        str(k): {"tailor": {"best_token_f1": tf1, "steps": ts, "trials": trials},
+                 "random": {"best_token_f1": rf1, "steps": rs, "trials": trials}}
+        for k, (tf1, ts, rf1, rs) in enumerate(seeds)}}
+
+
+@pytest.mark.parametrize("seeds, met, value", [
+    # a seed is won with a best F1 at least random's and fewer steps
+    ([(0.77, 1003, 0.74, 1943), (0.70, 900, 0.69, 1800)], True, "2 of 2 (of 3; 1 still running)"),
+    ([(0.77, 1003, 0.74, 1943), (0.70, 1900, 0.69, 1800), (0.60, 900, 0.65, 1800)], False, "1 of 3"),
+    ([(0.77, 1003, 0.74, 1943), (0.60, 900, 0.65, 1800)], None, "1 of 2 (of 3; 1 still running)"),
+    ([(0.50, 1003, 0.74, 1943), (0.60, 900, 0.65, 1800)], False, "0 of 2 (of 3; 1 still running)"),
+])
+def test_the_continuous_goal_is_decided_once_the_running_seeds_cannot_change_it(seeds, met, value):
+    tune = load_benchmark("tune")
+    regret = {"tailor": {"city": 0.0, "synthetic": 0.0}, "random": {"city": 0.01, "synthetic": 0.01}}
+    results = {"within_1pct_at_third": {"tailor": {"city": 0.95, "synthetic": 0.95}}, "median_regret_at_third": regret,
+               "continuous_search": continuous(*seeds)}
+    found = tune.goals(results)["continuous_search.tailor_f1_at_least_random_in_2_of_3_seeds_with_fewer_steps"]
+    assert (found["met"], found["value"]) == (met, value)
+
+
+def test_a_seed_whose_trials_did_not_all_run_is_not_compared():
+    tune = load_benchmark("tune")
+    regret = {"tailor": {"city": 0.0, "synthetic": 0.0}, "random": {"city": 0.01, "synthetic": 0.01}}
+    results = {"within_1pct_at_third": {"tailor": {"city": 0.95, "synthetic": 0.95}}, "median_regret_at_third": regret,
+               "continuous_search": continuous((0.77, 1003, 0.74, 1943), (0.70, 500, 0.69, 900), trials=6)}
+    found = tune.goals(results)["continuous_search.tailor_f1_at_least_random_in_2_of_3_seeds_with_fewer_steps"]
+    assert (found["met"], found["value"]) == (None, "0 of 0 (of 3; 3 still running)")
