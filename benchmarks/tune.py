@@ -3,6 +3,7 @@
     python benchmarks/tune.py [--quick] [--results FILE]   → the replayed figures and goals (about a minute)
     python benchmarks/tune.py --continuous [--quick]       → also the continuous search (hours; --quick: a smoke run)
     python benchmarks/tune.py --record-grid                → first train the grid again (about 20 minutes)
+    python benchmarks/tune.py --rank-noise                 → also the grid's best ranks under other training seeds
 
 The grid: learning rate × LoRA r (5 × 3 points, 12-step trials of the default model, an eval loss every 2 steps on
 EVAL_RECORDS held-out answers), trained once with `tune.sampler=grid` and no pruning; its per-step eval losses are
@@ -121,6 +122,32 @@ def record_grid(cache: Path) -> dict:
             "intermediate": {json.dumps(t.params, sort_keys=True): {str(k): v for k, v in
                                                                      sorted(t.intermediate_values.items())}
                              for t in grid.study.trials}}
+
+
+RANK_NOISE_SEEDS = (42, 1, 2)  # 42: the grid's own train.seed (a check that training reproduces the grid)
+
+
+def rank_noise(cache: Path, grid: dict) -> dict:
+    """The grid's LoRA ranks at its best learning rate, trained again with other training seeds (`train.seed`:
+    initialization and shuffling): which rank is best there is what the city grid's median regret turns on."""
+    overrides, space = settings()
+    best_lr = grid["best"]["train.learning_rate"]
+    space = {"train.learning_rate": {"type": "categorical", "choices": [best_lr]},
+             "methods.lora.r": space["methods.lora.r"]}
+    per_seed = {}
+    for seed in RANK_NOISE_SEEDS:
+        data = apply_overrides(load_raw(EXAMPLE / "tailor.yaml"), [*overrides, f"train.seed={seed}"])
+        data.setdefault("tune", {})["space"] = space
+        run_dir = cache / "rank-noise" / f"seed{seed}"
+        prepare_run(run_dir, validate_config(data, "rank noise"), EXAMPLE)
+        found = search(data, run_dir, "grid", len(space["methods.lora.r"]["choices"]), 0, pruner="none")
+        losses = {str(t.params["methods.lora.r"]): round(t.value, 4) for t in found.study.trials}
+        per_seed[str(seed)] = {"eval_loss_by_r": losses, "best_r": int(min(losses, key=losses.get)),
+                               "spread": round(max(losses.values()) / min(losses.values()) - 1, 5)}
+        print(f"rank noise, train.seed {seed}: {per_seed[str(seed)]}", flush=True)
+    return {"learning_rate": best_lr, "grid_train_seed": 42, "seeds": per_seed,
+            "note": "eval loss of each LoRA r at the grid's best learning rate, per training seed (the grid's own: "
+                    "42); best_r: the lowest there; spread: worst / best - 1"}
 
 
 # ---- the replay: the goals at a third of the grid's steps ----
@@ -309,6 +336,9 @@ def main() -> None:
     parser.add_argument("--continuous-seed", type=int, action="append",
                         help="With --continuous: train only this tune seed (repeatable); the others are read.")
     parser.add_argument("--record-grid", action="store_true", help="Train the grid again before the replay.")
+    parser.add_argument("--rank-noise", action="store_true",
+                        help="Also train the grid's ranks at its best learning rate with other training seeds "
+                             "(9 trials, about 15 minutes; resumed from --cache).")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the training (default 1: the machine is shared; give it all cores "
                              "when the continuous search has the machine to itself).")
@@ -326,6 +356,8 @@ def main() -> None:
         results["grid"] = record_grid(args.cache)
     write_json(args.results, results)  # the replay reads the grid from here
     results.update(replay_figures(args.results))
+    if args.rank_noise:
+        results["rank_noise"] = rank_noise(args.cache, results["grid"])
     if args.continuous:
         results["continuous_search"] = continuous_search(args.cache, args.quick, args.continuous_seeds, args.collect,
                                                          args.continuous_strategy, args.continuous_seed)
