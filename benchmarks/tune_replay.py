@@ -675,6 +675,8 @@ def budget_figures(searches: list[dict], grid_steps: int) -> dict:
     mean_regret = statistics.fmean(s["regret"] for s in searches)  # where medians tie on a grid's few values
     return {"searches": len(searches),
             "within_at_budget": round(sum(s["within"] for s in searches) / len(searches), 4),
+            # the share holding the grid's best point itself: what a median regret of 0 needs over half of
+            "at_best_at_budget": round(sum(s["regret"] == 0 for s in searches) / len(searches), 4),
             "median_regret_at_budget": round(regret, 5) if math.isfinite(regret) else None,
             "mean_regret_at_budget": round(mean_regret, 5) if math.isfinite(mean_regret) else None,
             "steps_to_within": {"median": statistics.median(steps), "p90": steps[math.ceil(0.9 * len(steps)) - 1],

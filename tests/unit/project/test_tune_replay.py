@@ -37,6 +37,7 @@ def test_figures_over_searches(replay):
                 {"regret": 0.005, "within": True, "steps_to_within": None}]  # never: counts the grid's 180 steps
     figures = replay.budget_figures(searches, grid_steps=180)
     assert figures["within_at_budget"] == pytest.approx(0.6667)
+    assert figures["at_best_at_budget"] == pytest.approx(0.3333)
     assert figures["median_regret_at_budget"] == 0.005
     assert figures["mean_regret_at_budget"] == pytest.approx(0.00667)
     assert figures["steps_to_within"] == {"median": 72, "p90": 180, "not_reached": 1}
