@@ -15,7 +15,8 @@ hundreds of seeds in seconds. Two figures:
 
 What is simulated is what tailor runs: the config is the benchmark's (`benchmarks/tune.py` settings on the city
 example's tailor.yaml, validated by tailor), the study gets tailor's sampler and pruner (`configure_study`, reseeded
-with `tune.seed + len(study.trials)` before every trial, as a study resumed one trial per call is: the retired
+before every trial from `tune.seed` and the trial count, as a study resumed one trial per call is; the studies other
+than SEARCH_STRATEGIES were recorded when that seed was `tune.seed + len(study.trials)`, and replay with it: the retired
 benchmark ran it so; over many seeds it is the same search as one `tailor tune` call with other random draws), trials
 are sampled by `tailor.tune.space.sample`, repeats are reused by `reuse_same_point` and the pruner is asked by
 tailor's `PruningReporter`. A strategy that is not tailor's code (the candidates compared) replaces one of those
@@ -488,7 +489,17 @@ def strategies() -> list[Strategy]:
                            "order alone costs; a bound, not a strategy)", CATEGORICAL,
                            patches={"tailor.tune.search._pruner":
                                     lambda config, every, warmup=0: _ClairvoyantPruner(4, only_best=True)}))
+    for strategy in listed:  # the recorded studies replay with the seeds they ran with
+        if strategy.name not in SEARCH_STRATEGIES:
+            strategy.patches = {"tailor.tune.search.sampler_seed": _additive_seed, **strategy.patches}
     return listed
+
+
+def _additive_seed(seed: int, trials: int, worker: int) -> int:
+    """tailor's sampler seed before issue 22's searches showed that it made neighbouring seeds repeat each other's
+    trials (seed 0 resumed after one trial proposed what seed 1 did): every study but SEARCH_STRATEGIES' was
+    recorded with it (tune_replay.json, tune_replay_budget.json) and replays with it."""
+    return seed + trials + 7919 * worker
 
 
 # ---- the replay ----

@@ -93,11 +93,20 @@ def open_study(config: TailorConfig, run_dir: Path, *, worker: int = 0, report_e
 def configure_study(study, config: TailorConfig, *, worker: int = 0, report_every: int = 1,
                     warmup_steps: int = 0) -> None:
     """Give an opened study tailor's sampler and pruner (benchmarks/tune_replay.py replays studies with it)."""
-    # a resumed study reseeds with its trial count, so it does not propose its first trials again; parallel
-    # workers of one run add their number, so they do not all propose the same values
-    seed = config.tune.seed + len(study.trials) + 7919 * worker
-    study.sampler = _sampler(config, seed)
+    study.sampler = _sampler(config, sampler_seed(config.tune.seed, len(study.trials), worker))
     study.pruner = _pruner(config, report_every, warmup_steps)
+
+
+def sampler_seed(seed: int, trials: int, worker: int) -> int:
+    """The sampler's seed for a study opened with `trials` trials by `worker`. A resumed study must not propose its
+    first trials again, and parallel workers must not all propose the same values, so both get a seed derived from
+    (seed, trials, worker); derived by hashing, not by adding: seed 0 resumed after one trial must not become seed 1,
+    or searches with neighbouring seeds repeat each other's trials. A fresh study of one worker keeps its seed."""
+    import numpy as np
+
+    if trials == 0 and worker == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**32, trials, worker]).generate_state(1)[0])
 
 
 def _sampler(config: TailorConfig, seed: int):

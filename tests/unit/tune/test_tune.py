@@ -322,3 +322,33 @@ def test_trials_read_the_corpus_and_every_data_file_of_the_run(workspace):
     for relative in ("corpus.jsonl", "data/train.jsonl", "data/eval.jsonl", "data/pretrain/train.jsonl"):
         assert (trial / relative).is_symlink() and (trial / relative).resolve() == (run_dir / relative).resolve()
     assert (trial / "model" / "config.json").is_file()  # the whole model continued pre-training saves
+
+
+def test_a_resumed_study_does_not_repeat_the_trials_of_a_neighbouring_seed(tiny_model_dir):
+    from tailor.tune.search import configure_study, sampler_seed
+    from tailor.tune.space import sample
+
+    space = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+    def study_with(seed, trials_before=0, worker=0):
+        config = validate_config({"base_model": tiny_model_dir, "tune": {"sampler": "random", "seed": seed,
+                                                                         "space": space}})
+        study = optuna.create_study()
+        for _ in range(trials_before):  # trials of an earlier run of the study
+            study.enqueue_trial({"train.learning_rate": 1e-3})
+            _ask(study, config.tune.space)
+        configure_study(study, config, worker=worker)
+        return study, config
+
+    def first_proposals(study, config, n=3):
+        return [sample(study.ask(), config.tune.space)["train.learning_rate"] for _ in range(n)]
+
+    assert sampler_seed(5, 0, 0) == 5  # a fresh study proposes what its seed always proposed
+    fresh_seed_1 = first_proposals(*study_with(1))
+    assert first_proposals(*study_with(1)) == fresh_seed_1  # the same seed proposes the same trials
+    # seed 0 resumed after one trial, and the second worker of seed 1, each propose their own values
+    for resumed_or_worker in (first_proposals(*study_with(0, trials_before=1)),
+                              first_proposals(*study_with(1, worker=1))):
+        assert not set(resumed_or_worker) & set(fresh_seed_1)
+    assert len({sampler_seed(seed, trials, worker) for seed in range(3) for trials in range(13)
+                for worker in range(3)}) == 3 * 13 * 3
