@@ -99,13 +99,12 @@ def configure_study(study, config: TailorConfig, *, worker: int = 0, report_ever
 
 def sampler_seed(seed: int, trials: int, worker: int) -> int:
     """The sampler's seed for a study opened with `trials` trials by `worker`. A resumed study must not propose its
-    first trials again, and parallel workers must not all propose the same values, so both get a seed derived from
-    (seed, trials, worker); derived by hashing, not by adding: seed 0 resumed after one trial must not become seed 1,
-    or searches with neighbouring seeds repeat each other's trials. A fresh study of one worker keeps its seed."""
+    first trials again, and parallel workers must not all propose the same values, so each gets a seed derived from
+    (seed, trials, worker) by hashing, not by adding: with `seed + trials`, seed 0 resumed after one trial proposed
+    what seed 1 did, so searches with neighbouring seeds repeated each other's trials. A fresh study is hashed too,
+    so that no seed proposes what a study resumed under the additive rule did."""
     import numpy as np
 
-    if trials == 0 and worker == 0:
-        return seed
     return int(np.random.SeedSequence([seed % 2**32, trials, worker]).generate_state(1)[0])
 
 
