@@ -695,9 +695,11 @@ def budget_figures(searches: list[dict], grid_steps: int) -> dict:
 
 
 def budget_searches(strategy: Strategy, families: dict[str, list[Grid]], seeds: dict[str, int]) -> dict:
-    """`budget_figures` of one strategy per family: `seeds[family]` seeds on each of the family's grids."""
+    """`budget_figures` of one strategy per family: `seeds[family]` seeds on each of the family's grids, other
+    seeds on each grid (the same seeds on every landscape would make a family's searches share their start)."""
     with patched(strategy):
-        searches = {family: [budget_replay(strategy, seed, grid) for grid in grids for seed in range(seeds[family])]
+        searches = {family: [budget_replay(strategy, seed, grid) for k, grid in enumerate(grids)
+                             for seed in range(k * seeds[family], (k + 1) * seeds[family])]
                     for family, grids in families.items()}
     return {family: budget_figures(found, families[family][0].steps) for family, found in searches.items()}
 

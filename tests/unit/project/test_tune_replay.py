@@ -82,6 +82,15 @@ def test_budget_searches_cover_every_grid_of_a_family(replay):
     assert "city within 1% at a third" in replay.budget_line("random", figures)
 
 
+def test_each_grid_of_a_family_is_searched_with_its_own_seeds(replay, monkeypatch):
+    grids = [_landscape(replay, {(3e-3, 4): 2.0}), _landscape(replay, {(1e-3, 8): 2.0})]
+    seen = []
+    monkeypatch.setattr(replay, "budget_replay", lambda strategy, seed, grid: seen.append(
+        (grids.index(grid), seed)) or {"regret": 0.0, "within": True, "steps_to_within": 12})
+    replay.budget_searches(replay.strategies()[0], {"synthetic": grids}, {"synthetic": 3})
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+
+
 def test_the_replayed_tailor_search_is_tailors_default_and_median_the_previous_one(replay):
     from tailor.config import TuneConfig
 
