@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -103,17 +104,26 @@ def trial_steps(study) -> int:
     return sum(int(trial.user_attrs.get("steps", 0)) for trial in study.trials)
 
 
+def grid_points(space: dict) -> int:
+    return math.prod(len(dimension["choices"]) for dimension in space.values())
+
+
+def train_grid(space: dict, run_dir: Path, extra: tuple[str, ...] = ()):
+    """Every point of `space` trained in full with the grid benchmark's settings (and `extra` overrides), in
+    `run_dir` (a finished study is read, not trained again)."""
+    overrides, _ = settings()
+    data = apply_overrides(load_raw(EXAMPLE / "tailor.yaml"), [*overrides, *extra])
+    data.setdefault("tune", {})["space"] = space
+    prepare_run(run_dir, validate_config(data, "benchmark"), EXAMPLE)
+    return search(data, run_dir, "grid", grid_points(space), 0, pruner="none")
+
+
 def record_grid(cache: Path) -> dict:
     """Train the grid (cached in `cache`; delete it to train again) and return its recorded eval losses."""
-    overrides, space = settings()
-    data = apply_overrides(load_raw(EXAMPLE / "tailor.yaml"), overrides)
-    data.setdefault("tune", {})["space"] = space
-    config = validate_config(data, "benchmark")
+    _, space = settings()
     started = time.perf_counter()
-    grid_run = cache / "full" / "grid"
-    prepare_run(grid_run, config, EXAMPLE)
-    grid_size = len(space["train.learning_rate"]["choices"]) * len(space["methods.lora.r"]["choices"])
-    grid = search(data, grid_run, "grid", grid_size, 0, pruner="none")
+    grid = train_grid(space, cache / "full" / "grid")
+    grid_size = grid_points(space)
     print(f"grid: {grid_size} trials, {trial_steps(grid.study)} steps, best eval loss {grid.best_value:.4f} "
           f"({grid.best_values})", flush=True)
     return {"trials": grid_size, "steps": trial_steps(grid.study), "best_value": grid.best_value,
@@ -124,30 +134,28 @@ def record_grid(cache: Path) -> dict:
                              for t in grid.study.trials}}
 
 
-RANK_NOISE_SEEDS = (42, 1, 2)  # 42: the grid's own train.seed (a check that training reproduces the grid)
+OTHER_TRAIN_SEEDS = (1, 2)
 
 
 def rank_noise(cache: Path, grid: dict) -> dict:
     """The grid's LoRA ranks at its best learning rate, trained again with other training seeds (`train.seed`:
-    initialization and shuffling): which rank is best there is what the city grid's median regret turns on."""
-    overrides, space = settings()
+    initialization and shuffling), and with the grid's own as a check that training reproduces the grid: which
+    rank is best there is what the city grid's median regret turns on."""
+    _, space = settings()
     best_lr = grid["best"]["train.learning_rate"]
     space = {"train.learning_rate": {"type": "categorical", "choices": [best_lr]},
              "methods.lora.r": space["methods.lora.r"]}
+    grid_seed = validate_config(load_raw(EXAMPLE / "tailor.yaml"), "benchmark").train.seed
     per_seed = {}
-    for seed in RANK_NOISE_SEEDS:
-        data = apply_overrides(load_raw(EXAMPLE / "tailor.yaml"), [*overrides, f"train.seed={seed}"])
-        data.setdefault("tune", {})["space"] = space
-        run_dir = cache / "rank-noise" / f"seed{seed}"
-        prepare_run(run_dir, validate_config(data, "rank noise"), EXAMPLE)
-        found = search(data, run_dir, "grid", len(space["methods.lora.r"]["choices"]), 0, pruner="none")
+    for seed in (grid_seed, *OTHER_TRAIN_SEEDS):
+        found = train_grid(space, cache / "rank-noise" / f"seed{seed}", (f"train.seed={seed}",))
         losses = {str(t.params["methods.lora.r"]): round(t.value, 4) for t in found.study.trials}
         per_seed[str(seed)] = {"eval_loss_by_r": losses, "best_r": int(min(losses, key=losses.get)),
                                "spread": round(max(losses.values()) / min(losses.values()) - 1, 5)}
         print(f"rank noise, train.seed {seed}: {per_seed[str(seed)]}", flush=True)
-    return {"learning_rate": best_lr, "grid_train_seed": 42, "seeds": per_seed,
-            "note": "eval loss of each LoRA r at the grid's best learning rate, per training seed (the grid's own: "
-                    "42); best_r: the lowest there; spread: worst / best - 1"}
+    return {"learning_rate": best_lr, "grid_train_seed": grid_seed, "seeds": per_seed,
+            "note": f"eval loss of each LoRA r at the grid's best learning rate, per training seed (the grid's own: "
+                    f"{grid_seed}); best_r: the lowest there; spread: worst / best - 1"}
 
 
 # ---- the replay: the goals at a third of the grid's steps ----

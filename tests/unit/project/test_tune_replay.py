@@ -100,12 +100,17 @@ def test_the_replayed_tailor_search_is_tailors_default_and_median_the_previous_o
     assert replay.benchmark_config(by_name["random"], 0).tune.pruner == "none"
 
 
-def continuous(*seeds: tuple[float, int, float, int], trials: int = 12) -> dict:
-    """A continuous_search result: per seed (tailor F1, tailor steps, random F1, random steps)."""
-    return {"quick": False, "status": "as far as it ran", "seeds": {
-        str(k): {"tailor": {"best_token_f1": tf1, "steps": ts, "trials": trials},
-                 "random": {"best_token_f1": rf1, "steps": rs, "trials": trials}}
-        for k, (tf1, ts, rf1, rs) in enumerate(seeds)}}
+def continuous_goal(*seeds: tuple[float, int, float, int], trials: int = 12) -> dict:
+    """tune.goals' continuous verdict on a continuous_search result: per seed (tailor F1, tailor steps, random F1,
+    random steps), each strategy having run `trials`."""
+    runs = {str(k): {"tailor": {"best_token_f1": tf1, "steps": ts, "trials": trials},
+                     "random": {"best_token_f1": rf1, "steps": rs, "trials": trials}}
+            for k, (tf1, ts, rf1, rs) in enumerate(seeds)}
+    regret = {"tailor": {"city": 0.0, "synthetic": 0.0}, "random": {"city": 0.01, "synthetic": 0.01}}
+    results = {"within_1pct_at_third": {"tailor": {"city": 0.95, "synthetic": 0.95}}, "median_regret_at_third": regret,
+               "continuous_search": {"quick": False, "status": "as far as it ran", "seeds": runs}}
+    return load_benchmark("tune").goals(results)[
+        "continuous_search.tailor_f1_at_least_random_in_2_of_3_seeds_with_fewer_steps"]
 
 
 @pytest.mark.parametrize("seeds, met, value", [
@@ -116,18 +121,10 @@ def continuous(*seeds: tuple[float, int, float, int], trials: int = 12) -> dict:
     ([(0.50, 1003, 0.74, 1943), (0.60, 900, 0.65, 1800)], False, "0 of 2 (of 3; 1 still running)"),
 ])
 def test_the_continuous_goal_is_decided_once_the_running_seeds_cannot_change_it(seeds, met, value):
-    tune = load_benchmark("tune")
-    regret = {"tailor": {"city": 0.0, "synthetic": 0.0}, "random": {"city": 0.01, "synthetic": 0.01}}
-    results = {"within_1pct_at_third": {"tailor": {"city": 0.95, "synthetic": 0.95}}, "median_regret_at_third": regret,
-               "continuous_search": continuous(*seeds)}
-    found = tune.goals(results)["continuous_search.tailor_f1_at_least_random_in_2_of_3_seeds_with_fewer_steps"]
+    found = continuous_goal(*seeds)
     assert (found["met"], found["value"]) == (met, value)
 
 
 def test_a_seed_whose_trials_did_not_all_run_is_not_compared():
-    tune = load_benchmark("tune")
-    regret = {"tailor": {"city": 0.0, "synthetic": 0.0}, "random": {"city": 0.01, "synthetic": 0.01}}
-    results = {"within_1pct_at_third": {"tailor": {"city": 0.95, "synthetic": 0.95}}, "median_regret_at_third": regret,
-               "continuous_search": continuous((0.77, 1003, 0.74, 1943), (0.70, 500, 0.69, 900), trials=6)}
-    found = tune.goals(results)["continuous_search.tailor_f1_at_least_random_in_2_of_3_seeds_with_fewer_steps"]
+    found = continuous_goal((0.77, 1003, 0.74, 1943), (0.70, 500, 0.69, 900), trials=6)
     assert (found["met"], found["value"]) == (None, "0 of 0 (of 3; 3 still running)")
