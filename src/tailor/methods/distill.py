@@ -101,6 +101,9 @@ def load_teacher(ref: str, root: Path, dtype: torch.dtype):
             manifest = path / "manifest.json"
             trained = read_json(manifest).get("stages", {}).get("train", {}) if manifest.is_file() else {}
             base = trained.get("base_model") or peft.PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+            if not base:  # peft types it Optional (0.22): an adapter saved without its base names none
+                raise TailorError(f"{KEY}.teacher: {adapter} does not name its base model (base_model_name_or_path "
+                                  f"in adapter_config.json)")
             model = peft.PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter)).eval()
             if not model.peft_config[model.active_adapter].is_prompt_learning:
                 model = model.merge_and_unload()  # one plain model: faster, and the same outputs
