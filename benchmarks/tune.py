@@ -1,6 +1,6 @@
 """Hyperparameter search on the city example: how close does each search get for a third of a grid's training?
 
-    python benchmarks/tune.py [--quick] [--results FILE]   → the replayed figures and goals (about a minute)
+    python benchmarks/tune.py [--quick] [--results FILE]   → the replayed figures and goals (a few minutes)
     python benchmarks/tune.py --continuous [--quick]       → also the continuous search (hours; --quick: a smoke run)
     python benchmarks/tune.py --record-grid                → first train the grid again (about 20 minutes)
     python benchmarks/tune.py --rank-noise                 → also the grid's best ranks under other training seeds
@@ -25,7 +25,11 @@ on two families: `city` (the recorded grid, seeds 0 … 199) and `synthetic` (10
 * `within_1pct_at_third.<strategy>.<family>`: the share of searches whose best finished eval loss, once they have
   spent a third of the grid's training steps (pruned trials count the steps they ran), is within 1% of the grid's
   best; `median_regret_at_third`: the median of best / grid's best - 1 at that budget;
-* `steps_to_within_1pct`: the steps until a search's best is within 1% of the grid's best, median and p90.
+* `steps_to_within_1pct`: the steps until a search's best is within 1% of the grid's best, median and p90;
+* `bound_clairvoyant_pruner`: the same figures for a bound, not a search: tailor's sampler with a pruner that knows
+  every point's final value and stops at the first report every trial that will not beat the best so far: what a
+  pruner that always answers its question right gives with tailor's proposals. (A real pruner can do better at a
+  budget by luck: stopping a trial that would have improved a little saves its steps.)
 
 The retired goal (the grid's exact best with at most a third of its steps) asked for a rank the city grid decides by
 noise: its three ranks at the best learning rate end within 0.018 of each other; its last figures are kept in
@@ -181,6 +185,7 @@ def replay_figures(results_with_grid: Path) -> dict:
         figures[name] = tune_replay.budget_searches(strategy, {"city": [city], "synthetic": landscapes},
                                                     {"city": CITY_SEEDS, "synthetic": LANDSCAPE_SEEDS})
         print(tune_replay.budget_line(name, figures[name]), flush=True)
+    bound = bound_figures(city, landscapes)
     families = ("city", "synthetic")
     return {
         "within_1pct_at_third": {n: {fam: f[fam]["within_at_budget"] for fam in families} for n, f in figures.items()},
@@ -198,7 +203,28 @@ def replay_figures(results_with_grid: Path) -> dict:
                     "crosses the budget does not count) over the grid's best, minus 1; steps to within 1%: a "
                     "search that never got there (it stops after the grid's steps or 60 trials) counts the "
                     "grid's steps, a lower bound; `not_reached` counts them",
-            "detail": figures}}
+            "detail": figures},
+        "bound_clairvoyant_pruner": bound}
+
+
+BOUND = "bound-clairvoyant-pruner-step2"
+
+
+def bound_figures(city, landscapes: list) -> dict:
+    """How far pruning alone could take tailor's search: its sampler, with a pruner that knows every point's final
+    value and stops at the first report (step 2) every trial that will not beat the best so far. Seeded like the
+    searches it bounds (hashed), not like the retired studies this bound was first recorded with."""
+    import tune_replay
+
+    strategy = next(s for s in tune_replay.strategies() if s.name == BOUND)
+    strategy.patches.pop("tailor.tune.search.sampler_seed", None)
+    found = tune_replay.budget_searches(strategy, {"city": [city], "synthetic": landscapes},
+                                        {"city": CITY_SEEDS, "synthetic": LANDSCAPE_SEEDS})
+    print(tune_replay.budget_line(BOUND, found), flush=True)
+    return {"strategy": BOUND, "summary": strategy.summary,
+            **{family: {key: f[key] for key in ("within_at_budget", "at_best_at_budget", "median_regret_at_budget",
+                                                 "mean_regret_at_budget", "steps_to_within")}
+               for family, f in found.items()}}
 
 
 # ---- the continuous search on the real objective ----

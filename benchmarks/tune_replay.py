@@ -302,7 +302,7 @@ class _ClairvoyantPruner(optuna.pruners.BasePruner):
         if self.only_best:
             return round(final, 4) > round(_replayed[0].best, 4)
         done = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-        return bool(done) and final > min(done)
+        return bool(done) and final >= min(done)  # a tie does not beat it
 
 
 _replayed: list[Grid] = []  # the grid `replay` runs on, for _ClairvoyantPruner

@@ -128,3 +128,13 @@ def test_the_continuous_goal_is_decided_once_the_running_seeds_cannot_change_it(
 def test_a_seed_whose_trials_did_not_all_run_is_not_compared():
     found = continuous_goal((0.77, 1003, 0.74, 1943), (0.70, 500, 0.69, 900), trials=6)
     assert (found["met"], found["value"]) == (None, "0 of 0 (of 3; 3 still running)")
+
+
+def test_the_clairvoyant_bound_stops_every_trial_that_will_not_win_at_its_first_report(replay, monkeypatch):
+    tune = load_benchmark("tune")
+    monkeypatch.setattr(tune, "CITY_SEEDS", 2)
+    monkeypatch.setattr(tune, "LANDSCAPE_SEEDS", 1)
+    grid = _landscape(replay, {(3e-3, 4): 2.0})  # one winner: 12 steps + 2 per stopped trial fit in a third (60)
+    bound = tune.bound_figures(grid, [grid, grid])
+    assert bound["city"]["within_at_budget"] == bound["synthetic"]["within_at_budget"] == 1.0
+    assert bound["city"]["steps_to_within"]["p90"] <= 12 + 2 * 13 + 12
