@@ -26,10 +26,10 @@ on two families: `city` (the recorded grid, seeds 0 … 199) and `synthetic` (10
   spent a third of the grid's training steps (pruned trials count the steps they ran), is within 1% of the grid's
   best; `median_regret_at_third`: the median of best / grid's best - 1 at that budget;
 * `steps_to_within_1pct`: the steps until a search's best is within 1% of the grid's best, median and p90;
-* `bound_clairvoyant_pruner`: the same figures for a bound, not a search: tailor's sampler with a pruner that knows
-  every point's final value and stops at the first report every trial that will not beat the best so far: what a
-  pruner that always answers its question right gives with tailor's proposals. (A real pruner can do better at a
-  budget by luck: stopping a trial that would have improved a little saves its steps.)
+* `bound_clairvoyant_pruner.<sampler>`: the same figures for bounds, not searches: tailor's sampler (and random
+  search's) with a pruner that knows every point's final value and stops at the first report every trial that will
+  not beat the best so far: what a pruner that always answers its question right gives with those proposals (a
+  real pruner can do better at a budget by luck: stopping a trial that would have improved a little saves its steps).
 
 The retired goal (the grid's exact best with at most a third of its steps) asked for a rank the city grid decides by
 noise: its three ranks at the best learning rate end within 0.018 of each other; its last figures are kept in
@@ -207,24 +207,29 @@ def replay_figures(results_with_grid: Path) -> dict:
         "bound_clairvoyant_pruner": bound}
 
 
-BOUND = "bound-clairvoyant-pruner-step2"
+BOUNDS = {"tailor": "bound-clairvoyant-pruner-step2", "random": "bound-clairvoyant-pruner-step2-random"}
 
 
 def bound_figures(city, landscapes: list) -> dict:
-    """How far pruning alone could take tailor's search: its sampler, with a pruner that knows every point's final
-    value and stops at the first report (step 2) every trial that will not beat the best so far. Seeded like the
-    searches it bounds (hashed), not like the retired studies this bound was first recorded with."""
+    """How far pruning alone could take a search: tailor's sampler, and random search's, each with a pruner that
+    knows every point's final value and stops at the first report (step 2) every trial that will not beat the best
+    so far. Seeded like the searches they bound (hashed), not like the retired studies the first was recorded with."""
     import tune_replay
 
-    strategy = next(s for s in tune_replay.strategies() if s.name == BOUND)
-    strategy.patches.pop("tailor.tune.search.sampler_seed", None)
-    found = tune_replay.budget_searches(strategy, {"city": [city], "synthetic": landscapes},
-                                        {"city": CITY_SEEDS, "synthetic": LANDSCAPE_SEEDS})
-    print(tune_replay.budget_line(BOUND, found), flush=True)
-    return {"strategy": BOUND, "summary": strategy.summary,
-            **{family: {key: f[key] for key in ("within_at_budget", "at_best_at_budget", "median_regret_at_budget",
-                                                 "mean_regret_at_budget", "steps_to_within")}
-               for family, f in found.items()}}
+    by_name = {s.name: s for s in tune_replay.strategies()}
+    bounds = {}
+    for sampler, name in BOUNDS.items():
+        strategy = by_name[name]
+        strategy.patches.pop("tailor.tune.search.sampler_seed", None)
+        found = tune_replay.budget_searches(strategy, {"city": [city], "synthetic": landscapes},
+                                            {"city": CITY_SEEDS, "synthetic": LANDSCAPE_SEEDS})
+        print(tune_replay.budget_line(name, found), flush=True)
+        bounds[sampler] = {"strategy": name, "summary": strategy.summary,
+                           **{family: {key: f[key] for key in ("within_at_budget", "at_best_at_budget",
+                                                                "median_regret_at_budget", "mean_regret_at_budget",
+                                                                "steps_to_within")}
+                              for family, f in found.items()}}
+    return bounds
 
 
 # ---- the continuous search on the real objective ----

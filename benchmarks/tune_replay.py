@@ -484,6 +484,11 @@ def strategies() -> list[Strategy]:
                                "trial that will not beat the best so far (a bound, not a strategy)", CATEGORICAL,
                                patches={"tailor.tune.search._pruner":
                                         lambda config, every, warmup=0, at=at: _ClairvoyantPruner(at)}))
+    listed.append(Strategy("bound-clairvoyant-pruner-step2-random",
+                           "Optuna's RandomSampler (tune.sampler=random); the clairvoyant pruner at step 2 (a bound, "
+                           "not a strategy)", CATEGORICAL, ["tune.sampler=random"],
+                           patches={"tailor.tune.search._pruner":
+                                    lambda config, every, warmup=0: _ClairvoyantPruner(2)}))
     listed.append(Strategy("bound-clairvoyant-only-best-step4",
                            "tailor's sampler; every trial but the grid's best stopped at step 4 (what the sampler's "
                            "order alone costs; a bound, not a strategy)", CATEGORICAL,
