@@ -16,8 +16,8 @@ hundreds of seeds in seconds. Two figures:
 What is simulated is what tailor runs: the config is the benchmark's (`benchmarks/tune.py` settings on the city
 example's tailor.yaml, validated by tailor), the study gets tailor's sampler and pruner (`configure_study`, reseeded
 before every trial from `tune.seed` and the trial count, as a study resumed one trial per call is; the studies other
-than SEARCH_STRATEGIES were recorded when that seed was `tune.seed + len(study.trials)`, and replay with it: the retired
-benchmark ran it so; over many seeds it is the same search as one `tailor tune` call with other random draws), trials
+than SEARCH_STRATEGIES were recorded when that seed was `tune.seed + len(study.trials)` and a pruned point had no second
+chance (`AS_RECORDED`), and replay that way: the retired benchmark ran it so; over many seeds it is the same search as one `tailor tune` call with other random draws), trials
 are sampled by `tailor.tune.space.sample`, repeats are reused by `reuse_same_point` and the pruner is asked by
 tailor's `PruningReporter`. A strategy that is not tailor's code (the candidates compared) replaces one of those
 functions, and says which. `tailor` replays the benchmark as it is declared now. `before` is tailor before
@@ -494,9 +494,9 @@ def strategies() -> list[Strategy]:
                            "order alone costs; a bound, not a strategy)", CATEGORICAL,
                            patches={"tailor.tune.search._pruner":
                                     lambda config, every, warmup=0: _ClairvoyantPruner(4, only_best=True)}))
-    for strategy in listed:  # the recorded studies replay with the seeds they ran with
+    for strategy in listed:  # the recorded studies replay as tailor ran them then
         if strategy.name not in SEARCH_STRATEGIES:
-            strategy.patches = {"tailor.tune.search.sampler_seed": _additive_seed, **strategy.patches}
+            strategy.patches = {**AS_RECORDED, **strategy.patches}
     return listed
 
 
@@ -505,6 +505,18 @@ def _additive_seed(seed: int, trials: int, worker: int) -> int:
     trials (seed 0 resumed after one trial proposed what seed 1 did): every study but SEARCH_STRATEGIES' was
     recorded with it (tune_replay.json, tune_replay_budget.json) and replays with it."""
     return seed + trials + 7919 * worker
+
+
+def _no_second_chance(study, keys, exclude):
+    """tailor before a pruned point got a second chance once every point was tried (a repeat of it was pruned
+    again): the recorded studies of the strategies other than SEARCH_STRATEGIES ran so."""
+    return None
+
+
+# tailor's code as every study but SEARCH_STRATEGIES' was recorded (tune_replay*.json): the additive seed, and no
+# second chance for pruned points
+AS_RECORDED = {"tailor.tune.search.sampler_seed": _additive_seed, "tailor.tune.search.second_chance": _no_second_chance,
+               "tailor.tune.space.second_chance": _no_second_chance}
 
 
 # ---- the replay ----
@@ -518,7 +530,11 @@ class Grid:
 
     @classmethod
     def load(cls, path: Path) -> Grid:
-        grid = json.loads(path.read_text(encoding="utf-8"))["grid"]
+        return cls.from_record(json.loads(path.read_text(encoding="utf-8"))["grid"])
+
+    @classmethod
+    def from_record(cls, grid: dict) -> Grid:
+        """A grid as benchmarks/tune.py's record_grid wrote it."""
         intermediate = {key: {int(step): value for step, value in losses.items()}
                         for key, losses in grid["intermediate"].items()}
         return cls(values=grid["values"], intermediate=intermediate, steps=grid["steps"],

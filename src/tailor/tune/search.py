@@ -20,7 +20,7 @@ from typing import Any, Literal
 from tailor.config import TailorConfig, apply_overrides, dump_config
 from tailor.errors import TailorError
 from tailor.tune.report import metric_value, write_tune_report
-from tailor.tune.space import check_values, config_with, grid, params_to_values, sample, untried_first
+from tailor.tune.space import check_values, config_with, grid, params_to_values, sample, second_chance, untried_first
 from tailor.workspace import atomic_write_text, derive_run_folder
 
 TUNE_DIR = "tune"
@@ -243,6 +243,8 @@ class PruningReporter:
         self.trial, self.metrics_path, self.every, self.sign = trial, metrics_path, every, -1.0 if maximize else 1.0
         self.last_step = last_step
         self.checked_step, self.pruned, self.last_loss = 0, False, float("nan")
+        # a pruned point trained again (reuse_same_point) runs to the end: its pruner would stop it at the same rung
+        self.second_chance = "second_chance" in trial.user_attrs
 
     def __call__(self, step: int) -> bool:
         # run_training asks once more after the loop; answer that from memory, never report a step twice
@@ -254,7 +256,7 @@ class PruningReporter:
             return False
         self.last_loss = eval_loss
         self.trial.report(self.sign * eval_loss, step)
-        self.pruned = step < self.last_step and self.trial.should_prune()
+        self.pruned = step < self.last_step and not self.second_chance and self.trial.should_prune()
         return self.pruned
 
     def _eval_loss(self, step: int) -> float | None:
@@ -273,21 +275,27 @@ def _same_point(study, trial):
     import optuna
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    for other in study.get_trials(deepcopy=False, states=finished):
-        if other.number != trial.number and other.params == trial.params:
-            return other
-    return None
+    same = [other for other in study.get_trials(deepcopy=False, states=finished)
+            if other.number != trial.number and other.params == trial.params]
+    # a point pruned once and then trained to the end (its second chance) is its finished trial
+    return min(same, key=lambda other: (other.state != optuna.trial.TrialState.COMPLETE, other.number), default=None)
 
 
 def reuse_same_point(study, trial) -> float | None:
     """The result of a finished trial at this trial's values (0 steps), or None when the point is new.
 
     A point comes again once every point of a finite space is tried (UntriedFirst avoids it before): its result
-    is reused, not retrained. A repeat of a pruned trial is pruned again (raises optuna.TrialPruned)."""
+    is reused, not retrained. A pruned point's second chance (`second_chance`: the pruned point that looked best at
+    the first report) is trained to the end, unpruned; any other repeat of a pruned trial is pruned again (raises
+    optuna.TrialPruned)."""
     import optuna
 
     repeated = _same_point(study, trial)
     if repeated is None:
+        return None
+    if repeated.state == optuna.trial.TrialState.PRUNED and \
+            second_chance(study, list(trial.params), trial.number) == tuple(trial.params.values()):
+        trial.set_user_attr("second_chance", repeated.number)  # PruningReporter does not prune it
         return None
     trial.set_user_attr("steps", 0)
     trial.set_user_attr("repeats", repeated.number)

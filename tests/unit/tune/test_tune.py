@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+from pathlib import Path
 
 import optuna
 import pytest
@@ -272,6 +273,57 @@ def test_untried_first_replaces_a_tried_proposal_by_the_nearest_untried_point(ti
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 8
     # every point tried: the base sampler's proposal stands (the search reuses its result)
     assert _ask(study, space) == {"methods.lora.targets": ["q_proj"], "methods.lora.r": 4}
+
+
+def test_once_every_point_is_tried_each_pruned_point_gets_one_unpruned_run_best_first(tiny_model_dir):
+    from tailor.tune.search import PruningReporter, reuse_same_point
+    from tailor.tune.space import sample, untried_first
+
+    space = _space(SMALL_SPACE, tiny_model_dir)
+    study = optuna.create_study()
+    settled = {"methods.lora.targets": '["q_proj"]', "methods.lora.r": 4}
+    study.sampler = untried_first(_Proposes(settled, space), space, seed=0)
+    first_report = {}  # point -> eval loss at the first report; three points pruned there
+    for number, loss in enumerate([1.0, 1.5, 1.1, 1.2, 1.9, 1.3, 1.05, 1.4]):
+        trial = study.ask()
+        point = tuple(json.dumps(v) for v in sample(trial, space).values())
+        trial.report(loss, 2)
+        pruned = number in (1, 3, 4)
+        first_report[point] = loss if pruned else None
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED) if pruned else study.tell(trial, loss)
+    chances = sorted((loss, point) for point, loss in first_report.items() if loss is not None)
+
+    for loss, point in chances:  # lowest first-report loss first, each once, trained to the end
+        trial = study.ask()
+        assert tuple(json.dumps(v) for v in sample(trial, space).values()) == point
+        assert reuse_same_point(study, trial) is None
+        reporter = PruningReporter(trial, Path("unused"), every=2, maximize=False, last_step=12)
+        assert reporter.second_chance and "second_chance" in trial.user_attrs
+        study.tell(trial, loss - 0.5)
+    # every pruned point had its chance: the base sampler's proposal stands, its finished result reused
+    trial = study.ask()
+    assert sample(trial, space) == {"methods.lora.targets": ["q_proj"], "methods.lora.r": 4}
+    assert reuse_same_point(study, trial) == 1.0
+
+
+def test_a_repeat_of_a_pruned_point_that_is_not_its_second_chance_is_pruned_again(tiny_model_dir):
+    from tailor.tune.search import reuse_same_point
+    from tailor.tune.space import sample
+
+    space = _space(SMALL_SPACE, tiny_model_dir)
+    study = optuna.create_study()
+    points = [{"methods.lora.targets": '["q_proj"]', "methods.lora.r": r} for r in (2, 4)]
+    for point, loss in zip(points, (1.0, 2.0), strict=True):  # both pruned; r 2 looked better
+        study.sampler = _Proposes(point, space)
+        trial = study.ask()
+        sample(trial, space)
+        trial.report(loss, 2)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    study.sampler = _Proposes(points[1], space)
+    trial = study.ask()
+    sample(trial, space)
+    with pytest.raises(optuna.TrialPruned):
+        reuse_same_point(study, trial)
 
 
 def test_untried_first_skips_points_other_workers_are_training(tiny_model_dir):
