@@ -17,12 +17,12 @@ What is simulated is what tailor runs: the config is the benchmark's (`benchmark
 example's tailor.yaml, validated by tailor), the study gets tailor's sampler and pruner (`configure_study`, reseeded
 before every trial from `tune.seed` and the trial count, as a study resumed one trial per call is; the studies other
 than SEARCH_STRATEGIES were recorded when that seed was `tune.seed + len(study.trials)` and a pruned point had no second
-chance (`AS_RECORDED`), and replay that way: the retired benchmark ran it so; over many seeds it is the same search as one `tailor tune` call with other random draws), trials
-are sampled by `tailor.tune.space.sample`, repeats are reused by `reuse_same_point` and the pruner is asked by
-tailor's `PruningReporter`. A strategy that is not tailor's code (the candidates compared) replaces one of those
-functions, and says which. `tailor` replays the benchmark as it is declared now. `before` is tailor before
-`UntriedFirst` (a plain TPESampler); it replays the real runs of that code trial by trial: seeds 0, 1, 2 measured
-0.3333, 0.3111, 0.3444 (`--check-seed 0 --strategy before --expect 0.3333` checks it).
+chance (`AS_RECORDED`), and replay that way: the retired benchmark ran it so; over many seeds it is the same search as
+one `tailor tune` call with other random draws), trials are sampled by `tailor.tune.space.sample`, repeats are reused by
+`reuse_same_point` and the pruner is asked by tailor's `PruningReporter`. A strategy that is not tailor's code (the
+candidates compared) replaces one of those functions, and says which. `tailor` replays the benchmark as it is declared
+now. `before` is tailor before `UntriedFirst` (a plain TPESampler); it replays the real runs of that code trial by
+trial: seeds 0, 1, 2 measured 0.3333, 0.3111, 0.3444 (`--check-seed 0 --strategy before --expect 0.3333` checks it).
 
 No model is loaded: this runs in seconds.
 

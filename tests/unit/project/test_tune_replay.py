@@ -130,11 +130,10 @@ def test_a_seed_whose_trials_did_not_all_run_is_not_compared():
     assert (found["met"], found["value"]) == (None, "0 of 0 (of 3; 3 still running)")
 
 
-def test_the_clairvoyant_bound_stops_every_trial_that_will_not_win_at_its_first_report(replay, monkeypatch):
-    tune = load_benchmark("tune")
-    monkeypatch.setattr(tune, "CITY_SEEDS", 2)
-    monkeypatch.setattr(tune, "LANDSCAPE_SEEDS", 1)
+def test_the_clairvoyant_bound_stops_every_trial_that_will_not_win_at_its_first_report(replay):
     grid = _landscape(replay, {(3e-3, 4): 2.0})  # one winner: 12 steps + 2 per stopped trial fit in a third (60)
-    for sampler, bound in tune.bound_figures(grid, [grid, grid]).items():
+    bounds = load_benchmark("tune").bound_figures({"city": [grid], "synthetic": [grid, grid]},
+                                                  {"city": 2, "synthetic": 1})
+    for sampler, bound in bounds.items():
         assert bound["city"]["within_at_budget"] == bound["synthetic"]["within_at_budget"] == 1.0, sampler
         assert bound["city"]["steps_to_within"]["p90"] <= 12 + 2 * 13 + 12
