@@ -159,7 +159,7 @@ def record_grid(cache: Path, domain: str = "city") -> dict:
     losses. `privoxy`: the package domain, on synthesized pairs, LoRA with the city's settings."""
     _, space = settings()
     started = time.perf_counter()
-    data = {}
+    provenance = {}
     if domain == "city":
         grid = train_grid(space, cache / "full" / "grid")
     else:
@@ -170,14 +170,14 @@ def record_grid(cache: Path, domain: str = "city") -> dict:
         extra = (f"data.qa_files=[{pairs}]", "data.eval_files=[qa/eval.jsonl]", "train.method=lora",
                  "methods.lora.alpha=32", "methods.lora.dropout=0.0")
         grid = train_grid(space, run_dir, extra, PACKAGE_EXAMPLE)
-        data = {"data": {"example": f"examples/{PACKAGE_EXAMPLE.name}", "synth_chunks": SYNTH_CHUNKS,
+        provenance = {"data": {"example": f"examples/{PACKAGE_EXAMPLE.name}", "synth_chunks": SYNTH_CHUNKS,
                          "train_pairs": len(read_jsonl(pairs)), "eval_records": EVAL_RECORDS,
                          "note": "train: pairs `tailor data synth` wrote from the manuals with the default model; "
                                  "eval: the first EVAL_RECORDS hand-written held-out questions (qa/eval.jsonl)"}}
     grid_size = grid_points(space)
     print(f"grid: {grid_size} trials, {trial_steps(grid.study)} steps, best eval loss {grid.best_value:.4f} "
           f"({grid.best_values})", flush=True)
-    return {**data, "trials": grid_size, "steps": trial_steps(grid.study), "best_value": grid.best_value,
+    return {**provenance, "trials": grid_size, "steps": trial_steps(grid.study), "best_value": grid.best_value,
             "best": grid.best_values, "seconds": round(time.perf_counter() - started, 1),
             "values": {json.dumps(t.params, sort_keys=True): t.value for t in grid.study.trials},
             "intermediate": {json.dumps(t.params, sort_keys=True): {str(k): v for k, v in
@@ -228,8 +228,8 @@ def replay_figures(results_with_grid: Path) -> dict:
     city = tune_replay.Grid.from_record(recorded["grid"])
     families, seeds = {"city": [city]}, {"city": CITY_SEEDS}
     if "package_grid" in recorded:
-        families[PACKAGE_DOMAIN], seeds[PACKAGE_DOMAIN] = [tune_replay.Grid.from_record(recorded["package_grid"])], \
-            CITY_SEEDS
+        families[PACKAGE_DOMAIN] = [tune_replay.Grid.from_record(recorded["package_grid"])]
+        seeds[PACKAGE_DOMAIN] = CITY_SEEDS
     families["synthetic"] = [tune_replay.synthetic_grid(k) for k in range(LANDSCAPES)]
     seeds["synthetic"] = LANDSCAPE_SEEDS
     chosen = {s.name: s for s in tune_replay.strategies() if s.name in tune_replay.SEARCH_STRATEGIES}
@@ -273,9 +273,7 @@ def bound_figures(families: dict[str, list], seeds: dict[str, int]) -> dict:
     by_name = {s.name: s for s in tune_replay.strategies()}
     bounds = {}
     for sampler, name in BOUNDS.items():
-        strategy = by_name[name]
-        for target in tune_replay.AS_RECORDED:  # tailor's code as it is now, like the searches they bound
-            strategy.patches.pop(target, None)
+        strategy = tune_replay.as_now(by_name[name])
         found = tune_replay.budget_searches(strategy, families, seeds)
         print(tune_replay.budget_line(name, found), flush=True)
         bounds[sampler] = {"strategy": name, "summary": strategy.summary,

@@ -66,7 +66,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
@@ -517,6 +517,12 @@ def _no_second_chance(study, keys, exclude):
 # second chance for pruned points
 AS_RECORDED = {"tailor.tune.search.sampler_seed": _additive_seed, "tailor.tune.search.second_chance": _no_second_chance,
                "tailor.tune.space.second_chance": _no_second_chance}
+
+
+def as_now(strategy: Strategy) -> Strategy:
+    """`strategy` on tailor's code as it is now, without AS_RECORDED: a bound compared with today's searches."""
+    return replace(strategy, patches={target: patch for target, patch in strategy.patches.items()
+                                      if target not in AS_RECORDED})
 
 
 # ---- the replay ----
